@@ -1,0 +1,55 @@
+# kiln: two commands to start. `make demo` runs the main job on the embedded default corpus;
+# `make test` runs the whole test suite (starting the real Slurm and Ray services it needs).
+# Both create or reuse the virtual environment in $(VENV) with ordinary pip.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KILN := $(VENV)/bin/kiln
+STAMP := $(VENV)/.kiln-installed
+# On a machine without a GPU we install PyTorch's CPU build first (a range such as torch>=2.4
+# would pull a multi-GB CUDA build); on a GPU host the CUDA build already there is kept.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint format services bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+		else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(KILN) plan experiment=demo
+
+services:
+	bash scripts/install-services.sh
+
+test: install services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests that need the Slurm and Ray services.
+test-fast: install
+	$(PY) -m pytest -m "not slurm and not ray and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	@echo "make bench: the benchmark suite is not built yet (issue #9)" >&2; exit 2
+
+clean:
+	rm -rf $(VENV) runs outputs out .pytest_cache

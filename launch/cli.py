@@ -1,0 +1,139 @@
+"""The `kiln` command. Each subcommand is a Hydra application over `hydra_conf/`.
+
+`kiln <subcommand> [overrides]` composes `hydra_conf/<subcommand>.yaml` with ordinary Hydra
+overrides (`key=value`, `group=option`, `-m`, `--cfg job`, `--help`), turns the result into the
+typed `KilnConfig` once, validates it, and hands it to the subcommand's handler. Handlers are
+imported lazily so `kiln plan` does not pay for importing Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+NOT_BUILT_EXIT_CODE = 2
+CONFIG_ERROR_EXIT_CODE = 1
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `kiln` subcommand.
+
+    Args:
+        summary: one line for `kiln --help`.
+        handler: "module:function" taking a `KilnConfig` and returning an exit code, or None
+            while the capability is not built.
+        pending: what is missing, printed when `handler` is None.
+    """
+
+    summary: str
+    handler: str | None = None
+    pending: str = ""
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "data": Subcommand(
+        "clean, deduplicate, tokenize (SentencePiece) and shard a corpus with Ray workers",
+        pending="the Ray data pipeline is not built yet (issue #3)",
+    ),
+    "train": Subcommand(
+        "pretrain a decoder, encoder or encoder-decoder with DeepSpeed ZeRO, FSDP2 or DDP",
+        pending="the training engine is not built yet (issue #6)",
+    ),
+    "launch": Subcommand(
+        "run the same train or data job on cluster=local, slurm or ray",
+        pending="the local, Slurm and Ray launchers are not built yet (issue #7)",
+    ),
+    "plan": Subcommand(
+        "parameters, FLOPs/token, Chinchilla tokens, memory per GPU per ZeRO stage/FSDP, fit, time",
+        handler="pretrain.plan:run",
+    ),
+    "export": Subcommand(
+        "convert a checkpoint into a Hugging Face transformers directory",
+        pending="checkpoint export is not built yet (issue #4)",
+    ),
+    "report": Subcommand(
+        "summarise a data build or a training run (tokens, losses, throughput, MFU)",
+        pending="reports are not built yet (issue #6)",
+    ),
+}
+
+
+def format_help() -> str:
+    """The text of `kiln --help`."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        "usage: kiln <subcommand> [key=value | group=option ...] [-m] [--cfg job] [--help]",
+        "",
+        "kiln: distributed pretraining orchestration (Ray data workers, DeepSpeed/FSDP trainers,",
+        "Hydra configs, launched locally, on Slurm or on Ray).",
+        "",
+        "subcommands:",
+    ]
+    lines += [f"  {name:<{width}}  {sub.summary}" for name, sub in SUBCOMMANDS.items()]
+    lines += [
+        "",
+        "Each subcommand is a Hydra application over hydra_conf/; `kiln <subcommand> --help`",
+        "lists its config groups and options. Example: kiln plan model=llama_8b cluster.nodes=8",
+    ]
+    return "\n".join(lines)
+
+
+def load_handler(spec: str) -> Callable[..., int | None]:
+    module_name, function_name = spec.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def run_subcommand(name: str, args: Sequence[str]) -> None:
+    """Run `kiln <name> <args>` as a Hydra application (Hydra reads `sys.argv`)."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from pretrain.config import ConfigError, build_config, register_configs
+
+    register_configs()
+    subcommand = SUBCOMMANDS[name]
+    sys.argv = [f"kiln-{name}", *args]
+
+    @hydra.main(config_path="pkg://hydra_conf", config_name=name, version_base="1.3")
+    def app(raw: DictConfig) -> None:
+        try:
+            cfg = build_config(raw)
+        except ConfigError as error:
+            print(f"kiln {name}: config error: {error}", file=sys.stderr)
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
+        if subcommand.handler is None:
+            print(f"kiln {name}: {subcommand.pending}; nothing was run.", file=sys.stderr)
+            sys.exit(NOT_BUILT_EXIT_CODE)
+        code = load_handler(subcommand.handler)(cfg)
+        if code:
+            sys.exit(code)
+
+    app()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(format_help())
+        return 0 if args else NOT_BUILT_EXIT_CODE
+    if args[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"kiln {version('kiln')}")
+        return 0
+    name = args[0]
+    if name not in SUBCOMMANDS:
+        print(
+            f"kiln: unknown subcommand '{name}'; choose from: {', '.join(SUBCOMMANDS)}",
+            file=sys.stderr,
+        )
+        return NOT_BUILT_EXIT_CODE
+    run_subcommand(name, args[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

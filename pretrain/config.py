@@ -1,0 +1,700 @@
+"""Typed configuration schemas: the single source of truth for every `kiln` subcommand.
+
+Each dataclass here is registered in Hydra's ConfigStore by `register_configs()`. The YAML
+files under `hydra_conf/` only set values; a key that is not declared here, or a value of the
+wrong type, fails at composition time with a message that names the key. The entry point turns
+the composed `DictConfig` into these dataclasses once (`OmegaConf.to_object`); code below it
+never sees a `DictConfig`.
+
+Families and kinds are expressed as subclasses (a `DecoderConfig` *is a* `ModelConfig`), so a
+preset YAML picks its schema in its defaults list (`- /schema/model/decoder@_here_`) and the
+composed object has the right type for dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------------------------
+# model/
+
+
+@dataclass
+class RopeScalingConfig:
+    """How rotary position embeddings are stretched beyond the trained context."""
+
+    kind: str = "none"  # none | linear | ntk | yarn
+    factor: float = 1.0  # target context / original context
+    original_max_seq_len: int | None = None  # context the model was trained at
+
+
+@dataclass
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward. `n_experts=0` means a dense model."""
+
+    n_experts: int = 0
+    top_k: int = 2  # experts each token is routed to
+    every_k_layers: int = 1  # MoE feed-forward on every k-th block, dense elsewhere
+    d_expert: int | None = None  # hidden size of one expert; None = model.d_ff
+    n_shared_experts: int = 0  # always-on experts added to the routed output
+    router: str = "softmax"  # softmax | sigmoid
+    capacity_factor: float | None = None  # None = dropless; else tokens above capacity drop
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight
+
+
+@dataclass
+class ModelConfig:
+    """Fields shared by the three architecture families.
+
+    A concrete preset is one of `DecoderConfig`, `EncoderConfig`, `EncoderDecoderConfig`.
+    """
+
+    family: ClassVar[str] = "abstract"
+
+    name: str = "unnamed"  # preset name, shown in plans and W&B
+    vocab_size: int = 32000  # must match the tokenizer (checked by the loader)
+    d_model: int = 768  # residual stream width
+    n_heads: int = 12  # attention (query) heads
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None = n_heads
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int = 3072  # feed-forward hidden size (per branch for gated activations)
+    activation: str = "swiglu"  # swiglu | geglu | gelu | relu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases in linear layers and LayerNorms
+    position: str = "rope"  # rope | learned | alibi | relative (T5 bucketed bias)
+    max_seq_len: int = 2048  # size of learned position tables; RoPE cache length
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    tie_embeddings: bool = True  # output projection shares the token embedding
+    dropout: float = 0.0
+    init_std: float = 0.02  # std of the normal init; residual projections are scaled down
+    attention_window: int | None = None  # sliding-window size; None = full attention
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+@dataclass
+class DecoderConfig(ModelConfig):
+    """GPT/LLaMA-style causal decoder (`model.family == "decoder"`)."""
+
+    family: ClassVar[str] = "decoder"
+
+    n_layers: int = 12
+
+
+@dataclass
+class EncoderConfig(ModelConfig):
+    """BERT-style bidirectional encoder with a masked-LM head."""
+
+    family: ClassVar[str] = "encoder"
+
+    n_layers: int = 12
+    type_vocab_size: int = 0  # segment (token type) embeddings; BERT uses 2
+    embedding_norm: bool = True  # LayerNorm after the embedding sum (BERT)
+    norm_position: str = "post"  # post (BERT) | pre
+    pooler: bool = False  # [CLS] pooler (dense + tanh); unused by MLM pretraining
+    mlm_head_transform: bool = True  # dense + activation + norm before the vocabulary projection
+
+
+@dataclass
+class EncoderDecoderConfig(ModelConfig):
+    """T5-style encoder-decoder with cross-attention and shared embeddings."""
+
+    family: ClassVar[str] = "encoder_decoder"
+
+    n_encoder_layers: int = 12
+    n_decoder_layers: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    scale_logits_when_tied: bool = True  # T5 rescales d_model**-0.5 before a tied output head
+
+
+# --------------------------------------------------------------------------------------------
+# objective/
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which training objective turns shard tokens into model inputs and targets."""
+
+    kind: ClassVar[str] = "abstract"
+    families: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass
+class CausalLMConfig(ObjectiveConfig):
+    """Next-token prediction on packed sequences (decoders)."""
+
+    kind: ClassVar[str] = "clm"
+    families: ClassVar[tuple[str, ...]] = ("decoder",)
+
+
+@dataclass
+class MaskedLMConfig(ObjectiveConfig):
+    """BERT masked LM: select `mask_prob` of tokens, replace 80/10/10 mask/random/keep."""
+
+    kind: ClassVar[str] = "mlm"
+    families: ClassVar[tuple[str, ...]] = ("encoder",)
+
+    mask_prob: float = 0.15
+    replace_with_mask: float = 0.8
+    replace_with_random: float = 0.1  # the rest (0.1) keeps the original token
+    whole_word: bool = False  # mask all pieces of a word together (SentencePiece "▁" starts)
+
+
+@dataclass
+class SpanCorruptionConfig(ObjectiveConfig):
+    """T5 span corruption: noise spans are replaced by sentinels in the input, restored in
+    the target. Input and target lengths are computed so packed examples fill `data.seq_len`."""
+
+    kind: ClassVar[str] = "span"
+    families: ClassVar[tuple[str, ...]] = ("encoder_decoder",)
+
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+
+
+@dataclass
+class UL2Config(ObjectiveConfig):
+    """UL2 mixture of denoisers: R (regular spans), S (prefix LM), X (extreme spans)."""
+
+    kind: ClassVar[str] = "ul2"
+    families: ClassVar[tuple[str, ...]] = ("encoder_decoder",)
+
+    r_weight: float = 0.5
+    s_weight: float = 0.25
+    x_weight: float = 0.25
+    r_noise_density: float = 0.15
+    r_mean_span_length: float = 3.0
+    x_noise_density: float = 0.5
+    x_mean_span_length: float = 32.0
+
+
+# --------------------------------------------------------------------------------------------
+# engine/
+
+
+@dataclass
+class EngineConfig:
+    """How the model is distributed across ranks. Applied to a finished model in a fixed
+    order: activation checkpointing, then compile, then sharding."""
+
+    kind: ClassVar[str] = "abstract"
+
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    compile: bool = False  # torch.compile each block
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class DDPEngineConfig(EngineConfig):
+    """Plain data parallel: every rank holds full weights, gradients and optimizer state."""
+
+    kind: ClassVar[str] = "ddp"
+
+    bucket_cap_mb: int = 25
+
+
+@dataclass
+class DeepSpeedEngineConfig(EngineConfig):
+    """DeepSpeed ZeRO. The DeepSpeed JSON is built from this in one place (pretrain/engine)."""
+
+    kind: ClassVar[str] = "deepspeed"
+
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state to CPU memory
+    offload_params: bool = False  # parameters to CPU memory (stage 3 only)
+    reduce_bucket_size: int = 200_000_000  # elements
+    allgather_bucket_size: int = 200_000_000  # elements (stages 1-2)
+    overlap_comm: bool = True
+
+
+@dataclass
+class FSDPEngineConfig(EngineConfig):
+    """PyTorch FSDP2 (`fully_shard`) over a device mesh; `replicate_degree > 1` is HSDP."""
+
+    kind: ClassVar[str] = "fsdp"
+
+    reshard_after_forward: bool = True
+    replicate_degree: int = 1  # >1: shard within groups, replicate across them (HSDP)
+    reduce_dtype: str = "fp32"  # gradient reduction dtype under bf16 params
+
+
+# --------------------------------------------------------------------------------------------
+# optim/
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with weight-decay groups and a learning-rate schedule."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_biases_embeddings: bool = False  # False: no decay on norms, biases, embeddings
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: share of steps in the final decay
+    fused: bool | None = None  # fused AdamW kernel; None = when on CUDA
+
+
+# --------------------------------------------------------------------------------------------
+# data/  (the trainer's loader)
+
+
+@dataclass
+class DataConfig:
+    """How the trainer reads shards written by `kiln data`."""
+
+    path: str = "out/data"  # directory holding manifest.json (from `kiln data`)
+    seq_len: int = 1024  # tokens per training sequence (encoder input length for T5)
+    global_batch_size: int = 512  # sequences per optimizer step, across all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    seed: int = 1234  # shard shuffle and shuffle-buffer seed
+    shuffle_buffer: int = 1024  # sequences held for local shuffling
+    num_workers: int = 1  # DataLoader workers per rank
+    document_masking: bool = True  # no attention across document boundaries in packed rows
+    reset_position_ids: bool = True  # positions restart at each document
+    seq_len_warmup_steps: int = 0  # >0: grow sequence length linearly over these steps
+    seq_len_warmup_start: int = 128
+    verify: str = "none"  # none | shard | sample  (checksum verification)
+    mixture: dict[str, float] = field(default_factory=dict)  # override per-source weights
+
+
+# --------------------------------------------------------------------------------------------
+# corpus/  (the pipeline's raw inputs)
+
+
+@dataclass
+class SourceConfig:
+    """One named input of the data pipeline."""
+
+    name: str = "main"
+    paths: list[str] = field(default_factory=list)  # files or globs; "stdlib" = Python stdlib
+    format: str = (
+        "auto"  # auto (by extension) | jsonl | jsonl.gz | jsonl.zst | parquet | txt | stdlib
+    )
+    text_field: str = "text"  # field holding the document text (jsonl, parquet)
+    weight: float = 1.0  # share of training tokens, relative to other sources
+
+
+@dataclass
+class CorpusConfig:
+    """Named sources, mixed by token weight."""
+
+    name: str = "custom"
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_fraction: float = 0.01  # share of documents held out for validation
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece tokenizer trained by the pipeline (or reused with `path`)."""
+
+    path: str | None = None  # an existing .model file; skips training
+    model_type: str = "bpe"  # bpe | unigram
+    vocab_size: int = 4096
+    byte_fallback: bool = True
+    character_coverage: float = 0.9999
+    sample_bytes: int = 20_000_000  # training sample size, drawn across sources by weight
+    n_sentinels: int = 100  # <extra_id_N> tokens for T5 span corruption
+
+
+@dataclass
+class RayConfig:
+    """Where Ray work runs."""
+
+    address: str | None = None  # None: start a local Ray for the run; "auto" or host:port joins
+    num_cpus: int | None = None  # local Ray only; None = all cores
+
+
+@dataclass
+class PipelineConfig:
+    """The `kiln data` run: where outputs go and how the work is split."""
+
+    output_dir: str = "out/data"
+    shard_tokens: int = 10_000_000  # target tokens per shard
+    docs_per_unit: int = 2000  # documents per deterministic work unit
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster/
+
+
+@dataclass
+class ClusterConfig:
+    """Hardware a job runs on. `kiln plan` uses the size and accelerator figures."""
+
+    kind: ClassVar[str] = "abstract"
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # ranks per node (CPU processes when accelerator=cpu)
+    accelerator: str = "cuda"  # cuda | cpu
+    gpu_name: str = "H100-SXM"
+    gpu_memory_gib: float = 80.0  # memory per device (per rank)
+    peak_tflops: float = 989.0  # dense bf16 TFLOP/s per device, the MFU denominator
+
+
+@dataclass
+class LocalClusterConfig(ClusterConfig):
+    """One machine, ranks started by torchrun."""
+
+    kind: ClassVar[str] = "local"
+
+
+@dataclass
+class SlurmClusterConfig(ClusterConfig):
+    """A Slurm cluster; the sbatch script is rendered from `slurm/` templates."""
+
+    kind: ClassVar[str] = "slurm"
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str = "01:00:00"
+    cpus_per_task: int = 8
+    mem: str | None = None  # e.g. "0" for all memory on the node
+    constraint: str | None = None
+    extra_sbatch: list[str] = field(default_factory=list)  # extra "#SBATCH" option lines
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job
+    container_image: str | None = None
+    launch_mode: str = "torchrun"  # torchrun (one task per node) | srun (one task per rank)
+    signal_seconds: int = 120  # SIGUSR1 this long before the time limit
+    max_requeues: int = 10
+    dry_run: bool = False  # write the sbatch script, do not submit
+
+
+@dataclass
+class RayClusterConfig(ClusterConfig):
+    """A Ray cluster; training workers are placed by Ray Train."""
+
+    kind: ClassVar[str] = "ray"
+
+    address: str = "auto"
+    cpus_per_worker: int = 1
+
+
+# --------------------------------------------------------------------------------------------
+# logger/
+
+
+@dataclass
+class LoggerConfig:
+    """Metrics sink. `metrics.jsonl` in the run directory is always written."""
+
+    backend: str = "wandb"  # wandb | none
+    project: str = "kiln"
+    entity: str | None = None
+    mode: str = "offline"  # online | offline | disabled (offline unless a key is set)
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 10  # steps between metric records
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommand sections (set in the primary configs, not groups)
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = 1000
+    max_tokens: int | None = None  # stop after this many tokens (overrides max_steps)
+    seed: int = 0
+    run_dir: str = "runs/${run_name}"
+    eval_every: int = 200
+    eval_steps: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
+
+
+@dataclass
+class PlanConfig:
+    """`kiln plan`: what to estimate and how to print it."""
+
+    format: str = "table"  # table | json
+    output: str | None = None  # also write the JSON report here
+    mfu: float = 0.4  # model FLOP utilisation assumed for the time estimate
+    tokens: float | None = None  # training tokens; None = trainer.max_tokens or Chinchilla
+    compute_flops: float | None = None  # a compute budget C: report compute-optimal N and D
+    tokens_per_param: float = 20.0  # Chinchilla's ratio
+    memory_reserve: float = 0.1  # share of device memory kept free (context, fragmentation)
+
+
+@dataclass
+class ExportConfig:
+    """`kiln export`: a checkpoint to a Hugging Face transformers directory."""
+
+    checkpoint: str | None = None  # None = latest in trainer.run_dir
+    output_dir: str = "out/hf"
+    dtype: str = "float32"
+
+
+@dataclass
+class ReportConfig:
+    """`kiln report`: summarise a run or a data build."""
+
+    run_dir: str | None = None
+    data_dir: str | None = None
+    output: str | None = None
+
+
+@dataclass
+class LaunchConfig:
+    """`kiln launch`: which job to run on `cluster`."""
+
+    job: str = "train"  # train | data
+
+
+@dataclass
+class KilnConfig:
+    """Every subcommand composes this one schema, so one experiment file and one set of
+    overrides serve `kiln data`, `kiln train`, `kiln plan` and `kiln launch` alike."""
+
+    # Polymorphic groups: the chosen preset's schema (a subclass) fills these in.
+    model: ModelConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    engine: EngineConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    run_name: str = "default"  # names the run directory and the W&B run
+    experiment_name: str | None = None  # set by experiment/ overlays
+
+
+# Schemas for group options: a preset YAML names one in its defaults list, e.g.
+# `- /schema/model/decoder@_here_`. Kept in `schema/` so they are not offered as presets.
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {
+        "decoder": DecoderConfig,
+        "encoder": EncoderConfig,
+        "encoder_decoder": EncoderDecoderConfig,
+    },
+    "objective": {
+        "clm": CausalLMConfig,
+        "mlm": MaskedLMConfig,
+        "span": SpanCorruptionConfig,
+        "ul2": UL2Config,
+    },
+    "engine": {
+        "ddp": DDPEngineConfig,
+        "deepspeed": DeepSpeedEngineConfig,
+        "fsdp": FSDPEngineConfig,
+    },
+    "optim": {"adamw": OptimConfig},
+    "data": {"shards": DataConfig},
+    "corpus": {"corpus": CorpusConfig},
+    "cluster": {
+        "local": LocalClusterConfig,
+        "slurm": SlurmClusterConfig,
+        "ray": RayClusterConfig,
+    },
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_configs() -> None:
+    """Register the primary schema and the per-group schemas in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(name="kiln_schema", node=KilnConfig)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
+
+def to_dict(obj: Any) -> Any:
+    """A JSON-ready view of a config dataclass (for run directories and W&B)."""
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+# --------------------------------------------------------------------------------------------
+# Building and validating
+
+
+class ConfigError(ValueError):
+    """A composed config that type-checks but cannot work; the message names the key."""
+
+
+def build_config(raw: Any) -> KilnConfig:
+    """Turn a composed `DictConfig` into a validated `KilnConfig` (call once, at the entry)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        cfg = OmegaConf.to_object(raw)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"missing value for '{error.full_key}'") from error
+    assert isinstance(cfg, KilnConfig)
+    validate_config(cfg)
+    return cfg
+
+
+def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_model(model: ModelConfig) -> None:
+    for key in ("vocab_size", "d_model", "n_heads", "d_ff", "max_seq_len"):
+        _check_positive(f"model.{key}", getattr(model, key))
+    _check_choice("model.activation", model.activation, ("swiglu", "geglu", "gelu", "relu"))
+    _check_choice("model.norm", model.norm, ("rmsnorm", "layernorm"))
+    positions = {
+        "decoder": ("rope", "learned", "alibi", "none"),
+        "encoder": ("learned", "rope", "alibi"),
+        "encoder_decoder": ("relative", "rope"),
+    }[model.family]
+    _check_choice("model.position", model.position, positions)
+    if model.head_dim is None and model.d_model % model.n_heads:
+        raise ConfigError(
+            f"model.n_heads={model.n_heads} does not divide model.d_model={model.d_model}; "
+            "set model.head_dim or change one of them"
+        )
+    if model.n_heads % model.resolved_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads={model.n_kv_heads} must divide model.n_heads={model.n_heads}"
+        )
+    if model.position == "rope" and model.resolved_head_dim % 2:
+        raise ConfigError(f"rotary embeddings need an even head dim, got {model.resolved_head_dim}")
+    _check_choice(
+        "model.rope_scaling.kind", model.rope_scaling.kind, ("none", "linear", "ntk", "yarn")
+    )
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
+    _check_positive("model.attention_window", model.attention_window)
+    moe = model.moe
+    if moe.n_experts:
+        if not 1 <= moe.top_k <= moe.n_experts:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}"
+            )
+        _check_choice("model.moe.router", moe.router, ("softmax", "sigmoid"))
+        _check_positive("model.moe.every_k_layers", moe.every_k_layers)
+        _check_positive("model.moe.capacity_factor", moe.capacity_factor)
+    layer_keys = (
+        ("n_encoder_layers", "n_decoder_layers")
+        if isinstance(model, EncoderDecoderConfig)
+        else ("n_layers",)
+    )
+    for key in layer_keys:
+        _check_positive(f"model.{key}", getattr(model, key))
+
+
+def validate_config(cfg: KilnConfig) -> None:
+    """Cross-field checks that types alone cannot express. Raises `ConfigError`."""
+    validate_model(cfg.model)
+    if cfg.model.family not in cfg.objective.families:
+        suggestion = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}[
+            cfg.model.family
+        ]
+        raise ConfigError(
+            f"objective={cfg.objective.kind} trains {' or '.join(cfg.objective.families)} models, "
+            f"but model={cfg.model.name} is {cfg.model.family}; use objective={suggestion}"
+        )
+    engine = cfg.engine
+    _check_choice("engine.precision", engine.precision, ("auto", "bf16", "fp32"))
+    _check_choice("engine.backend", engine.backend, ("auto", "nccl", "gloo"))
+    if isinstance(engine, DeepSpeedEngineConfig):
+        _check_choice("engine.zero_stage", engine.zero_stage, (0, 1, 2, 3))
+        if engine.offload_params and engine.zero_stage != 3:
+            raise ConfigError("engine.offload_params=true needs engine.zero_stage=3")
+    if isinstance(engine, FSDPEngineConfig):
+        _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
+    cluster = cfg.cluster
+    _check_positive("cluster.nodes", cluster.nodes)
+    _check_positive("cluster.gpus_per_node", cluster.gpus_per_node)
+    _check_choice("cluster.accelerator", cluster.accelerator, ("cuda", "cpu"))
+    _check_positive("cluster.gpu_memory_gib", cluster.gpu_memory_gib)
+    _check_positive("cluster.peak_tflops", cluster.peak_tflops)
+    if isinstance(engine, FSDPEngineConfig) and (
+        engine.replicate_degree < 1
+        or (cluster.nodes * cluster.gpus_per_node) % engine.replicate_degree
+    ):
+        raise ConfigError(
+            f"engine.replicate_degree={engine.replicate_degree} must divide the "
+            f"{cluster.nodes * cluster.gpus_per_node} ranks of the cluster"
+        )
+    data = cfg.data
+    for key in ("seq_len", "global_batch_size", "micro_batch_size"):
+        _check_positive(f"data.{key}", getattr(data, key))
+    _check_choice("data.verify", data.verify, ("none", "shard", "sample"))
+    ranks = cluster.nodes * cluster.gpus_per_node
+    if data.global_batch_size % (data.micro_batch_size * ranks):
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size={data.micro_batch_size} x {ranks} data-parallel ranks "
+            f"(cluster.nodes={cluster.nodes} x cluster.gpus_per_node={cluster.gpus_per_node})"
+        )
+    if cfg.model.position == "learned" and data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
+            "(learned position table)"
+        )
+    optim = cfg.optim
+    _check_positive("optim.lr", optim.lr)
+    _check_choice("optim.schedule", optim.schedule, ("cosine", "wsd", "constant"))
+    _check_positive("optim.grad_clip", optim.grad_clip, allow_zero=True)
+    _check_positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+    _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
+    _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    names = [source.name for source in cfg.corpus.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"corpus.sources has repeated names: {names}")
+    for i, source in enumerate(cfg.corpus.sources):
+        _check_positive(f"corpus.sources[{i}].weight", source.weight)
+        _check_choice(
+            f"corpus.sources[{i}].format",
+            source.format,
+            ("auto", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "stdlib"),
+        )
+    _check_choice("tokenizer.model_type", cfg.tokenizer.model_type, ("bpe", "unigram"))
+    _check_choice("plan.format", cfg.plan.format, ("table", "json"))
+    if not 0.0 < cfg.plan.mfu <= 1.0:
+        raise ConfigError(f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
+    _check_positive("plan.tokens", cfg.plan.tokens)
+    _check_positive("plan.compute_flops", cfg.plan.compute_flops)
+    _check_choice("launch.job", cfg.launch.job, ("train", "data"))

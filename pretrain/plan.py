@@ -1,0 +1,474 @@
+"""`kiln plan`: a pre-flight estimate of a run, before any GPU is touched.
+
+For the composed config it reports parameters, training FLOPs per token, Chinchilla-optimal
+tokens (and compute-optimal size for a budget), per-GPU memory for DeepSpeed ZeRO 0/1/2/3 and
+FSDP2 split into weights, gradients, optimizer state, working buffers and activations (with and
+without activation checkpointing), whether each fits, and the wall time at an assumed MFU.
+
+Memory model (bytes per parameter, Psi parameters, N data-parallel ranks):
+
+* bf16 mixed precision (the GPU default): 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master,
+  Adam m and v) = 16, as in the ZeRO paper. ZeRO-1 shards the 12, ZeRO-2 also the grads,
+  ZeRO-3 everything. FSDP2 keeps sharded fp32 parameters (4), sharded fp32 gradients (4) and
+  Adam m and v (8): also 16 / N. fp32 training (CPU): 4 + 4 + 8.
+* Working buffers: DeepSpeed ZeRO-1/2 reduce and all-gather buckets (x4.5 with overlap_comm, as
+  DeepSpeed documents); ZeRO-3 and FSDP gather the largest unit in bf16 for the running and the
+  prefetched unit, and hold its unsharded gradient.
+* Activations (Korthikanti et al. 2022, re-derived per tensor so GQA, gated MLPs, MoE and
+  cross-attention are counted): SDPA's fused kernels keep no attention-score matrix. With full
+  activation checkpointing only each block's input is kept, plus one block's activations during
+  its recompute. The loss keeps fp32 log-probabilities and their gradient (8 bytes per logit).
+* Sizes are printed in GiB (2^30 bytes); JSON carries bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import (
+    DeepSpeedEngineConfig,
+    EncoderDecoderConfig,
+    KilnConfig,
+    ModelConfig,
+)
+from pretrain.models.accounting import (
+    ParamCounts,
+    count_parameters,
+    is_moe_block,
+    training_flops,
+)
+from pretrain.objectives import encoder_decoder_lengths
+
+GIB = 2**30
+STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "fsdp")
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU memory of one sharding strategy, in bytes."""
+
+    strategy: str
+    weights: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    activations: int
+    activations_checkpointed: int
+    total: int = 0
+    total_checkpointed: int = 0
+    fits: bool = False
+    fits_checkpointed: bool = False
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+@dataclass
+class PrecisionBytes:
+    """Bytes per parameter for weights, gradients and optimizer state."""
+
+    name: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activation: int  # bytes per stored activation element
+
+
+def precision_bytes(cfg: KilnConfig) -> PrecisionBytes:
+    precision = cfg.engine.precision
+    if precision == "auto":
+        precision = "bf16" if cfg.cluster.accelerator == "cuda" else "fp32"
+    if precision == "bf16":
+        return PrecisionBytes("bf16", 2, 2, 12, 2)
+    return PrecisionBytes("fp32", 4, 4, 8, 4)
+
+
+def model_state_memory(
+    strategy: str, params: int, ranks: int, precision: PrecisionBytes
+) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per GPU for a strategy."""
+    w, g, o = precision.weights * params, precision.gradients * params, precision.optimizer * params
+    if strategy == "zero0":
+        return w, g, o
+    if strategy == "zero1":
+        return w, g, o // ranks
+    if strategy == "zero2":
+        return w, g // ranks, o // ranks
+    if strategy == "zero3":
+        return w // ranks, g // ranks, o // ranks
+    if strategy == "fsdp":
+        # Sharded fp32 parameters double as the master copy: move 2 bytes of the 12 into weights.
+        if precision.name == "bf16":
+            return 4 * params // ranks, 4 * params // ranks, 8 * params // ranks
+        return w // ranks, g // ranks, o // ranks
+    raise ValueError(f"unknown strategy {strategy}")
+
+
+def buffer_memory(
+    strategy: str, counts: ParamCounts, cfg: KilnConfig, precision: PrecisionBytes
+) -> int:
+    """Working buffers the strategy allocates on top of the model states."""
+    half = 2 if precision.name == "bf16" else 4
+    engine = (
+        cfg.engine if isinstance(cfg.engine, DeepSpeedEngineConfig) else DeepSpeedEngineConfig()
+    )
+    if strategy in ("zero1", "zero2"):
+        buckets = min(engine.reduce_bucket_size, counts.total) + min(
+            engine.allgather_bucket_size, counts.total
+        )
+        return int(buckets * half * (4.5 if engine.overlap_comm else 1.0))
+    if strategy == "zero3":
+        return 2 * half * counts.largest_unit + half * min(engine.reduce_bucket_size, counts.total)
+    if strategy == "fsdp":
+        return 2 * half * counts.largest_unit + 4 * counts.largest_unit
+    return 0
+
+
+def block_activation_bytes(
+    model: ModelConfig, index: int, tokens: int, element: int, context_tokens: int = 0
+) -> int:
+    """Bytes kept for the backward pass by one transformer block over `tokens` tokens.
+
+    Args:
+        model: the model config.
+        index: block index (decides dense or MoE feed-forward).
+        tokens: micro-batch tokens through this block (b * s).
+        element: bytes per activation element (2 for bf16, 4 for fp32).
+        context_tokens: encoder tokens for a decoder block's cross-attention (0: none).
+    """
+    d, inner = model.d_model, model.n_heads * model.resolved_head_dim
+    kv_inner = model.resolved_kv_heads * model.resolved_head_dim
+    mask = 1 if model.dropout > 0 else 0  # dropout masks are one byte per element
+    # Self-attention: norm input, q, k, v, attention output (input of the out projection).
+    attention = tokens * (2 * d + 2 * inner + 2 * kv_inner) * element // 2 + tokens * d * mask
+    norms = 2 * tokens * d * element
+    if context_tokens:
+        # Cross-attention: norm input, q, k and v over encoder tokens, output.
+        attention += (tokens * (2 * d + 2 * inner) + context_tokens * 2 * kv_inner) * element // 2
+        norms += tokens * d * element
+    per_ff = (4 if model.gated else 2) * element  # gate/up/act/product, or fc1 out and act out
+    if is_moe_block(model, index):
+        moe = model.moe
+        d_ff = moe.d_expert or model.d_ff
+        routed = moe.top_k * tokens
+        mlp = routed * (d * element + per_ff * d_ff)  # permuted inputs and expert hiddens
+        mlp += moe.n_shared_experts * tokens * per_ff * d_ff + tokens * moe.n_experts * 4  # router
+    else:
+        mlp = tokens * per_ff * model.d_ff
+    mlp += tokens * d * element + tokens * d * mask  # feed-forward input, dropout mask
+    return attention + norms + mlp
+
+
+def activation_memory(cfg: KilnConfig, element: int) -> tuple[int, int]:
+    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank."""
+    model, batch = cfg.model, cfg.data.micro_batch_size
+    d = model.d_model
+    if isinstance(model, EncoderDecoderConfig):
+        enc_len, dec_len = encoder_decoder_lengths(cfg)
+        enc = [
+            block_activation_bytes(model, i, batch * enc_len, element)
+            for i in range(model.n_encoder_layers)
+        ]
+        dec = [
+            block_activation_bytes(
+                model, i, batch * dec_len, element, context_tokens=batch * enc_len
+            )
+            for i in range(model.n_decoder_layers)
+        ]
+        blocks = enc + dec
+        block_inputs = (
+            (model.n_encoder_layers * enc_len + model.n_decoder_layers * dec_len)
+            * batch
+            * d
+            * element
+        )
+        logit_tokens = batch * dec_len
+        outside = batch * (enc_len + dec_len) * d * element  # final norms' inputs
+    else:
+        seq = cfg.data.seq_len
+        blocks = [
+            block_activation_bytes(model, i, batch * seq, element) for i in range(model.n_layers)
+        ]
+        block_inputs = model.n_layers * batch * seq * d * element
+        logit_tokens = batch * seq
+        outside = batch * seq * d * element
+    loss = logit_tokens * model.vocab_size * 8 + logit_tokens * d * element
+    full = sum(blocks) + outside + loss
+    checkpointed = block_inputs + max(blocks) + outside + loss
+    return full, checkpointed
+
+
+def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate]:
+    precision = precision_bytes(cfg)
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    activations, checkpointed = activation_memory(cfg, precision.activation)
+    budget = cfg.cluster.gpu_memory_gib * GIB * (1.0 - cfg.plan.memory_reserve)
+    estimates = []
+    for strategy in STRATEGIES:
+        weights, gradients, optimizer = model_state_memory(strategy, counts.total, ranks, precision)
+        estimate = MemoryEstimate(
+            strategy=strategy,
+            weights=weights,
+            gradients=gradients,
+            optimizer=optimizer,
+            buffers=buffer_memory(strategy, counts, cfg, precision),
+            activations=activations,
+            activations_checkpointed=checkpointed,
+        )
+        base = estimate.model_states + estimate.buffers
+        estimate.total = base + activations
+        estimate.total_checkpointed = base + checkpointed
+        estimate.fits = estimate.total <= budget
+        estimate.fits_checkpointed = estimate.total_checkpointed <= budget
+        estimates.append(estimate)
+    return estimates
+
+
+def chinchilla_tokens(params: int, tokens_per_param: float) -> float:
+    """Compute-optimal training tokens for a model size (Hoffmann et al. 2022: ~20 per parameter)."""
+    return tokens_per_param * params
+
+
+def compute_optimal(compute_flops: float, tokens_per_param: float) -> tuple[float, float]:
+    """(parameters, tokens) that spend `compute_flops` optimally, with C = 6 N D and D = r N."""
+    params = math.sqrt(compute_flops / (6.0 * tokens_per_param))
+    return params, tokens_per_param * params
+
+
+@dataclass
+class Plan:
+    """Everything `kiln plan` reports; `to_json()` is the machine-readable form."""
+
+    model: dict[str, Any]
+    cluster: dict[str, Any]
+    batch: dict[str, Any]
+    flops: dict[str, Any]
+    scaling: dict[str, Any]
+    training: dict[str, Any]
+    memory: list[MemoryEstimate] = field(default_factory=list)
+    conventions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["memory"] = {
+            m.strategy: asdict(m) | {"model_states": m.model_states} for m in self.memory
+        }
+        return data
+
+
+def build_plan(cfg: KilnConfig) -> Plan:
+    """Assemble the plan for a validated config."""
+    model, cluster, data = cfg.model, cfg.cluster, cfg.data
+    counts = count_parameters(model)
+    ranks = cluster.nodes * cluster.gpus_per_node
+    if isinstance(model, EncoderDecoderConfig):
+        enc_len, dec_len = encoder_decoder_lengths(cfg)
+        flops = training_flops(model, enc_len, dec_len)
+        seq = {"encoder_seq_len": enc_len, "decoder_seq_len": dec_len}
+    else:
+        flops = training_flops(model, data.seq_len)
+        seq = {"seq_len": data.seq_len}
+    tokens_per_step = data.global_batch_size * flops.tokens_per_sequence
+    scaling_params = counts.active
+    optimal_tokens = chinchilla_tokens(scaling_params, cfg.plan.tokens_per_param)
+    scaling: dict[str, Any] = {
+        "params_for_scaling": scaling_params,
+        "tokens_per_param": cfg.plan.tokens_per_param,
+        "chinchilla_tokens": optimal_tokens,
+        "chinchilla_flops": flops.per_token * optimal_tokens,
+    }
+    if cfg.plan.compute_flops:
+        optimal_params, tokens = compute_optimal(cfg.plan.compute_flops, cfg.plan.tokens_per_param)
+        scaling |= {
+            "compute_flops": cfg.plan.compute_flops,
+            "compute_optimal_params": optimal_params,
+            "compute_optimal_tokens": tokens,
+        }
+    if cfg.plan.tokens:
+        tokens, source = float(cfg.plan.tokens), "plan.tokens"
+    elif cfg.trainer.max_tokens:
+        tokens, source = float(cfg.trainer.max_tokens), "trainer.max_tokens"
+    else:
+        tokens, source = optimal_tokens, "chinchilla"
+    total_flops = flops.per_token * tokens
+    cluster_flops = ranks * cluster.peak_tflops * 1e12 * cfg.plan.mfu
+    seconds = total_flops / cluster_flops
+    return Plan(
+        model={
+            "name": model.name,
+            "family": model.family,
+            "params_total": counts.total,
+            "params_active": counts.active,
+            "params_lookup": counts.lookup,
+            "moe": bool(model.moe.n_experts),
+        },
+        cluster={
+            "nodes": cluster.nodes,
+            "gpus_per_node": cluster.gpus_per_node,
+            "ranks": ranks,
+            "gpu_name": cluster.gpu_name,
+            "gpu_memory_gib": cluster.gpu_memory_gib,
+            "peak_tflops": cluster.peak_tflops,
+            "precision": precision_bytes(cfg).name,
+        },
+        batch=seq
+        | {
+            "global_batch_size": data.global_batch_size,
+            "micro_batch_size": data.micro_batch_size,
+            "grad_accumulation": data.global_batch_size // (data.micro_batch_size * ranks),
+            "tokens_per_step": tokens_per_step,
+        },
+        flops={
+            "per_token": flops.per_token,
+            "per_sequence": flops.per_sequence,
+            "weights_per_sequence": flops.weights,
+            "attention_per_sequence": flops.attention,
+        },
+        scaling=scaling,
+        training={
+            "tokens": tokens,
+            "tokens_source": source,
+            "steps": math.ceil(tokens / tokens_per_step),
+            "total_flops": total_flops,
+            "mfu": cfg.plan.mfu,
+            "tokens_per_second": cluster_flops / flops.per_token,
+            "tokens_per_second_per_gpu": cluster_flops / flops.per_token / ranks,
+            "seconds": seconds,
+            "days": seconds / 86400,
+            "gpu_hours": seconds * ranks / 3600,
+        },
+        memory=estimate_memory(cfg, counts),
+        conventions={
+            "flops": "training = 3 x forward; 6*N_active_matmul + 12*L*H*Q*T per token, no causal "
+            "halving (PaLM/nanoGPT); encoder-decoder per input token",
+            "memory": "bytes; bf16 mixed Adam = 16 bytes/param (ZeRO paper); GiB in the table",
+            "chinchilla": f"{cfg.plan.tokens_per_param:g} tokens per (active) parameter",
+        },
+    )
+
+
+def human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'."""
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.1f} minutes"
+
+
+def render_table(plan: Plan) -> str:
+    """A readable report (rich tables, rendered to text)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=110, file=open("/dev/null", "w"))  # noqa: SIM115
+    m, c, b, f, s, t = plan.model, plan.cluster, plan.batch, plan.flops, plan.scaling, plan.training
+    summary = Table(
+        title=f"kiln plan: {m['name']} ({m['family']})", show_header=False, title_justify="left"
+    )
+    summary.add_column(style="bold")
+    summary.add_column()
+    params = human(m["params_total"])
+    if m["moe"]:
+        params += f" total, {human(m['params_active'])} active per token"
+    summary.add_row("parameters", f"{params} ({m['params_total']:,})")
+    summary.add_row(
+        "cluster",
+        f"{c['nodes']} node(s) x {c['gpus_per_node']} {c['gpu_name']} = {c['ranks']} ranks, "
+        f"{c['gpu_memory_gib']:g} GiB, {c['peak_tflops']:g} TFLOP/s peak, {c['precision']}",
+    )
+    lengths = ", ".join(f"{k}={v}" for k, v in b.items() if k.endswith("seq_len"))
+    summary.add_row(
+        "batch",
+        f"{lengths}; global {b['global_batch_size']} seqs = {human(b['tokens_per_step'])} tokens/step; "
+        f"micro {b['micro_batch_size']} x grad-accum {b['grad_accumulation']}",
+    )
+    summary.add_row(
+        "FLOPs/token",
+        f"{human(f['per_token'])} (attention {f['attention_per_sequence'] / f['per_sequence']:.1%})",
+    )
+    summary.add_row(
+        "Chinchilla",
+        f"{human(s['chinchilla_tokens'])} tokens ({s['tokens_per_param']:g}/param), "
+        f"{s['chinchilla_flops']:.3g} FLOPs",
+    )
+    if "compute_optimal_params" in s:
+        summary.add_row(
+            "compute-optimal",
+            f"C={s['compute_flops']:.3g} FLOPs -> {human(s['compute_optimal_params'])} params "
+            f"on {human(s['compute_optimal_tokens'])} tokens",
+        )
+    summary.add_row(
+        "time",
+        f"{human(t['tokens'])} tokens ({t['tokens_source']}), {t['steps']:,} steps: "
+        f"{format_duration(t['seconds'])} ({human(t['gpu_hours'])} GPU-hours) at MFU {t['mfu']:.0%}, "
+        f"{human(t['tokens_per_second_per_gpu'])} tokens/s/GPU",
+    )
+    memory = Table(
+        title=f"memory per GPU in GiB (device {c['gpu_memory_gib']:g} GiB; +AC = with activation checkpointing)",
+        title_justify="left",
+    )
+    for column in (
+        "strategy",
+        "weights",
+        "grads",
+        "optim",
+        "buffers",
+        "acts",
+        "total",
+        "fits",
+        "acts+AC",
+        "total+AC",
+        "fits+AC",
+    ):
+        memory.add_column(column, justify="left" if column == "strategy" else "right")
+    for e in plan.memory:
+        memory.add_row(
+            e.strategy,
+            *(
+                f"{value / GIB:.2f}"
+                for value in (
+                    e.weights,
+                    e.gradients,
+                    e.optimizer,
+                    e.buffers,
+                    e.activations,
+                    e.total,
+                )
+            ),
+            "yes" if e.fits else "NO",
+            f"{e.activations_checkpointed / GIB:.2f}",
+            f"{e.total_checkpointed / GIB:.2f}",
+            "yes" if e.fits_checkpointed else "NO",
+        )
+    console.print(summary)
+    console.print(memory)
+    console.print(f"FLOPs: {plan.conventions['flops']}.", soft_wrap=True)
+    return console.export_text()
+
+
+def run(cfg: KilnConfig) -> int:
+    """Entry point of `kiln plan`."""
+    plan = build_plan(cfg)
+    text = json.dumps(plan.to_json(), indent=2)
+    if cfg.plan.output:
+        path = Path(cfg.plan.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    sys.stdout.write((text if cfg.plan.format == "json" else render_table(plan)) + "\n")
+    return 0

@@ -1,0 +1,46 @@
+"""Shared pytest fixtures.
+
+The service fixtures start a real single-node Slurm cluster / Ray head on first
+use and stop it at the end of the session (see ``tests/services``). They fail,
+never skip, when the machine cannot run them (not root, Slurm not installed):
+CI must not pass by silently skipping the cluster tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+# Keep every Ray address on loopback: on Linux Ray otherwise swaps 127.0.0.1 for the machine's
+# outward address. Set before anything imports ray (its constants are read at import).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import pytest
+from services import RayHead, RayHeadError, SlurmCluster, SlurmError
+
+# -- services --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A running single-node Slurm cluster (partition ``debug``); pass ``.env()`` to subprocesses."""
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmError as error:
+        pytest.fail(f"could not start the Slurm test cluster: {error}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A running Ray head on 127.0.0.1 with 2 CPUs; connect with ``ray.init(address=ray_head.address)``."""
+    head = RayHead(num_cpus=2)
+    try:
+        head.start()
+    except RayHeadError as error:
+        pytest.fail(f"could not start the Ray test head: {error}", pytrace=False)
+    yield head
+    head.stop()

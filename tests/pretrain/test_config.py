@@ -1,0 +1,174 @@
+"""The config tree: every option of every group composes into the typed schema and validates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from pretrain.config import (
+    GROUP_SCHEMAS,
+    ConfigError,
+    DecoderConfig,
+    DeepSpeedEngineConfig,
+    EncoderConfig,
+    EncoderDecoderConfig,
+    KilnConfig,
+    SlurmClusterConfig,
+    build_config,
+    register_configs,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "hydra_conf"
+PRIMARY = ("data", "train", "launch", "plan", "export", "report")
+GROUPS = tuple(GROUP_SCHEMAS) + ("experiment",)
+OBJECTIVE_FOR = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}
+MODEL_FAMILY = {
+    "bert_base": EncoderConfig,
+    "t5_base": EncoderDecoderConfig,
+    "tiny_encoder": EncoderConfig,
+    "tiny_encoder_decoder": EncoderDecoderConfig,
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context() -> Iterator[None]:
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        yield
+
+
+def compose_config(primary: str, overrides: list[str]) -> KilnConfig:
+    return build_config(compose(primary, overrides=overrides))
+
+
+def test_required_groups_and_presets_exist() -> None:
+    required = {
+        "model",
+        "objective",
+        "engine",
+        "optim",
+        "data",
+        "corpus",
+        "cluster",
+        "logger",
+        "experiment",
+    }
+    assert required <= {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert {
+        "tiny_decoder",
+        "tiny_encoder",
+        "tiny_encoder_decoder",
+        "tiny_moe",
+        "gpt2_124m",
+        "gpt2_350m",
+        "llama_1b",
+        "llama_8b",
+        "bert_base",
+        "t5_base",
+        "mixtral_8x7b",
+    } <= set(options("model"))
+    for primary in PRIMARY:
+        assert (CONF_DIR / f"{primary}.yaml").is_file()
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_every_option_of_every_group_composes(primary: str) -> None:
+    count = 0
+    for group in GROUPS:
+        for option in options(group):
+            overrides = [f"{group}={option}"]
+            if group == "model":
+                family = MODEL_FAMILY.get(option, DecoderConfig).family
+                overrides.append(f"objective={OBJECTIVE_FOR[family]}")
+                overrides.append("data.seq_len=128")
+            if group == "objective":
+                family = {"clm": "tiny_decoder", "mlm": "tiny_encoder"}.get(
+                    option, "tiny_encoder_decoder"
+                )
+                overrides += [f"model={family}", "data.seq_len=128"]
+            cfg = compose_config(primary, overrides)
+            assert isinstance(cfg, KilnConfig)
+            if group == "model":
+                assert isinstance(cfg.model, MODEL_FAMILY.get(option, DecoderConfig))
+                assert cfg.model.name == option
+            count += 1
+    assert count >= 40
+
+
+def test_schema_types_reach_the_code() -> None:
+    cfg = compose_config("train", ["engine=zero3", "cluster=slurm", "model=llama_8b"])
+    assert isinstance(cfg.engine, DeepSpeedEngineConfig) and cfg.engine.zero_stage == 3
+    assert isinstance(cfg.cluster, SlurmClusterConfig) and cfg.cluster.time_limit == "01:00:00"
+    assert isinstance(cfg.model, DecoderConfig)
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_kv_heads) == (4096, 32, 8)
+    assert not OmegaConf.is_config(cfg.model)
+
+
+def test_experiment_overlays_apply_to_every_subcommand() -> None:
+    for primary in PRIMARY:
+        cfg = compose_config(primary, ["experiment=demo"])
+        assert cfg.experiment_name == "demo"
+        assert cfg.cluster.accelerator == "cpu" and cfg.cluster.gpus_per_node == 2
+        assert isinstance(cfg.engine, DeepSpeedEngineConfig) and cfg.engine.zero_stage == 2
+        assert cfg.data.seq_len == 128 and cfg.data.path == "out/demo/data"
+    # Command-line overrides still win over the experiment.
+    cfg = compose_config("train", ["experiment=demo", "data.seq_len=64", "engine=fsdp"])
+    assert cfg.data.seq_len == 64 and cfg.engine.kind == "fsdp"
+
+
+def test_misspelled_key_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config("plan", ["model.d_modle=3"])
+    assert "d_modle" in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_option_names_the_group() -> None:
+    with pytest.raises(MissingConfigException) as info:
+        compose_config("plan", ["model=nonexistent"])
+    assert "model/nonexistent" in str(info.value)
+
+
+def test_wrong_type_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config("train", ["data.seq_len=long"])
+    assert "data.seq_len" in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective=mlm"], "use objective=clm"),
+        (["model.n_heads=5"], "model.n_heads=5 does not divide model.d_model=64"),
+        (["model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
+        (
+            ["engine=zero2", "engine.offload_params=true"],
+            "engine.offload_params=true needs engine.zero_stage=3",
+        ),
+        (["cluster.nodes=3"], "data.global_batch_size=512 is not a multiple"),
+        (
+            ["model=gpt2_124m", "data.seq_len=2048"],
+            "data.seq_len=2048 exceeds model.max_seq_len=1024",
+        ),
+        (
+            ["model=tiny_moe", "model.moe.top_k=5"],
+            "model.moe.top_k=5 must be between 1 and model.moe.n_experts=4",
+        ),
+        (["optim.schedule=linear"], "optim.schedule='linear' is not one of"),
+        (
+            ["corpus=stdlib_mix", "corpus.sources.1.name=library"],
+            "corpus.sources has repeated names",
+        ),
+    ],
+)
+def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        compose_config("train", overrides)

@@ -1,0 +1,258 @@
+"""`kiln plan` figures: the ZeRO paper's example, Chinchilla, exact parameter counts, FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.config import KilnConfig, build_config, register_configs
+from pretrain.models.accounting import count_parameters, training_flops
+from pretrain.objectives import span_corruption_lengths
+from pretrain.plan import (
+    GIB,
+    PrecisionBytes,
+    build_plan,
+    chinchilla_tokens,
+    compute_optimal,
+    model_state_memory,
+)
+
+BF16 = PrecisionBytes("bf16", 2, 2, 12, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context() -> Iterator[None]:
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        yield
+
+
+def config(*overrides: str) -> KilnConfig:
+    return build_config(compose("plan", overrides=list(overrides)))
+
+
+def test_zero_paper_worked_example() -> None:
+    """ZeRO (Rajbhandari et al. 2020), Figure 1: 7.5B parameters on 64 GPUs."""
+    params, ranks = 7_500_000_000, 64
+    expected_gb = {"zero0": 120.0, "zero1": 31.4, "zero2": 16.6, "zero3": 1.9}
+    for strategy, gb in expected_gb.items():
+        states = sum(model_state_memory(strategy, params, ranks, BF16))
+        assert states / 1e9 == pytest.approx(gb, abs=0.05), strategy
+    # FSDP2 with bf16 compute and fp32 sharded parameters holds the same 16 bytes / N.
+    assert sum(model_state_memory("fsdp", params, ranks, BF16)) / 1e9 == pytest.approx(1.875)
+    weights, grads, optim = model_state_memory("zero2", params, ranks, BF16)
+    assert (weights, grads, optim) == (2 * params, 2 * params // ranks, 12 * params // ranks)
+
+
+def test_chinchilla_70b_on_1_4t_tokens() -> None:
+    assert chinchilla_tokens(70_000_000_000, 20.0) == pytest.approx(1.4e12)
+    params, tokens = compute_optimal(6 * 70e9 * 1.4e12, 20.0)
+    assert params == pytest.approx(70e9, rel=1e-9)
+    assert tokens == pytest.approx(1.4e12, rel=1e-9)
+    plan = build_plan(config("plan.compute_flops=5.88e23"))
+    assert plan.scaling["compute_optimal_params"] == pytest.approx(70e9, rel=1e-6)
+    assert plan.scaling["compute_optimal_tokens"] == pytest.approx(1.4e12, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # Published sizes of the architectures these presets follow.
+        (["model=gpt2_124m", "model.vocab_size=50257"], 124_439_808),  # GPT-2 small
+        (["model=gpt2_350m", "model.vocab_size=50257"], 354_823_168),  # GPT-2 medium
+        (["model=llama_1b"], 1_235_814_400),  # Llama 3.2 1B
+        (["model=llama_8b"], 8_030_261_248),  # Llama 3 8B
+        (["model=bert_base", "objective=mlm", "data.seq_len=512"], 109_514_298),  # BertForMaskedLM
+        (["model=t5_base", "objective=span", "data.seq_len=512"], 222_903_552),  # T5 base
+        (["model=mixtral_8x7b"], 46_702_792_704),  # Mixtral 8x7B
+    ],
+)
+def test_preset_parameter_counts(overrides: list[str], expected: int) -> None:
+    assert count_parameters(config(*overrides).model).total == expected
+
+
+def test_mixtral_active_parameters() -> None:
+    counts = count_parameters(config("model=mixtral_8x7b").model)
+    assert counts.active == pytest.approx(12.9e9, rel=0.01)  # "12.9B active" as published
+    plan = build_plan(config("model=mixtral_8x7b"))
+    assert plan.model["params_active"] == counts.active
+    assert plan.scaling["params_for_scaling"] == counts.active
+
+
+def hf_model(name: str) -> torch.nn.Module:
+    """A real transformers model, built from a config (no download), shaped like our tiny preset.
+
+    Eager attention, so FlopCounterMode sees the score matmuls (it does not count the fused
+    CPU SDPA kernel)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "tiny_decoder":
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                attn_implementation="eager",
+                vocab_size=4096,
+                hidden_size=64,
+                intermediate_size=176,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                max_position_embeddings=256,
+            )
+        )
+    if name == "tiny_gpt2":
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                attn_implementation="eager",
+                vocab_size=4096,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+            )
+        )
+    if name == "tiny_encoder":
+        return tf.BertForMaskedLM(
+            tf.BertConfig(
+                attn_implementation="eager",
+                vocab_size=4096,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=256,
+                max_position_embeddings=256,
+                type_vocab_size=2,
+            )
+        )
+    if name == "tiny_encoder_decoder":
+        return tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                attn_implementation="eager",
+                vocab_size=4096,
+                d_model=64,
+                d_kv=16,
+                d_ff=256,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=4,
+                feed_forward_proj="relu",
+                tie_word_embeddings=True,
+            )
+        )
+    if name == "tiny_moe":
+        return tf.MixtralForCausalLM(
+            tf.MixtralConfig(
+                attn_implementation="eager",
+                vocab_size=4096,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                tie_word_embeddings=True,
+                max_position_embeddings=256,
+            )
+        )
+    raise KeyError(name)
+
+
+OBJECTIVE = {"tiny_encoder": "mlm", "tiny_encoder_decoder": "span"}
+
+
+@pytest.mark.parametrize(
+    "preset", ["tiny_decoder", "tiny_gpt2", "tiny_encoder", "tiny_encoder_decoder", "tiny_moe"]
+)
+def test_parameter_count_matches_an_instantiated_transformers_model(preset: str) -> None:
+    cfg = config(f"model={preset}", f"objective={OBJECTIVE.get(preset, 'clm')}", "data.seq_len=128")
+    model = hf_model(preset)
+    assert count_parameters(cfg.model).total == sum(p.numel() for p in model.parameters())
+
+
+def counted_training_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        out = model(**inputs)
+        out.logits.float().sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset", ["tiny_decoder", "tiny_gpt2", "tiny_encoder"])
+def test_flops_per_token_match_flop_counter(preset: str) -> None:
+    seq_len, batch = 128, 2
+    cfg = config(
+        f"model={preset}", f"objective={OBJECTIVE.get(preset, 'clm')}", f"data.seq_len={seq_len}"
+    )
+    ids = torch.randint(0, 4096, (batch, seq_len))
+    counted = counted_training_flops(hf_model(preset), input_ids=ids)
+    predicted = training_flops(cfg.model, seq_len).per_sequence * batch
+    assert predicted == pytest.approx(counted, rel=0.05)
+
+
+def test_encoder_decoder_flops_match_flop_counter() -> None:
+    enc_len, dec_len, batch = 128, 32, 2
+    cfg = config("model=tiny_encoder_decoder", "objective=span", f"data.seq_len={enc_len}")
+    model = hf_model("tiny_encoder_decoder")
+    counted = counted_training_flops(
+        model,
+        input_ids=torch.randint(0, 4096, (batch, enc_len)),
+        decoder_input_ids=torch.randint(0, 4096, (batch, dec_len)),
+    )
+    predicted = training_flops(cfg.model, enc_len, dec_len).per_sequence * batch
+    assert predicted == pytest.approx(counted, rel=0.05)
+
+
+def test_decoder_flops_formula_by_hand() -> None:
+    model = config("model=gpt2_124m", "model.vocab_size=50257").model
+    flops = training_flops(model, 1024)
+    n_matmul = 124_439_808 - 1024 * 768  # learned positions are a lookup; tied wte is the head
+    assert flops.per_token == pytest.approx(6 * n_matmul + 12 * 12 * 768 * 1024)
+
+
+def test_t5_span_lengths() -> None:
+    # T5's published setting: inputs of 512 tokens come from 568 raw tokens, targets are 114.
+    assert span_corruption_lengths(512, 0.15, 3.0) == (568, 114)
+    plan = build_plan(config("model=t5_base", "objective=span", "data.seq_len=512"))
+    assert (plan.batch["encoder_seq_len"], plan.batch["decoder_seq_len"]) == (512, 114)
+
+
+def test_llama_8b_on_8_nodes_plan() -> None:
+    plan = build_plan(config("model=llama_8b", "cluster.nodes=8", "cluster.gpus_per_node=8"))
+    assert plan.cluster["ranks"] == 64
+    memory = {m.strategy: m for m in plan.memory}
+    assert set(memory) == {"zero0", "zero1", "zero2", "zero3", "fsdp"}
+    psi = 8_030_261_248
+    assert memory["zero0"].model_states == 16 * psi
+    assert memory["zero3"].model_states == pytest.approx(16 * psi / 64, rel=1e-6)
+    # Sharding more only ever lowers model-state memory; checkpointing lowers activations.
+    states = [memory[s].model_states for s in ("zero0", "zero1", "zero2", "zero3")]
+    assert states == sorted(states, reverse=True)
+    for m in plan.memory:
+        assert m.activations_checkpointed < m.activations
+        assert m.total == m.model_states + m.buffers + m.activations
+        assert m.fits == (m.total <= 80 * GIB * 0.9)
+    assert not memory["zero0"].fits  # 128 GB of model states alone
+    assert memory["zero3"].fits_checkpointed
+    assert plan.scaling["chinchilla_tokens"] == pytest.approx(20 * psi)
+    flops = plan.flops["per_token"] * plan.training["tokens"]
+    assert plan.training["seconds"] == pytest.approx(flops / (64 * 989e12 * 0.4))
+    assert plan.training["tokens_source"] == "chinchilla"
+
+
+def test_training_tokens_come_from_plan_then_trainer() -> None:
+    assert build_plan(config("plan.tokens=1e9")).training["tokens"] == 1e9
+    plan = build_plan(config("trainer.max_tokens=2000000000"))
+    assert (plan.training["tokens"], plan.training["tokens_source"]) == (2e9, "trainer.max_tokens")
+
+
+def test_cpu_cluster_plans_fp32() -> None:
+    plan = build_plan(config("cluster=local_cpu"))
+    assert plan.cluster["precision"] == "fp32"
+    zero0 = {m.strategy: m for m in plan.memory}["zero0"]
+    params = plan.model["params_total"]
+    assert (zero0.weights, zero0.gradients, zero0.optimizer) == (4 * params, 4 * params, 8 * params)
