@@ -306,7 +306,13 @@ class CorpusConfig:
 
     name: str = "custom"
     sources: list[SourceConfig] = field(default_factory=list)
-    val_fraction: float = 0.01  # share of documents held out for validation
+
+
+@dataclass
+class SplitConfig:
+    """How documents are split between training and held-out validation shards."""
+
+    val_fraction: float = 0.01  # share of documents (chosen by a hash of their id) held out
 
 
 @dataclass
@@ -316,10 +322,11 @@ class TokenizerConfig:
     path: str | None = None  # an existing .model file; skips training
     model_type: str = "bpe"  # bpe | unigram
     vocab_size: int = 4096
-    byte_fallback: bool = True
+    byte_fallback: bool = True  # unknown characters become byte pieces, never <unk>
     character_coverage: float = 0.9999
     sample_bytes: int = 20_000_000  # training sample size, drawn across sources by weight
     n_sentinels: int = 100  # <extra_id_N> tokens for T5 span corruption
+    num_threads: int = 4  # SentencePiece trainer threads: part of the result, so fixed here
 
 
 @dataclass
@@ -331,14 +338,11 @@ class RayConfig:
 
 
 @dataclass
-class PipelineConfig:
-    """The `kiln data` run: where outputs go and how the work is split."""
+class ShardConfig:
+    """Shard sizing for `kiln data`."""
 
-    output_dir: str = "out/data"
-    shard_tokens: int = 10_000_000  # target tokens per shard
-    docs_per_unit: int = 2000  # documents per deterministic work unit
-    seed: int = 0
-    ray: RayConfig = field(default_factory=RayConfig)
+    target_bytes: int = 64 << 20  # tar size to aim for (tens of MB)
+    unit_bytes: int = 32 << 20  # raw input per deterministic work unit
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +489,9 @@ class KilnConfig:
     data: DataConfig = field(default_factory=DataConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     cluster: ClusterConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -493,6 +499,9 @@ class KilnConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    output_dir: str = "out/data"  # where `kiln data` writes; `data.path` reads it by default
+    overwrite: bool = False  # `kiln data`: rebuild an output_dir made with another config
+    max_error_fraction: float = 0.01  # `kiln data`: fail if more input than this is bad
     run_name: str = "default"  # names the run directory and the W&B run
     experiment_name: str | None = None  # set by experiment/ overlays
 
@@ -692,6 +701,10 @@ def validate_config(cfg: KilnConfig) -> None:
             ("auto", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "stdlib"),
         )
     _check_choice("tokenizer.model_type", cfg.tokenizer.model_type, ("bpe", "unigram"))
+    if not 0.0 <= cfg.split.val_fraction < 1.0:
+        raise ConfigError(f"split.val_fraction={cfg.split.val_fraction} must be in [0, 1)")
+    if not 0.0 <= cfg.max_error_fraction <= 1.0:
+        raise ConfigError(f"max_error_fraction={cfg.max_error_fraction} must be in [0, 1]")
     _check_choice("plan.format", cfg.plan.format, ("table", "json"))
     if not 0.0 < cfg.plan.mfu <= 1.0:
         raise ConfigError(f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")

@@ -1,0 +1,83 @@
+"""SentencePiece training: special tokens at fixed ids, lossless round trips, determinism."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.tokenizer import (
+    MASK,
+    load_processor,
+    load_tokenizer_info,
+    sentinel,
+    train_tokenizer,
+)
+from pretrain.config import TokenizerConfig
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[str]:
+    files = sorted(STDLIB.glob("[a-f]*.py"))[:60]
+    return [path.read_text("utf-8") for path in files]
+
+
+@pytest.fixture(scope="module")
+def trained(sample: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer(sample, TokenizerConfig(vocab_size=1024, n_sentinels=10), path)
+    return path
+
+
+def test_special_tokens_have_fixed_ids(trained: Path) -> None:
+    info = load_tokenizer_info(trained)
+    assert info.vocab_size == 1024
+    assert info.special_ids == {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}
+    assert info.sentinel_ids == list(range(5, 15))
+    processor = load_processor(trained)
+    assert processor.encode(MASK) == [4]
+    text = f"x = 1 {sentinel(0)} y {sentinel(9)}"
+    pieces = processor.encode(text, out_type=str)
+    assert sentinel(0) in pieces and sentinel(9) in pieces  # never split
+
+
+@pytest.mark.parametrize("name", ["os.py", "json/decoder.py", "textwrap.py"])
+def test_round_trip_is_lossless_on_source_code(trained: Path, name: str) -> None:
+    processor = load_processor(trained)
+    text = (STDLIB / name).read_text("utf-8")
+    assert processor.decode(processor.encode(text)) == text  # indentation, newlines, tabs kept
+
+
+def test_byte_fallback_covers_unseen_characters(trained: Path) -> None:
+    processor = load_processor(trained)
+    text = "naïve → 😀 \t tab\n"
+    ids = processor.encode(text)
+    assert processor.unk_id() not in ids
+    assert processor.decode(ids) == text
+
+
+def test_training_is_deterministic(sample: list[str], trained: Path, tmp_path: Path) -> None:
+    again = train_tokenizer(
+        sample, TokenizerConfig(vocab_size=1024, n_sentinels=10), tmp_path / "t.model"
+    )
+    assert Path(again.path).read_bytes() == trained.read_bytes()
+    assert again.sha256 == load_tokenizer_info(trained).sha256
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_unigram_model(sample: list[str], tmp_path: Path) -> None:
+    info = train_tokenizer(
+        sample,
+        TokenizerConfig(model_type="unigram", vocab_size=800, n_sentinels=3),
+        tmp_path / "u.model",
+    )
+    assert info.model_type == "unigram" and info.vocab_size == 800
+    assert info.sentinel_ids == [5, 6, 7]
+
+
+def test_missing_model_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        load_tokenizer_info(tmp_path / "nope.model")
