@@ -22,6 +22,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_pipeline.shards import atomic_write_bytes
 from pretrain.config import TokenizerConfig
 
 PAD, UNK, BOS, EOS, MASK = "<pad>", "<unk>", "<s>", "</s>", "<mask>"
@@ -104,10 +105,7 @@ def train_tokenizer(
         num_threads=threads,
         minloglevel=2,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, model.getvalue())
     return load_tokenizer_info(path)
 
 

@@ -13,6 +13,7 @@ composed object has the right type for dispatch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -694,6 +695,11 @@ def validate_config(cfg: KilnConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"corpus.sources has repeated names: {names}")
     for i, source in enumerate(cfg.corpus.sources):
+        if not re.fullmatch(r"[A-Za-z0-9_]+", source.name):
+            raise ConfigError(
+                f"corpus.sources[{i}].name={source.name!r}: use letters, digits and '_' "
+                "(the name is part of shard file names and sample keys)"
+            )
         _check_positive(f"corpus.sources[{i}].weight", source.weight)
         _check_choice(
             f"corpus.sources[{i}].format",

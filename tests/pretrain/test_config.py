@@ -167,6 +167,7 @@ def test_wrong_type_names_the_key() -> None:
             ["corpus=stdlib_mix", "corpus.sources.1.name=library"],
             "corpus.sources has repeated names",
         ),
+        (["corpus.sources.0.name=my.source"], r"corpus.sources\[0\].name='my.source'"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:
