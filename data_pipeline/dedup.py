@@ -27,30 +27,9 @@ from typing import Any, TypeVar
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from pretrain.config import DedupConfig
+
 OrderKey = TypeVar("OrderKey", bound=Hashable)  # sortable position of a document
-
-
-@dataclass
-class DedupConfig:
-    """Which duplicates are removed, and how near duplicates are found."""
-
-    exact: bool = True  # drop documents whose NFC text is identical to an earlier one
-    near: bool = True  # drop documents whose MinHash Jaccard estimate reaches `threshold`
-    # Words per shingle. Words are whitespace-separated tokens by default (see `shingle_unit`).
-    shingle_size: int = 5
-    # "whitespace": str.split() tokens, which keep code's punctuation and case, so `x = 1` and
-    # `x == 1` differ (the right choice for source code); "word": lowercased runs of letters and
-    # digits, which ignore punctuation and case (the usual choice for prose).
-    shingle_unit: str = "whitespace"
-    num_perm: int = 128  # MinHash permutations: the signature length
-    threshold: float = 0.8  # Jaccard similarity at or above which a document is a duplicate
-    # Explicit LSH banding (both or neither): `bands` bands of `rows` signature values each,
-    # bands * rows <= num_perm, bands >= 2. None: the banding datasketch derives from
-    # `threshold` (9 x 13 for 0.8 and 128 permutations). Fewer, longer bands find only closer
-    # pairs; more, shorter bands find more pairs at more verification cost.
-    bands: int | None = None
-    rows: int | None = None
-    seed: int = 1  # seed of the MinHash permutations; signatures with other seeds do not compare
 
 
 # --------------------------------------------------------------------------------------------

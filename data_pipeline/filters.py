@@ -21,23 +21,13 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
 
+from pretrain.config import FilterConfig, NormalizeConfig
+
 # --------------------------------------------------------------------------------------------
 # normalisation
-
-
-@dataclass
-class NormalizeConfig:
-    """How document text is normalised before filtering and deduplication."""
-
-    nfc: bool = True  # Unicode NFC, so composed and decomposed "é" become the same string
-    # \r\n and \r -> \n, no trailing spaces, at most 2 blank lines in a row, no blank lines at
-    # either end; indentation is kept (it is syntax in Python)
-    whitespace: bool = True
-    fix_text: bool = False  # ftfy.fix_text (mojibake, HTML entities); needs `pip install ftfy`
 
 
 MAX_BLANK_LINES = 2  # PEP 8 separates top-level definitions with two blank lines
@@ -87,52 +77,6 @@ def _load_ftfy() -> ModuleType:
 
 # --------------------------------------------------------------------------------------------
 # quality filters
-
-
-@dataclass
-class FilterConfig:
-    """Document quality rules. A threshold of None (or a False switch) turns its rule off.
-
-    The reason a document is dropped is the name of the field whose rule dropped it.
-    """
-
-    # Length, in whitespace-separated words. Gopher: 50 and 100_000. Code files are short but
-    # still worth keeping; very long ones are usually generated data tables.
-    min_words: int | None = 20
-    max_words: int | None = 200_000
-    # Runs of "#", and of "..." or "…", each divided by the word count (the larger of the two).
-    # Gopher: 0.1. Every Python comment starts with "#" (stdlib files reach 0.16).
-    max_symbol_word_ratio: float | None = 0.5
-    # Share of words with no alphabetic character. Gopher: 0.2. Off: code has many operators
-    # and numbers (`=`, `+=`, `0`, `):`).
-    max_non_alpha_word_fraction: float | None = None
-    # Share of non-blank lines that repeat an earlier line. Gopher: 0.3. Code repeats `pass`,
-    # `else:`, `return None`, closing brackets and docstring quotes (stdlib: median 0.14).
-    max_duplicate_line_fraction: float | None = 0.8
-    # Share of line characters in lines that repeat an earlier line. Gopher: 0.2.
-    max_duplicate_line_char_fraction: float | None = 0.8
-    # Share of word characters covered by the most frequent 2-gram (when it occurs twice or
-    # more); the 3- and 4-gram thresholds are 0.02 and 0.04 lower, as in Gopher (0.20, 0.18,
-    # 0.16). Code repeats `self.assertEqual(` and the like (stdlib: 99th percentile 0.2).
-    max_top_ngram_char_fraction: float | None = 0.6
-    # Share of word characters inside 5-grams that occur more than once; the threshold steps
-    # down by 0.01 per word up to 10-grams, as in Gopher (0.15, 0.14, ..., 0.10). Code is full
-    # of repeated idioms (stdlib: median 0.12, 99th percentile 0.59), so only near-total
-    # repetition, such as a block pasted several times, is dropped.
-    max_dup_ngram_char_fraction: float | None = 0.9
-    # Mean word length in characters. Gopher: 3 and 10. Off: code tokens such as `=` and
-    # `os.path.join(path,` sit at both ends.
-    min_mean_word_length: float | None = None
-    max_mean_word_length: float | None = None
-    # Share of non-blank lines starting with a bullet (•, -, * ...). Gopher: 0.9.
-    max_bullet_line_fraction: float | None = 0.9
-    # Share of non-blank lines ending with "..." or "…". Gopher: 0.3. Typing stubs end many
-    # lines with `...`.
-    max_ellipsis_line_fraction: float | None = 0.5
-    # C4: drop documents containing "lorem ipsum" (any case). Off: harmless in code.
-    lorem_ipsum: bool = False
-    # C4: drop documents containing "{" (a sign of scraped JavaScript). Off: code has braces.
-    curly_bracket: bool = False
 
 
 # Every reason `apply_filters` can return, in the order the rules run (cheap rules first), so

@@ -36,7 +36,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "data": Subcommand(
         "clean, deduplicate, tokenize (SentencePiece) and shard a corpus with Ray workers",
-        pending="the Ray data pipeline is not built yet (issue #3)",
+        handler="data_pipeline.pipeline:run",
     ),
     "train": Subcommand(
         "pretrain a decoder, encoder or encoder-decoder with DeepSpeed ZeRO, FSDP2 or DDP",

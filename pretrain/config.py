@@ -307,6 +307,7 @@ class CorpusConfig:
 
     name: str = "custom"
     sources: list[SourceConfig] = field(default_factory=list)
+    max_doc_bytes: int = 10 << 20  # a larger document is skipped and counted as too_large
 
 
 @dataclass
@@ -314,6 +315,91 @@ class SplitConfig:
     """How documents are split between training and held-out validation shards."""
 
     val_fraction: float = 0.01  # share of documents (chosen by a hash of their id) held out
+
+
+# --------------------------------------------------------------------------------------------
+# normalize, filters/, dedup  (the pipeline's cleaning stages; see data_pipeline/filters.py
+# and data_pipeline/dedup.py for the rules)
+
+
+@dataclass
+class NormalizeConfig:
+    """How document text is normalised before filtering and deduplication."""
+
+    nfc: bool = True  # Unicode NFC, so composed and decomposed "é" become the same string
+    # \r\n and \r -> \n, no trailing spaces, at most 2 blank lines in a row, no blank lines at
+    # either end; indentation is kept (it is syntax in Python)
+    whitespace: bool = True
+    fix_text: bool = False  # ftfy.fix_text (mojibake, HTML entities); needs `pip install ftfy`
+
+
+@dataclass
+class FilterConfig:
+    """Document quality rules. A threshold of None (or a False switch) turns its rule off.
+
+    The reason a document is dropped is the name of the field whose rule dropped it.
+    """
+
+    # Length, in whitespace-separated words. Gopher: 50 and 100_000. Code files are short but
+    # still worth keeping; very long ones are usually generated data tables.
+    min_words: int | None = 20
+    max_words: int | None = 200_000
+    # Runs of "#", and of "..." or "…", each divided by the word count (the larger of the two).
+    # Gopher: 0.1. Every Python comment starts with "#" (stdlib files reach 0.16).
+    max_symbol_word_ratio: float | None = 0.5
+    # Share of words with no alphabetic character. Gopher: 0.2. Off: code has many operators
+    # and numbers (`=`, `+=`, `0`, `):`).
+    max_non_alpha_word_fraction: float | None = None
+    # Share of non-blank lines that repeat an earlier line. Gopher: 0.3. Code repeats `pass`,
+    # `else:`, `return None`, closing brackets and docstring quotes (stdlib: median 0.14).
+    max_duplicate_line_fraction: float | None = 0.8
+    # Share of line characters in lines that repeat an earlier line. Gopher: 0.2.
+    max_duplicate_line_char_fraction: float | None = 0.8
+    # Share of word characters covered by the most frequent 2-gram (when it occurs twice or
+    # more); the 3- and 4-gram thresholds are 0.02 and 0.04 lower, as in Gopher (0.20, 0.18,
+    # 0.16). Code repeats `self.assertEqual(` and the like (stdlib: 99th percentile 0.2).
+    max_top_ngram_char_fraction: float | None = 0.6
+    # Share of word characters inside 5-grams that occur more than once; the threshold steps
+    # down by 0.01 per word up to 10-grams, as in Gopher (0.15, 0.14, ..., 0.10). Code is full
+    # of repeated idioms (stdlib: median 0.12, 99th percentile 0.59), so only near-total
+    # repetition, such as a block pasted several times, is dropped.
+    max_dup_ngram_char_fraction: float | None = 0.9
+    # Mean word length in characters. Gopher: 3 and 10. Off: code tokens such as `=` and
+    # `os.path.join(path,` sit at both ends.
+    min_mean_word_length: float | None = None
+    max_mean_word_length: float | None = None
+    # Share of non-blank lines starting with a bullet (•, -, * ...). Gopher: 0.9.
+    max_bullet_line_fraction: float | None = 0.9
+    # Share of non-blank lines ending with "..." or "…". Gopher: 0.3. Typing stubs end many
+    # lines with `...`.
+    max_ellipsis_line_fraction: float | None = 0.5
+    # C4: drop documents containing "lorem ipsum" (any case). Off: harmless in code.
+    lorem_ipsum: bool = False
+    # C4: drop documents containing "{" (a sign of scraped JavaScript). Off: code has braces.
+    curly_bracket: bool = False
+
+
+@dataclass
+class DedupConfig:
+    """Which duplicates are removed, and how near duplicates are found."""
+
+    exact: bool = True  # drop documents whose NFC text is identical to an earlier one
+    near: bool = True  # drop documents whose MinHash Jaccard estimate reaches `threshold`
+    # Words per shingle. Words are whitespace-separated tokens by default (see `shingle_unit`).
+    shingle_size: int = 5
+    # "whitespace": str.split() tokens, which keep code's punctuation and case, so `x = 1` and
+    # `x == 1` differ (the right choice for source code); "word": lowercased runs of letters and
+    # digits, which ignore punctuation and case (the usual choice for prose).
+    shingle_unit: str = "whitespace"
+    num_perm: int = 128  # MinHash permutations: the signature length
+    threshold: float = 0.8  # Jaccard similarity at or above which a document is a duplicate
+    # Explicit LSH banding (both or neither): `bands` bands of `rows` signature values each,
+    # bands * rows <= num_perm, bands >= 2. None: the banding datasketch derives from
+    # `threshold` (9 x 13 for 0.8 and 128 permutations). Fewer, longer bands find only closer
+    # pairs; more, shorter bands find more pairs at more verification cost.
+    bands: int | None = None
+    rows: int | None = None
+    seed: int = 1  # seed of the MinHash permutations; signatures with other seeds do not compare
 
 
 @dataclass
@@ -336,6 +422,9 @@ class RayConfig:
 
     address: str | None = None  # None: start a local Ray for the run; "auto" or host:port joins
     num_cpus: int | None = None  # local Ray only; None = all cores
+    # Tasks in flight at once: the number of busy workers. None = the cluster's CPU count.
+    # Outputs never depend on it.
+    workers: int | None = None
 
 
 @dataclass
@@ -343,7 +432,12 @@ class ShardConfig:
     """Shard sizing for `kiln data`."""
 
     target_bytes: int = 64 << 20  # tar size to aim for (tens of MB)
-    unit_bytes: int = 32 << 20  # raw input per deterministic work unit
+    block_tokens: int = 1 << 16  # tokens per sample (block of whole documents) in a tar
+    # Largest raw input per work unit. Smaller sources are cut into about `min_units` units of
+    # at least 256 KiB, so a small corpus still spreads over the workers. The outputs do not
+    # depend on the unit size; resumption does (it is part of the fingerprint).
+    unit_bytes: int = 32 << 20
+    min_units: int = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +583,9 @@ class KilnConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -529,6 +626,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "optim": {"adamw": OptimConfig},
     "data": {"shards": DataConfig},
     "corpus": {"corpus": CorpusConfig},
+    "filters": {"filters": FilterConfig},
     "cluster": {
         "local": LocalClusterConfig,
         "slurm": SlurmClusterConfig,
@@ -586,6 +684,44 @@ def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> 
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_pipeline(cfg: KilnConfig) -> None:
+    """The cleaning, tokenizer, shard and Ray settings of `kiln data`."""
+    dedup = cfg.dedup
+    _check_choice("dedup.shingle_unit", dedup.shingle_unit, ("whitespace", "word"))
+    _check_positive("dedup.shingle_size", dedup.shingle_size)
+    if dedup.num_perm < 2:
+        raise ConfigError(f"dedup.num_perm={dedup.num_perm} must be >= 2")
+    if not 0.0 < dedup.threshold <= 1.0:
+        raise ConfigError(f"dedup.threshold={dedup.threshold} must be in (0, 1]")
+    if (dedup.bands is None) != (dedup.rows is None):
+        raise ConfigError("dedup.bands and dedup.rows must be set together (or both null)")
+    bands, rows = dedup.bands, dedup.rows
+    if (
+        bands is not None
+        and rows is not None
+        and (bands < 2 or rows < 1 or bands * rows > dedup.num_perm)
+    ):
+        raise ConfigError(
+            f"dedup.bands={bands} x dedup.rows={rows} needs bands >= 2, "
+            f"rows >= 1 and bands * rows <= dedup.num_perm={dedup.num_perm}"
+        )
+    tokenizer = cfg.tokenizer
+    n_special = 5 + tokenizer.n_sentinels
+    if tokenizer.path is None and tokenizer.vocab_size <= n_special + 256 * tokenizer.byte_fallback:
+        raise ConfigError(
+            f"tokenizer.vocab_size={tokenizer.vocab_size} leaves no room for learned pieces "
+            f"after {n_special} special tokens"
+            + (" and 256 byte-fallback pieces" if tokenizer.byte_fallback else "")
+        )
+    _check_positive("tokenizer.sample_bytes", tokenizer.sample_bytes)
+    _check_positive("tokenizer.num_threads", tokenizer.num_threads)
+    _check_positive("tokenizer.n_sentinels", tokenizer.n_sentinels, allow_zero=True)
+    for key in ("target_bytes", "block_tokens", "unit_bytes", "min_units"):
+        _check_positive(f"shards.{key}", getattr(cfg.shards, key))
+    _check_positive("ray.num_cpus", cfg.ray.num_cpus)
+    _check_positive("ray.workers", cfg.ray.workers)
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -706,6 +842,8 @@ def validate_config(cfg: KilnConfig) -> None:
             source.format,
             ("auto", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "stdlib"),
         )
+    _check_positive("corpus.max_doc_bytes", cfg.corpus.max_doc_bytes)
+    validate_pipeline(cfg)
     _check_choice("tokenizer.model_type", cfg.tokenizer.model_type, ("bpe", "unigram"))
     if not 0.0 <= cfg.split.val_fraction < 1.0:
         raise ConfigError(f"split.val_fraction={cfg.split.val_fraction} must be in [0, 1)")
