@@ -354,6 +354,7 @@ class StageTiming:
     done: int = 0  # units (or shards) processed in this run
     resumed: int = 0  # units found finished by an earlier run
     task_seconds: float = 0.0  # summed worker time of the tasks run now
+    peak_rss_mib: float = 0.0  # largest peak RSS reported by this stage's worker processes
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -390,8 +391,10 @@ class Build:
             for unit in plan.units
         ]
 
-    def note_rss(self, marker: dict[str, Any]) -> None:
-        self.peak_rss_mib = max(self.peak_rss_mib, float(marker.get("peak_rss_mib", 0.0)))
+    def note_rss(self, marker: dict[str, Any], timing: StageTiming) -> None:
+        rss = float(marker.get("peak_rss_mib", 0.0))
+        self.peak_rss_mib = max(self.peak_rss_mib, rss)
+        timing.peak_rss_mib = max(timing.peak_rss_mib, rss)
 
 
 def run(cfg: KilnConfig) -> int:
@@ -476,7 +479,7 @@ def scan(build: Build) -> None:
 
     def done(unit_id: str, marker: dict[str, Any]) -> None:
         build.scans[unit_id] = marker
-        build.note_rss(marker)
+        build.note_rss(marker, timing)
         timing.done += 1
         timing.task_seconds += marker["seconds"]
         timing.extra["bytes"] = timing.extra.get("bytes", 0) + marker["bytes_in"]
@@ -558,7 +561,7 @@ def select(build: Build) -> None:
 
         def done(_: str, result: dict[str, Any]) -> None:
             build.selection = result
-            build.note_rss(result)
+            build.note_rss(result, timing)
             timing.task_seconds += result["seconds"]
 
         run_tasks(
@@ -632,7 +635,7 @@ def train_or_reuse_tokenizer(build: Build) -> None:
             "tokenizer training",
         )
         result = results["tokenizer"]
-        build.note_rss(result)
+        build.note_rss(result, timing)
         timing.task_seconds = result["seconds"]
         timing.extra["sample_bytes"] = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         timing.extra["sample_documents"] = len(texts)
@@ -691,7 +694,7 @@ def tokenize(build: Build) -> None:
 
     def done(unit_id: str, marker: dict[str, Any]) -> None:
         build.tokens[unit_id] = marker
-        build.note_rss(marker)
+        build.note_rss(marker, timing)
         timing.done += 1
         timing.task_seconds += marker["seconds"]
         timing.extra["tokens"] = timing.extra.get("tokens", 0) + sum(marker["tokens"].values())
@@ -736,7 +739,7 @@ def shard(build: Build) -> None:
 
     def done(name: str, marker: dict[str, Any]) -> None:
         records[name] = ShardRecord(**marker["record"])
-        build.note_rss(marker)
+        build.note_rss(marker, timing)
         timing.done += 1
         timing.task_seconds += marker["seconds"]
         timing.extra["bytes"] = timing.extra.get("bytes", 0) + marker["record"]["bytes"]
@@ -774,6 +777,8 @@ def _cleanup(out: Path, manifest: Manifest) -> None:
     for path in (out / "shards").iterdir():
         if path.name not in listed:
             path.unlink()
+    for path in out.glob(".*.tmp"):  # left by a run killed while writing the tokenizer
+        path.unlink()
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
 
@@ -826,6 +831,7 @@ def make_report(
             "exact_duplicates": chosen.get("exact_duplicates", 0),
             "near_duplicates": chosen.get("near_duplicates", 0),
             "tokenizer_sample_documents": chosen.get("sample_documents", 0),
+            "tokenizer_sample_bytes": chosen.get("sample_bytes", 0),
             "documents_out": {s: split_totals.get(s, {}).get("documents", 0) for s in SPLITS},
             "tokens_out": {s: split_totals.get(s, {}).get("tokens", 0) for s in SPLITS},
             "shards": {s: split_totals.get(s, {}).get("shards", 0) for s in SPLITS},
@@ -837,6 +843,7 @@ def make_report(
             "done": timing.done,
             "resumed": timing.resumed,
             "task_seconds": round(timing.task_seconds, 3),
+            "peak_rss_mib": round(timing.peak_rss_mib, 1),
         }
         entry |= {key: value for key, value in timing.extra.items()}
         if timing.seconds > 0:

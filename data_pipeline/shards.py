@@ -133,10 +133,19 @@ def decode_array(data: bytes, name: str) -> np.ndarray:
         raise ShardFormatError(f"{name}: not a numpy array ({error})") from error
 
 
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of `path`, unique to this process, to write before renaming.
+
+    Per process, because a worker of a killed run may still be finishing the same file while
+    the rerun writes it: each writes its own temporary file and the renames are atomic.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write under a temporary name, fsync, rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()

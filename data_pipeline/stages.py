@@ -46,6 +46,7 @@ from data_pipeline.shards import (
     ShardRecord,
     atomic_write_bytes,
     sha256_file,
+    temporary_name,
     token_dtype,
     write_shard,
 )
@@ -121,7 +122,7 @@ def scan_unit(unit: WorkUnit, settings: ScanSettings, work: Path) -> dict[str, A
     bytes_in = 0
     text_path = work / "scan" / f"{unit.unit_id}.jsonl.zst"
     text_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = text_path.with_name(text_path.name + ".tmp")
+    tmp = temporary_name(text_path)
     with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
         for doc in read_unit(unit, counter, settings.max_doc_bytes):
             size = len(doc.text.encode("utf-8", "surrogatepass"))

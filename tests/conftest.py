@@ -15,6 +15,10 @@ from collections.abc import Iterator
 # outward address. Set before anything imports ray (its constants are read at import).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Ray 2.5x turns token authentication on for a local cluster once ~/.ray/auth_token exists
+# (the first `ray.init()` on a machine writes it); test clusters listen on loopback only, and a
+# head and its drivers must agree on the mode, so every Ray in the test session runs without.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import pytest
 from services import RayHead, RayHeadError, SlurmCluster, SlurmError

@@ -120,6 +120,7 @@ class RayHead:
         env = dict(os.environ)
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # stay on 127.0.0.1
+        env["RAY_AUTH_MODE"] = "disabled"
         env["RAY_ADDRESS"] = self.address
         return env
 
@@ -162,6 +163,7 @@ class RayHead:
             RAY_USAGE_STATS_ENABLED="0",
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep Ray on 127.0.0.1
+            RAY_AUTH_MODE="disabled",  # loopback only; drivers in tests connect without a token
         )
         env.pop("RAY_ADDRESS", None)
         with open(self.log_path, "ab") as log:
