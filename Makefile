@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
+	$(KILN) data experiment=demo
 	$(KILN) plan experiment=demo
 
 services:

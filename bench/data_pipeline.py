@@ -39,9 +39,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from anywhere: import the repo's packages
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Run as a script, Python puts bench/ first on sys.path, where this file would shadow the
+# `data_pipeline` package: drop bench/ and put the repository first.
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]
+sys.path.insert(0, str(REPO))
 
 SECTION = "data_pipeline"
 START_MARK = f"<!-- bench:{SECTION}:start -->"

@@ -1,0 +1,50 @@
+"""The model zoo: plain PyTorch modules for the three families (no distributed imports).
+
+`build_model(cfg)` returns a `Decoder` (GPT/LLaMA), an `Encoder` (BERT, masked LM) or an
+`EncoderDecoder` (T5) for the config's family. Each model keeps its layers in `.blocks` (an
+encoder-decoder in `.encoder.blocks` and `.decoder.blocks`), which is what
+`apply_activation_checkpointing` and the engines wrap.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pretrain.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The module for `cfg`'s family, initialised with that family's recipe (on the CPU, fp32)."""
+    if isinstance(cfg, DecoderConfig):
+        from pretrain.models.decoder import Decoder
+
+        return Decoder(cfg)
+    if isinstance(cfg, EncoderConfig):
+        from pretrain.models.encoder import Encoder
+
+        return Encoder(cfg)
+    if isinstance(cfg, EncoderDecoderConfig):
+        from pretrain.models.encoder_decoder import EncoderDecoder
+
+        return EncoderDecoder(cfg)
+    raise TypeError(f"no model family for {type(cfg).__name__}")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
+    """Every stack of blocks in a model (one for decoders and encoders, two for T5)."""
+    return [module for name, module in model.named_modules() if name.endswith("blocks")
+            and isinstance(module, nn.ModuleList)]  # fmt: skip
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Wraps every block in place with PyTorch's non-reentrant `checkpoint_wrapper` (the engines
+    call this before compiling and sharding, in that order).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for blocks in transformer_blocks(model):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block)
+    return model

@@ -1,0 +1,139 @@
+"""GPT/LLaMA-style causal decoder, chosen by config:
+
+- LLaMA: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases (`model=tiny_decoder`,
+  `llama_1b`, `llama_8b`);
+- GPT-2: LayerNorm with biases, learned positions, GELU (`model=tiny_gpt2`, `gpt2_124m`).
+
+Any other mix of the same switches also builds (e.g. RoPE with LayerNorm).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import DecoderConfig
+from pretrain.models.layers import (
+    Block,
+    BlockInputs,
+    LayerCache,
+    RotaryEmbedding,
+    build_attention_mask,
+    build_norm,
+    init_normal,
+    residual_std,
+)
+
+
+class DecoderCache:
+    """The KV cache of a whole decoder: one `LayerCache` per block, plus the key padding."""
+
+    def __init__(self, model: Decoder, batch: int, capacity: int) -> None:
+        param = next(model.parameters())
+        self.layers = [LayerCache() for _ in model.blocks]
+        for layer in self.layers:
+            layer.allocate(batch, model.cfg.resolved_kv_heads, capacity,
+                           model.cfg.resolved_head_dim, param.dtype, param.device)  # fmt: skip
+        self.key_padding = torch.ones(batch, capacity, dtype=torch.bool, device=param.device)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        if cfg.moe.n_experts:
+            raise NotImplementedError("mixture-of-experts blocks land with issue #8")
+        if cfg.position == "alibi":
+            raise NotImplementedError("ALiBi lands with issue #8")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
+        self.norm = build_norm(cfg)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's recipe: N(0, init_std) everywhere, residual projections scaled by
+        1/sqrt(2 * n_layers), norms at 1."""
+        init_normal(self, self.cfg.init_std)
+        scaled = residual_std(self.cfg.init_std, self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o.weight, std=scaled)
+            nn.init.normal_(block.mlp.down.weight, std=scaled)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+    ) -> Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids.
+            position_ids: (B, T) positions (restarting at each document of a packed row, or
+                shifted past left padding); default 0..T-1 after what the cache holds.
+            document_ids: (B, T) document of each token in a packed row; attention stays
+                inside a document.
+            padding_mask: (B, T) True for real tokens; padding keys are never attended to.
+            cache: a `DecoderCache` to read and extend (incremental decoding).
+        """
+        batch, length = input_ids.shape
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + length, device=input_ids.device)  # (T,)
+        if position_ids is None:
+            position_ids = positions.expand(batch, length)
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
+        inputs.mask = self._mask(positions, document_ids, padding_mask, cache)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
+            x = block(x, inputs, layer_cache)
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B, T, V)
+
+    def _mask(
+        self,
+        positions: Tensor,
+        document_ids: Tensor | None,
+        padding_mask: Tensor | None,
+        cache: DecoderCache | None,
+    ) -> Tensor | None:
+        """None (SDPA's causal kernel) for plain causal attention, else a boolean mask."""
+        window = self.cfg.attention_window
+        if cache is None and document_ids is None and padding_mask is None and window is None:
+            return None
+        key_padding = padding_mask
+        key_positions = positions
+        if cache is not None:
+            end = cache.length + positions.numel()
+            if padding_mask is not None:
+                cache.key_padding[:, cache.length : end] = padding_mask
+            key_padding = cache.key_padding[:, :end]
+            key_positions = torch.arange(end, device=positions.device)
+        return build_attention_mask(
+            positions,
+            key_positions,
+            causal=True,
+            window=window,
+            query_documents=document_ids,
+            key_documents=document_ids,
+            key_padding=key_padding,
+        )

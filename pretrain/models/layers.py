@@ -1,0 +1,320 @@
+"""Building blocks shared by the three families: norms, feed-forwards, rotary embeddings,
+attention through `scaled_dot_product_attention`, attention masks and the transformer block.
+
+Plain PyTorch, no distributed imports. Shapes: B batch, T query length, S key length, H query
+heads, K key/value heads, D head dim, C model width (`d_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.config import ModelConfig
+
+# --------------------------------------------------------------------------------------------
+# norms and feed-forward
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias when `cfg.bias`)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
+
+
+class FeedForward(nn.Module):
+    """Dense MLP: `down(act(gate(x)) * up(x))` when gated (SwiGLU, GeGLU), else `down(act(up(x)))`.
+
+    GELU is the exact (erf) form everywhere; exports declare it so transformers matches.
+    """
+
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None) -> None:
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias) if cfg.gated else None
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# rotary position embeddings
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the "rotate half" layout (the first and second halves of a head form the pairs),
+    the layout of LLaMA checkpoints in transformers, so exported weights need no permutation.
+
+    `rope_scaling.kind` "linear" divides positions by the factor (position interpolation);
+    "ntk" raises the base by `factor ** (D / (D - 2))` (NTK-aware scaling).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.resolved_head_dim
+        theta = cfg.rope_theta
+        scaling = cfg.rope_scaling
+        if scaling.kind == "ntk":
+            theta *= scaling.factor ** (dim / (dim - 2))
+        elif scaling.kind not in ("none", "linear"):
+            raise NotImplementedError(f"model.rope_scaling.kind={scaling.kind!r} (issue #8)")
+        self.position_scale = 1.0 / scaling.factor if scaling.kind == "linear" else 1.0
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (B, T, D) in float32, for integer positions (B, T)."""
+        positions = position_ids.to(torch.float32) * self.position_scale
+        freqs = positions[..., None] * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys by (B, T, D) angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+
+
+def build_attention_mask(
+    query_positions: Tensor,
+    key_positions: Tensor,
+    *,
+    causal: bool,
+    window: int | None = None,
+    query_documents: Tensor | None = None,
+    key_documents: Tensor | None = None,
+    key_padding: Tensor | None = None,
+) -> Tensor:
+    """A boolean (B, 1, T, S) mask, True where a query may attend to a key.
+
+    Args:
+        query_positions: (B, T) or (T,) absolute index of each query in the sequence.
+        key_positions: (B, S) or (S,) absolute index of each key.
+        causal: keys after the query are hidden.
+        window: with `causal`, only the last `window` keys up to the query are visible.
+        query_documents, key_documents: (B, T), (B, S) document ids of packed sequences;
+            attention never crosses a document boundary.
+        key_padding: (B, S) True for real tokens, False for padding.
+
+    A query always sees itself (when its key is present), so no row is empty: SDPA returns
+    NaN for a row with no visible key (a padding query in a left-padded batch).
+    """
+    q = query_positions[..., :, None]  # (B, T, 1)
+    k = key_positions[..., None, :]  # (B, 1, S)
+    allowed = torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool,
+                         device=q.device)  # fmt: skip
+    if causal:
+        allowed = allowed & (k <= q)
+        if window is not None:
+            allowed = allowed & (k > q - window)
+    if query_documents is not None and key_documents is not None:
+        allowed = allowed & (query_documents[:, :, None] == key_documents[:, None, :])
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, :]
+    allowed = allowed | (k == q)
+    if allowed.dim() == 2:
+        allowed = allowed[None]
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+class LayerCache:
+    """Keys and values of one attention layer for incremental decoding.
+
+    Self-attention: preallocated (B, K, capacity, D) buffers filled left to right, so memory
+    is `2 * B * K * capacity * D * itemsize` per layer: linear in the length decoded.
+    Cross-attention: the encoder's keys and values, computed once on the first step.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.length = 0
+
+    def allocate(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, K, T, D) new keys and values; return all (B, K, length, D) so far."""
+        assert self.keys is not None and self.values is not None, "allocate() first"
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache capacity {self.keys.shape[2]} exceeded ({end} tokens)")
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, through `scaled_dot_product_attention`.
+
+    Args:
+        cfg: widths, heads, bias.
+        causal: a self-attention that hides later keys (uses SDPA's causal kernel when no
+            other mask is given).
+        scale: the score scale; None is 1/sqrt(D). T5 uses 1.0 (its init absorbs the scale).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, causal: bool, scale: float | None = None) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.resolved_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.causal = causal
+        self.scale = scale
+        inner, kv_inner = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.k = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.v = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.o = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """Attend from `x` (B, T, C) to itself, or to `context` (B, S, C) for cross-attention.
+
+        `mask` is a boolean (B, 1, T, S) "may attend" mask or a float additive bias (T5's
+        relative positions, already combined with any mask); None means full attention, or
+        causal attention for a causal layer without a cache.
+        """
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
+        if context is not None and cache is not None and cache.keys is not None:
+            k, v = cache.keys, cache.values  # cross-attention: encoder keys, computed once
+        else:
+            source = x if context is None else context
+            k = self.k(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if rope is not None:
+                k = apply_rotary(k, *rope)
+            if cache is not None and context is not None:
+                cache.keys, cache.values, cache.length = k, v, k.shape[2]
+            elif cache is not None:
+                k, v = cache.append(k, v)  # (B, K, S, D): everything so far
+        if rope is not None:
+            q = apply_rotary(q, *rope)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=self.causal and mask is None and cache is None,
+            scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+
+# --------------------------------------------------------------------------------------------
+# the block
+
+
+@dataclass
+class BlockInputs:
+    """What every block of a stack shares in one forward pass (built once by the model)."""
+
+    rope: tuple[Tensor, Tensor] | None = None
+    mask: Tensor | None = None  # self-attention mask or additive bias
+    context: Tensor | None = None  # encoder output, for cross-attention
+    context_mask: Tensor | None = None  # cross-attention mask or bias
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    Pre-norm (`x + f(norm(x))`, GPT-2, LLaMA, T5) or post-norm (`norm(x + f(x))`, BERT).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        causal: bool,
+        cross_attention: bool = False,
+        post_norm: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.post_norm = post_norm
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg, causal=causal, scale=scale)
+        self.cross_norm = build_norm(cfg) if cross_attention else None
+        self.cross_attn = Attention(cfg, causal=False, scale=scale) if cross_attention else None
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = FeedForward(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        inputs: BlockInputs,
+        cache: LayerCache | None = None,
+        cross_cache: LayerCache | None = None,
+    ) -> Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, rope=inputs.rope, mask=inputs.mask, cache=cache))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), rope=inputs.rope, mask=inputs.mask, cache=cache)
+        if self.cross_attn is not None and self.cross_norm is not None:
+            x = x + self.cross_attn(
+                self.cross_norm(x),
+                context=inputs.context,
+                mask=inputs.context_mask,
+                cache=cross_cache,
+            )
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_normal(module: nn.Module, std: float) -> None:
+    """Normal(0, std) weights and zero biases for Linear and Embedding; norms to 1 and 0."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if isinstance(sub, nn.Linear) and sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm)):
+            if sub.weight is not None:
+                nn.init.ones_(sub.weight)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def residual_std(std: float, n_layers: int) -> float:
+    """GPT-2's scaled init of the projections that write into the residual stream."""
+    return std / math.sqrt(2 * n_layers)
