@@ -64,7 +64,6 @@ from pretrain.config import KilnConfig, RayConfig
 # Bump when a change to the pipeline's code changes its outputs for the same config, so a
 # resume never mixes work done by two versions.
 PIPELINE_VERSION = 1
-MIN_UNIT_BYTES = 256 << 10
 WORK_DIR = ".work"
 TOKENIZER_FILE = "tokenizer.model"
 ERROR_REASONS = tuple(reason for reason in SKIP_REASONS if reason != "empty")
@@ -94,7 +93,8 @@ def plan_sources(cfg: KilnConfig) -> list[SourcePlan]:
     """Expand every source and cut it into work units.
 
     A source is cut into units of at most `shards.unit_bytes`, and small sources into about
-    `shards.min_units` units of at least 256 KiB so a small corpus still uses every worker.
+    `shards.min_units` units of at least `shards.min_unit_bytes` so a small corpus still uses
+    every worker.
     """
     if not cfg.corpus.sources:
         raise PipelineError("corpus.sources is empty: name at least one source")
@@ -106,7 +106,8 @@ def plan_sources(cfg: KilnConfig) -> list[SourcePlan]:
             raise PipelineError(str(error)) from error
         sizes = [_size(path) for path in files]
         total = sum(sizes)
-        target = min(cfg.shards.unit_bytes, max(MIN_UNIT_BYTES, -(-total // cfg.shards.min_units)))
+        shards = cfg.shards
+        target = min(shards.unit_bytes, max(shards.min_unit_bytes, -(-total // shards.min_units)))
         root = stdlib_dir() if source.format == "stdlib" else None
         try:
             units = plan_units(source.name, files, source.format, target, source.text_field, root)

@@ -1,6 +1,7 @@
 """The shard format: the one contract between `kiln data` (writer) and `kiln train` (reader).
 
-Imported by both sides, so it depends on numpy and webdataset only (never Ray, never torch).
+Imported by both sides, so it depends on numpy only at import (never Ray, never torch);
+`write_shard` imports webdataset, whose import pulls in torch, only when it writes.
 
 Layout of an output directory:
 
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 FORMAT_NAME = "kiln-shards"
 FORMAT_VERSION = 1
@@ -169,6 +169,8 @@ def write_shard(
         blocks: each block is a list of per-document token-id arrays.
         vocab_size: decides the stored dtype.
     """
+    import webdataset as wds  # here: its import loads torch, which readers may not want
+
     dtype = token_dtype(vocab_size)
     name = shard_name(source, split, index)
     buffer = io.BytesIO()

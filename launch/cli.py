@@ -52,7 +52,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "export": Subcommand(
         "convert a checkpoint into a Hugging Face transformers directory",
-        pending="checkpoint export is not built yet (issue #4)",
+        handler="pretrain.export:run",
     ),
     "report": Subcommand(
         "summarise a data build or a training run (tokens, losses, throughput, MFU)",

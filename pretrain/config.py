@@ -434,10 +434,12 @@ class ShardConfig:
     target_bytes: int = 64 << 20  # tar size to aim for (tens of MB)
     block_tokens: int = 1 << 16  # tokens per sample (block of whole documents) in a tar
     # Largest raw input per work unit. Smaller sources are cut into about `min_units` units of
-    # at least 256 KiB, so a small corpus still spreads over the workers. The outputs do not
-    # depend on the unit size; resumption does (it is part of the fingerprint).
+    # at least `min_unit_bytes` (a unit should be worth far more than a Ray task's overhead),
+    # so a small corpus still spreads over the workers. The outputs do not depend on the unit
+    # size; resumption does (it is part of the fingerprint).
     unit_bytes: int = 32 << 20
     min_units: int = 64
+    min_unit_bytes: int = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,9 +552,10 @@ class PlanConfig:
 class ExportConfig:
     """`kiln export`: a checkpoint to a Hugging Face transformers directory."""
 
-    checkpoint: str | None = None  # None = latest in trainer.run_dir
+    checkpoint: str | None = None  # a consolidated checkpoint directory (required)
     output_dir: str = "out/hf"
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the exported weights
+    tokenizer: str | None = None  # SentencePiece .model to export when the checkpoint has none
 
 
 @dataclass
@@ -598,7 +601,9 @@ class KilnConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     output_dir: str = "out/data"  # where `kiln data` writes; `data.path` reads it by default
-    overwrite: bool = False  # `kiln data`: rebuild an output_dir made with another config
+    # `kiln data`: rebuild an output_dir made with another config; `kiln export`: replace a
+    # non-empty export.output_dir
+    overwrite: bool = False
     max_error_fraction: float = 0.01  # `kiln data`: fail if more input than this is bad
     run_name: str = "default"  # names the run directory and the W&B run
     experiment_name: str | None = None  # set by experiment/ overlays
@@ -718,7 +723,7 @@ def validate_pipeline(cfg: KilnConfig) -> None:
     _check_positive("tokenizer.sample_bytes", tokenizer.sample_bytes)
     _check_positive("tokenizer.num_threads", tokenizer.num_threads)
     _check_positive("tokenizer.n_sentinels", tokenizer.n_sentinels, allow_zero=True)
-    for key in ("target_bytes", "block_tokens", "unit_bytes", "min_units"):
+    for key in ("target_bytes", "block_tokens", "unit_bytes", "min_units", "min_unit_bytes"):
         _check_positive(f"shards.{key}", getattr(cfg.shards, key))
     _check_positive("ray.num_cpus", cfg.ray.num_cpus)
     _check_positive("ray.workers", cfg.ray.workers)
@@ -855,3 +860,4 @@ def validate_config(cfg: KilnConfig) -> None:
     _check_positive("plan.tokens", cfg.plan.tokens)
     _check_positive("plan.compute_flops", cfg.plan.compute_flops)
     _check_choice("launch.job", cfg.launch.job, ("train", "data"))
+    _check_choice("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))

@@ -60,6 +60,7 @@ class Decoder(nn.Module):
         )
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
+        self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
         self.norm = build_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
         self.reset_parameters()
@@ -101,6 +102,7 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)  # (B, T, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
         inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
         inputs.mask = self._mask(positions, document_ids, padding_mask, cache)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)

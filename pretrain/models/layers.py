@@ -193,6 +193,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.resolved_head_dim
         self.causal = causal
         self.scale = scale
+        self.dropout = cfg.dropout  # on attention probabilities, in training only
         inner, kv_inner = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
         self.k = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
@@ -237,6 +238,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None and cache is None,
             scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
@@ -260,6 +262,8 @@ class Block(nn.Module):
     """One transformer layer: self-attention, optional cross-attention, feed-forward.
 
     Pre-norm (`x + f(norm(x))`, GPT-2, LLaMA, T5) or post-norm (`norm(x + f(x))`, BERT).
+    `model.dropout` applies to each sublayer's output before the residual sum (and to
+    attention probabilities), in training only.
     """
 
     def __init__(
@@ -279,6 +283,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, causal=False, scale=scale) if cross_attention else None
         self.mlp_norm = build_norm(cfg)
         self.mlp = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -287,18 +292,22 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
         cross_cache: LayerCache | None = None,
     ) -> Tensor:
+        drop = self.drop
         if self.post_norm:
-            x = self.attn_norm(x + self.attn(x, rope=inputs.rope, mask=inputs.mask, cache=cache))
-            return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), rope=inputs.rope, mask=inputs.mask, cache=cache)
+            attended = self.attn(x, rope=inputs.rope, mask=inputs.mask, cache=cache)
+            x = self.attn_norm(x + drop(attended))
+            return self.mlp_norm(x + drop(self.mlp(x)))
+        x = x + drop(self.attn(self.attn_norm(x), rope=inputs.rope, mask=inputs.mask, cache=cache))
         if self.cross_attn is not None and self.cross_norm is not None:
-            x = x + self.cross_attn(
-                self.cross_norm(x),
-                context=inputs.context,
-                mask=inputs.context_mask,
-                cache=cross_cache,
+            x = x + drop(
+                self.cross_attn(
+                    self.cross_norm(x),
+                    context=inputs.context,
+                    mask=inputs.context_mask,
+                    cache=cross_cache,
+                )
             )
-        return x + self.mlp(self.mlp_norm(x))
+        return x + drop(self.mlp(self.mlp_norm(x)))
 
 
 def init_normal(module: nn.Module, std: float) -> None:

@@ -176,6 +176,7 @@ def mix_overrides(corpus_dir: Path) -> list[str]:
         "tokenizer.n_sentinels=20",
         "shards.target_bytes=65536",
         "shards.block_tokens=4096",
+        "shards.min_unit_bytes=65536",  # several units per source, so a kill lands mid-stage
         "split.val_fraction=0.05",
     ]
 

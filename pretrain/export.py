@@ -1,0 +1,82 @@
+"""`kiln export`: a consolidated checkpoint to a Hugging Face transformers directory.
+
+    kiln export export.checkpoint=CKPT export.output_dir=OUT [export.dtype=bfloat16]
+                [export.tokenizer=PATH.model] [overwrite=true]
+
+CKPT is a consolidated checkpoint (`pretrain/checkpoint_io.py`). OUT receives config.json,
+generation_config.json and model.safetensors for the checkpoint's transformers class
+(`pretrain/models/hf`), plus the tokenizer when the checkpoint carries `tokenizer.model` (or
+`export.tokenizer` names one). OUT is written under a temporary name and renamed when
+complete. Problems the user can fix (no checkpoint, a model with no transformers equivalent,
+an existing OUT) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.config import KilnConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ERROR_EXIT_CODE = 1
+
+
+def fail(message: str) -> int:
+    print(f"kiln export: {message}", file=sys.stderr)
+    return ERROR_EXIT_CODE
+
+
+def run(cfg: KilnConfig) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from pretrain.checkpoint_io import (
+        CheckpointError,
+        load_consolidated,
+        read_config,
+        tokenizer_of,
+    )
+    from pretrain.models.hf import export_model, hf_module_for
+
+    hf_logging.disable_progress_bar()
+
+    settings = cfg.export
+    if settings.checkpoint is None:
+        return fail(
+            "export.checkpoint is required: pass export.checkpoint=PATH, a consolidated "
+            "checkpoint directory (model.safetensors + config.json)"
+        )
+    checkpoint = Path(settings.checkpoint)
+    out_dir = Path(settings.output_dir)
+    try:
+        model_cfg = read_config(checkpoint)
+        module = hf_module_for(model_cfg)
+        module.hf_config(model_cfg)  # no transformers equivalent: say so before loading weights
+        model_cfg, model = load_consolidated(checkpoint)
+    except CheckpointError as error:
+        return fail(f"export.checkpoint: {error}")
+    except ValueError as error:
+        return fail(str(error))
+    tokenizer = tokenizer_of(checkpoint)
+    if tokenizer is None and settings.tokenizer is not None:
+        tokenizer = Path(settings.tokenizer)
+        if not tokenizer.is_file():
+            return fail(f"export.tokenizer: {tokenizer} does not exist")
+    try:
+        export_model(model, model_cfg, out_dir, tokenizer_path=tokenizer,
+                     dtype=DTYPES[settings.dtype], overwrite=cfg.overwrite)  # fmt: skip
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        return fail(str(error))
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"kiln export: wrote {module.HF_CLASS} ({model_cfg.name}, {params:,} parameters, "
+        f"{settings.dtype}) to {out_dir}"
+    )
+    print(
+        f"kiln export: tokenizer from {tokenizer}"
+        if tokenizer is not None
+        else "kiln export: no tokenizer (the checkpoint has none; set export.tokenizer=PATH)"
+    )
+    return 0

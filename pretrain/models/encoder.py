@@ -1,0 +1,172 @@
+"""BERT-style bidirectional encoder with a masked-LM head, chosen by config:
+
+- BERT: word + learned position + token-type embeddings, LayerNorm after the sum, post-norm
+  blocks with biases, GELU, an MLM head (dense + GELU + LayerNorm, then the tied vocabulary
+  projection plus an output bias) (`model=tiny_encoder`, `bert_base`);
+- a modern variant: RoPE instead of learned positions, pre-norm blocks with a final norm,
+  RMSNorm, gated feed-forwards (any mix of the same switches builds).
+
+`forward` returns logits for every position; `hidden` returns the final hidden states, so an
+MLM loss can gather only the masked positions and call `mlm_logits` on those (most of the
+vocabulary projection is then skipped). The optional [CLS] pooler is exposed as `pool(hidden)`;
+MLM pretraining never calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import EncoderConfig
+from pretrain.models.layers import (
+    ACTIVATIONS,
+    Block,
+    BlockInputs,
+    RotaryEmbedding,
+    build_attention_mask,
+    build_norm,
+    init_normal,
+)
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: optional transform (dense + activation + norm), then the vocabulary
+    projection (the word embedding when tied, else `proj`) plus a per-token output bias."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        transform = cfg.mlm_head_transform
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if transform else None
+        self.act = ACTIVATIONS[cfg.activation]  # the gate's activation for gated MLPs
+        self.norm = build_norm(cfg) if transform else None
+        self.proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table."""
+        if self.dense is not None and self.norm is not None:
+            x = self.norm(self.act(self.dense(x)))
+        logits = self.proj(x) if self.proj is not None else x @ embedding.T
+        return logits + self.bias if self.bias is not None else logits
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T) -> masked-LM logits (B, T, V), attending in both directions."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if cfg.moe.n_experts:
+            raise NotImplementedError("mixture-of-experts blocks land with issue #8")
+        if cfg.position == "alibi":
+            raise NotImplementedError("ALiBi lands with issue #8")
+        if cfg.attention_window is not None:
+            raise NotImplementedError("model.attention_window: encoders attend to the whole row")
+        if cfg.norm_position not in ("post", "pre"):
+            raise ValueError(f"model.norm_position={cfg.norm_position!r} is not 'post' or 'pre'")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
+        self.type_embed = (
+            nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size > 0 else None
+        )
+        self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        post_norm = cfg.norm_position == "post"
+        self.blocks = nn.ModuleList(
+            Block(cfg, causal=False, post_norm=post_norm) for _ in range(cfg.n_layers)
+        )
+        self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
+        self.norm = None if post_norm else build_norm(cfg)  # final norm of pre-norm stacks
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if cfg.pooler else None
+        self.head = MLMHead(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's recipe: N(0, init_std) for every linear and embedding (no residual scaling),
+        norms at 1, biases (the MLM output bias included) at 0."""
+        init_normal(self, self.cfg.init_std)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states (B, T, C), before the MLM head; arguments as in `forward`."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)  # (T,)
+        if position_ids is None:
+            position_ids = positions.expand(batch, length)
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.type_embed is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.type_embed(token_type_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
+        if padding_mask is not None or document_ids is not None:
+            inputs.mask = build_attention_mask(
+                positions,
+                positions,
+                causal=False,
+                query_documents=document_ids,
+                key_documents=document_ids,
+                key_padding=padding_mask,
+            )  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, inputs)
+        return self.norm(x) if self.norm is not None else x
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """The MLM head on (..., C) hidden states (e.g. only the masked positions) -> (..., V)."""
+        return self.head(hidden, self.embed.weight)
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """BERT's pooler: dense + tanh on the first position's (B, T, C) hidden state -> (B, C)."""
+        if self.pooler is None:
+            raise ValueError("this encoder has no pooler (model.pooler=false)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Masked-LM logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids.
+            token_type_ids: (B, T) segment ids (BERT's sentence A/B); default all 0. Ignored
+                when `model.type_vocab_size` is 0.
+            position_ids: (B, T) positions (restarting at each document of a packed row);
+                default 0..T-1.
+            padding_mask: (B, T) True for real tokens; padding keys are never attended to.
+            document_ids: (B, T) document of each token in a packed row; attention stays
+                inside a document.
+
+        Returns:
+            (B, T, V) logits.
+        """
+        hidden = self.hidden(
+            input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            padding_mask=padding_mask,
+            document_ids=document_ids,
+        )
+        return self.mlm_logits(hidden)

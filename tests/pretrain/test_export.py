@@ -1,0 +1,284 @@
+"""Consolidated checkpoints, the tokenizer export and `kiln export` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_pipeline.tokenizer import load_processor, sentinel, train_tokenizer
+from pretrain.checkpoint_io import (
+    CheckpointError,
+    load_consolidated,
+    model_config_from_dict,
+    save_consolidated,
+)
+from pretrain.config import (
+    DecoderConfig,
+    EncoderConfig,
+    EncoderDecoderConfig,
+    KilnConfig,
+    MoEConfig,
+    RopeScalingConfig,
+    TokenizerConfig,
+    build_config,
+    register_configs,
+)
+from pretrain.export import run
+from pretrain.models import build_model
+from pretrain.models.hf import export_model
+from pretrain.models.hf.tokenizer import export_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+KILN = shutil.which("kiln", path=str(Path(sys.executable).parent)) or "kiln"
+TOKENIZER_VOCAB = 600
+MODEL_VOCAB = 640  # a model vocabulary may be larger than the tokenizer's (padded)
+
+TEXTS = [
+    (STDLIB / "textwrap.py").read_text("utf-8"),  # indentation, docstrings, newlines
+    (STDLIB / "json" / "decoder.py").read_text("utf-8"),
+    "def f(x):\n\tif x == 1234567890:\n\t\treturn 3.14\n    return -7e-3\n",
+    "naïve café → 😀 日本語 Ωmega ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",  # byte fallback
+    "  two  spaces, a trailing one \r\nand CRLF\n\n\n",
+    "a , b . c ! d ?",  # no clean-up of spaces before punctuation
+    f"x = {sentinel(0)} + <mask> * {sentinel(9)} </s>!",
+    "<s>a</s> and a<pad>b<unk>",  # control pieces in text are spelled out, as SentencePiece does
+    " ",
+    "",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context() -> Iterator[None]:
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sample = [p.read_text("utf-8") for p in sorted(STDLIB.glob("[a-f]*.py"))[:30]]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer(sample, TokenizerConfig(vocab_size=TOKENIZER_VOCAB, n_sentinels=10), path)
+    return path
+
+
+def decoder(name: str = "tiny", **changes: object) -> DecoderConfig:
+    values: dict = dict(name=name, vocab_size=MODEL_VOCAB, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, d_ff=176, max_seq_len=64)  # fmt: skip
+    values.update(changes)
+    return DecoderConfig(**values)
+
+
+def tiny_model(cfg: DecoderConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_exported_tokenizer_encodes_and_decodes_like_sentencepiece(
+    tokenizer: Path, tmp_path: Path
+) -> None:
+    export_tokenizer(tokenizer, tmp_path, model_max_length=64, padding_side="left")
+    assert {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    processor = load_processor(tokenizer)
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(exported).__name__ == "TokenizersBackend"  # the fast (Rust) tokenizer
+    for text in TEXTS:
+        ids = exported.encode(text, add_special_tokens=False)
+        assert ids == processor.encode(text), text[:40]
+        assert exported.decode(ids) == text
+    assert 1 not in exported.encode(TEXTS[3], add_special_tokens=False)  # no <unk>: bytes
+    assert exported("x")["input_ids"] == processor.encode("x")  # no BOS/EOS added
+
+
+def test_exported_tokenizer_special_tokens(tokenizer: Path, tmp_path: Path) -> None:
+    export_tokenizer(tokenizer, tmp_path, model_max_length=64, padding_side="left")
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    assert (exported.pad_token_id, exported.unk_token_id, exported.bos_token_id,
+            exported.eos_token_id, exported.mask_token_id) == (0, 1, 2, 3, 4)  # fmt: skip
+    sentinels = [sentinel(i) for i in range(10)]
+    assert exported.convert_tokens_to_ids(sentinels) == list(range(5, 15))
+    assert list(exported.extra_special_tokens) == sentinels
+    assert len(exported) == TOKENIZER_VOCAB
+    assert exported.model_max_length == 64 and exported.padding_side == "left"
+    ids = exported.encode(f"a{sentinel(3)}b<mask>", add_special_tokens=False)
+    assert 8 in ids and 4 in ids
+    assert exported.decode(ids, skip_special_tokens=True) == "ab"
+    batch = exported(["ab", "abcdef"], padding=True)["input_ids"]
+    assert batch[0][0] == 0  # left padding with <pad>
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tokenizer: Path, tmp_path: Path) -> None:
+    cfg = decoder(vocab_size=512)
+    with pytest.raises(ValueError, match="600 pieces but model.vocab_size=512"):
+        export_model(tiny_model(cfg), cfg, tmp_path / "out", tokenizer_path=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# consolidated checkpoints
+
+
+def test_consolidated_round_trip(tokenizer: Path, tmp_path: Path) -> None:
+    cfg = decoder(tie_embeddings=True,
+                  rope_scaling=RopeScalingConfig(kind="linear", factor=2.0))  # fmt: skip
+    model = tiny_model(cfg)
+    path = save_consolidated(model, cfg, tmp_path / "ckpt", tokenizer_path=tokenizer)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.model"
+    ]  # fmt: skip
+    config = json.loads((path / "config.json").read_text())
+    assert config["family"] == "decoder" and config["model"] == asdict(cfg)
+    loaded_cfg, loaded = load_consolidated(path)
+    assert loaded_cfg == cfg and isinstance(loaded_cfg.rope_scaling, RopeScalingConfig)
+    ids = torch.randint(0, MODEL_VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    save_consolidated(model, cfg, path)  # replaces, without a tokenizer this time
+    assert not (path / "tokenizer.model").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directories left
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        EncoderConfig(name="enc", type_vocab_size=2, norm_position="pre",
+                      moe=MoEConfig(n_experts=4, top_k=1, capacity_factor=1.25)),
+        EncoderDecoderConfig(name="t5", n_encoder_layers=3, n_decoder_layers=5,
+                             rope_scaling=RopeScalingConfig(kind="ntk", factor=4.0,
+                                                            original_max_seq_len=512)),
+    ],
+)  # fmt: skip
+def test_model_configs_of_every_family_rebuild(cfg: object) -> None:
+    data = json.loads(json.dumps(asdict(cfg)))  # through JSON, as in config.json
+    assert model_config_from_dict(type(cfg).family, data) == cfg
+
+
+def test_bad_model_configs_name_the_key() -> None:
+    with pytest.raises(CheckpointError, match="d_modle"):
+        model_config_from_dict("decoder", {"d_modle": 3})
+    with pytest.raises(CheckpointError, match="n_layers"):
+        model_config_from_dict("decoder", {"n_layers": "many"})
+    with pytest.raises(CheckpointError, match="unknown model family 'rnn'"):
+        model_config_from_dict("rnn", {})
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_consolidated(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a consolidated checkpoint"):
+        load_consolidated(tmp_path / "file")
+    cfg = decoder()
+    path = save_consolidated(tiny_model(cfg), cfg, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_consolidated(path)
+    (path / "config.json").write_text(json.dumps({**config, "model": {**config["model"],
+                                                                       "d_model": 32}}))  # fmt: skip
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        load_consolidated(path)
+
+
+# --------------------------------------------------------------------------------------------
+# kiln export
+
+
+def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [KILN, "export", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
+
+
+def test_kiln_export_end_to_end(tokenizer: Path, tmp_path: Path) -> None:
+    cfg = decoder(name="tiny_llama")
+    model = tiny_model(cfg)
+    save_consolidated(model, cfg, tmp_path / "ckpt", tokenizer_path=tokenizer)
+    result = kiln("export.checkpoint=ckpt", "export.output_dir=hf", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    params = sum(p.numel() for p in model.parameters())
+    assert f"LlamaForCausalLM (tiny_llama, {params:,} parameters, float32) to hf" in result.stdout
+    assert "tokenizer from ckpt/tokenizer.model" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no run directory
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = TEXTS[2]
+    ids = torch.tensor([exported.encode(text, add_special_tokens=False)])
+    assert ids[0].tolist() == load_processor(tokenizer).encode(text)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+
+
+def test_kiln_export_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    result = kiln(f"export.checkpoint={tmp_path}/nowhere", cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("kiln export: ") and f"{tmp_path}/nowhere" in line
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    result = kiln(cwd=tmp_path)
+    assert result.returncode == 1 and "export.checkpoint is required" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def export_config(*overrides: str) -> KilnConfig:
+    return build_config(compose("export", overrides=list(overrides)))
+
+
+def test_export_errors_exit_1_with_the_reason(
+    tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    assert run(export_config(f"export.checkpoint={tmp_path}/file")) == 1
+    assert "is not a consolidated checkpoint" in capsys.readouterr().err
+
+    nope = decoder(position="none")  # a decoder without positions: no transformers class
+    save_consolidated(tiny_model(nope), nope, tmp_path / "nope")
+    out = tmp_path / "out"
+    assert run(export_config(f"export.checkpoint={tmp_path}/nope",
+                             f"export.output_dir={out}")) == 1  # fmt: skip
+    assert "model.position='none'" in capsys.readouterr().err
+    assert not out.exists()
+    config = json.loads((tmp_path / "nope" / "config.json").read_text())
+    config["model"].update(position="rope", moe={"n_experts": 4})  # not even buildable yet
+    (tmp_path / "nope" / "config.json").write_text(json.dumps(config))
+    assert run(export_config(f"export.checkpoint={tmp_path}/nope")) == 1
+    assert "LlamaForCausalLM cannot represent this model: model.moe.n_experts=4" in (
+        capsys.readouterr().err
+    )
+
+    # a checkpoint without a tokenizer takes export.tokenizer; an existing output is kept
+    cfg = decoder(name="tiny_gpt2", position="learned", norm="layernorm", activation="gelu",
+                  bias=True, n_kv_heads=None, d_ff=256)  # fmt: skip
+    save_consolidated(tiny_model(cfg), cfg, tmp_path / "gpt2")
+    args = (f"export.checkpoint={tmp_path}/gpt2", f"export.output_dir={out}",
+            f"export.tokenizer={tokenizer}", "export.dtype=bfloat16")  # fmt: skip
+    assert run(export_config(*args)) == 0
+    stdout = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in stdout and f"tokenizer from {tokenizer}" in stdout
+    assert AutoTokenizer.from_pretrained(out).mask_token_id == 4
+    assert run(export_config(*args)) == 1
+    assert "exists and is not empty (overwrite=true replaces it)" in capsys.readouterr().err
+    assert run(export_config(*args, "overwrite=true")) == 0
