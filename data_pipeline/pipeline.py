@@ -63,7 +63,7 @@ from pretrain.config import KilnConfig, RayConfig
 
 # Bump when a change to the pipeline's code changes its outputs for the same config, so a
 # resume never mixes work done by two versions.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 WORK_DIR = ".work"
 TOKENIZER_FILE = "tokenizer.model"
 ERROR_REASONS = tuple(reason for reason in SKIP_REASONS if reason != "empty")
@@ -268,8 +268,15 @@ def _check_finished(out: Path) -> None:
 
 
 @contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[int]:
-    """Connect to Ray (or start a local Ray for this run); yield the number of workers."""
+def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
+    """Connect to Ray (or start a local Ray for this run).
+
+    Yields:
+        (workers, in_flight): the tasks that may run at once, and the tasks to keep submitted.
+        When the workers are all of the cluster's CPUs, Ray itself caps how many run, so a
+        queue of twice as many keeps every worker fed while the driver handles a result;
+        when `ray.workers` asks for fewer than the CPUs, exactly that many are submitted.
+    """
     if cfg.address is None:
         # A local Ray for one run stays on the loopback interface (Ray otherwise advertises the
         # machine's outward address). Read by Ray at import, so set before importing it.
@@ -281,7 +288,14 @@ def ray_session(cfg: RayConfig) -> Iterator[int]:
 
     started = False
     if not ray.is_initialized():
-        options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+        options: dict[str, Any] = {
+            "logging_level": logging.WARNING,
+            "log_to_driver": True,
+            # glibc gives each thread of a Ray worker its own malloc arena, and the arenas
+            # fragment task after task: peak memory then grows with the number of units a
+            # worker has run, i.e. with the corpus. Two arenas keep it flat (bench/).
+            "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+        }
         if cfg.address is None:
             options |= {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": False}
         else:
@@ -294,8 +308,9 @@ def ray_session(cfg: RayConfig) -> Iterator[int]:
             ) from error
         started = True
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        yield max(1, cfg.workers or cpus)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(cfg.workers or cpus, cpus)
+        yield workers, (workers if workers < cpus else 2 * workers)
     finally:
         if started:
             ray.shutdown()
@@ -304,11 +319,11 @@ def ray_session(cfg: RayConfig) -> Iterator[int]:
 def run_tasks(
     function: Callable[..., Any],
     calls: Iterable[tuple[str, tuple[Any, ...]]],
-    workers: int,
+    limit: int,
     on_result: Callable[[str, Any], None],
     stage: str,
 ) -> None:
-    """Run `function(*args)` as Ray tasks, at most `workers` at a time; call `on_result` on the
+    """Run `function(*args)` as Ray tasks, at most `limit` submitted at a time; call `on_result` on the
     driver as each finishes (in completion order: results are stored by key, never by order)."""
     import ray
 
@@ -317,7 +332,7 @@ def run_tasks(
     queue = iter(calls)
     exhausted = False
     while True:
-        while not exhausted and len(pending) < workers:
+        while not exhausted and len(pending) < limit:
             item = next(queue, None)
             if item is None:
                 exhausted = True
@@ -368,6 +383,7 @@ class Build:
     plans: list[SourcePlan]
     fingerprint: str
     workers: int = 1
+    in_flight: int = 1  # tasks kept submitted (see ray_session)
     scans: dict[str, dict[str, Any]] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -427,8 +443,8 @@ def build_outputs(cfg: KilnConfig) -> Manifest:
         f"{len(plans)} source(s), {sum(p.files for p in plans)} files, "
         f"{sum(p.bytes for p in plans) / 1e6:.1f} MB in {n_units} units"
     )
-    with ray_session(cfg.ray) as workers:
-        build.workers = workers
+    with ray_session(cfg.ray) as (workers, in_flight):
+        build.workers, build.in_flight = workers, in_flight
         scan(build)
         check_errors(build)
         select(build)
@@ -487,7 +503,7 @@ def scan(build: Build) -> None:
         bar.update(1)
         bar.set_postfix(kept=sum(m["kept"] for m in build.scans.values()), refresh=False)
 
-    run_tasks(stages.scan_unit, todo, build.workers, done, "scan")
+    run_tasks(stages.scan_unit, todo, build.in_flight, done, "scan")
     bar.close()
     timing.seconds = time.perf_counter() - start
     kept = sum(m["kept"] for m in build.scans.values())
@@ -622,7 +638,7 @@ def train_or_reuse_tokenizer(build: Build) -> None:
             if build.selection["units"][ref.unit_id]["sample"]
         ]
         run_tasks(
-            stages.gather_sample, calls, build.workers, samples.__setitem__, "tokenizer sample"
+            stages.gather_sample, calls, build.in_flight, samples.__setitem__, "tokenizer sample"
         )
         texts = [text for ref in build.refs() for text in samples.get(ref.unit_id, [])]
         if not texts:
@@ -704,7 +720,7 @@ def tokenize(build: Build) -> None:
             tokens=sum(sum(m["tokens"].values()) for m in build.tokens.values()), refresh=False
         )
 
-    run_tasks(stages.tokenize_unit, todo, build.workers, done, "tokenize")
+    run_tasks(stages.tokenize_unit, todo, build.in_flight, done, "tokenize")
     bar.close()
     timing.seconds = time.perf_counter() - start
     tokens = sum(sum(m["tokens"].values()) for m in build.tokens.values())
@@ -746,7 +762,7 @@ def shard(build: Build) -> None:
         timing.extra["bytes"] = timing.extra.get("bytes", 0) + marker["record"]["bytes"]
         bar.update(1)
 
-    run_tasks(stages.write_shard_spec, todo, build.workers, done, "shard")
+    run_tasks(stages.write_shard_spec, todo, build.in_flight, done, "shard")
     bar.close()
     build.shards = [records[spec.name] for spec in specs]
     timing.seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """The shard format: the one contract between `kiln data` (writer) and `kiln train` (reader).
 
-Imported by both sides, so it depends on numpy only at import (never Ray, never torch);
-`write_shard` imports webdataset, whose import pulls in torch, only when it writes.
+Imported by both sides, so it depends on numpy and the standard library only (never Ray, never
+torch); the tars are plain WebDataset tars.
 
 Layout of an output directory:
 
@@ -153,6 +153,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+class _HashingWriter:
+    """A write-only file that also feeds a sha256 and counts bytes (for streamed tars)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+
+def _add_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = ""
+    archive.addfile(info, io.BytesIO(payload))
+
+
 def write_shard(
     out_dir: Path,
     source: str,
@@ -161,46 +184,53 @@ def write_shard(
     blocks: Iterable[list[np.ndarray]],
     vocab_size: int,
 ) -> ShardRecord:
-    """Write one shard atomically and describe it.
+    """Write one shard atomically and describe it, streaming: one block in memory at a time.
+
+    The tar is what `webdataset.TarWriter(..., mtime=0, mode=0o444, user="", group="")` writes
+    (tarfile's default format, members of a sample in sorted order), produced with `tarfile` directly because
+    importing webdataset imports torch: a second and a quarter GiB per worker to write a tar.
 
     Args:
         out_dir: the output directory (the shard goes to `out_dir/shards/`).
         source, split, index: name the shard.
-        blocks: each block is a list of per-document token-id arrays.
+        blocks: each block is a list of per-document token-id arrays (may be a generator).
         vocab_size: decides the stored dtype.
     """
-    import webdataset as wds  # here: its import loads torch, which readers may not want
-
     dtype = token_dtype(vocab_size)
     name = shard_name(source, split, index)
-    buffer = io.BytesIO()
-    tokens = documents = 0
-    with wds.TarWriter(buffer, user="", group="", mode=0o444, mtime=0.0, encoder=False) as writer:
-        for number, block in enumerate(blocks):
-            if not block:
-                continue
-            lengths = np.array([len(doc) for doc in block], dtype=np.uint32)
-            ids = np.concatenate(block)
-            if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-                bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
-                raise ShardFormatError(f"{name}: token id {bad} outside vocab size {vocab_size}")
-            ids = ids.astype(dtype, copy=False)  # checked first: a cast would wrap
-            writer.write(
-                {
-                    "__key__": f"{name}-{number:05d}",
-                    "tokens.npy": encode_array(ids),
-                    "lengths.npy": encode_array(lengths),
-                }
-            )
-            tokens += int(ids.size)
-            documents += len(block)
-    data = buffer.getvalue()
     relative = f"shards/{name}.tar"
-    atomic_write_bytes(out_dir / relative, data)
+    path = out_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    tokens = documents = 0
+    with open(tmp, "wb") as handle:
+        writer = _HashingWriter(handle)
+        with tarfile.open(fileobj=writer, mode="w|") as archive:
+            for number, block in enumerate(blocks):
+                if not block:
+                    continue
+                lengths = np.array([len(doc) for doc in block], dtype=np.uint32)
+                ids = np.concatenate(block)
+                if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+                    bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+                    handle.close()
+                    tmp.unlink()
+                    raise ShardFormatError(
+                        f"{name}: token id {bad} outside vocab size {vocab_size}"
+                    )
+                ids = ids.astype(dtype, copy=False)  # checked first: a cast would wrap
+                key = f"{name}-{number:05d}"
+                _add_member(archive, f"{key}.lengths.npy", encode_array(lengths))
+                _add_member(archive, f"{key}.tokens.npy", encode_array(ids))
+                tokens += int(ids.size)
+                documents += len(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
     return ShardRecord(
         path=relative,
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data),
+        sha256=writer.digest.hexdigest(),
+        bytes=writer.size,
         tokens=tokens,
         documents=documents,
         source=source,

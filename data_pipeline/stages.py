@@ -466,12 +466,9 @@ def _count(specs: Sequence[ShardSpec], source: str, split: str) -> int:
     return sum(1 for spec in specs if spec.source == source and spec.split == split)
 
 
-def write_shard_spec(
-    out_dir: Path, work: Path, spec: ShardSpec, vocab_size: int, block_tokens: int
-) -> dict[str, Any]:
-    """Write one shard from the units' token files; write its marker; return the record."""
-    start = time.perf_counter()
-    blocks: list[list[np.ndarray]] = []
+def _spec_blocks(work: Path, spec: ShardSpec, block_tokens: int) -> Iterator[list[np.ndarray]]:
+    """The shard's documents grouped into blocks of about `block_tokens`, read lazily from the
+    units' memory-mapped token files (a document larger than a block is a block alone)."""
     block: list[np.ndarray] = []
     block_size = 0
     for unit_id, positions in spec.pieces:
@@ -481,12 +478,21 @@ def write_shard_spec(
         for position in positions:
             doc = np.array(tokens[offsets[position] : offsets[position + 1]])
             if block and block_size + doc.size > block_tokens:
-                blocks.append(block)
+                yield block
                 block, block_size = [], 0
             block.append(doc)
             block_size += doc.size
     if block:
-        blocks.append(block)
+        yield block
+
+
+def write_shard_spec(
+    out_dir: Path, work: Path, spec: ShardSpec, vocab_size: int, block_tokens: int
+) -> dict[str, Any]:
+    """Write one shard from the units' token files, one block in memory at a time; write its
+    marker; return the marker (the shard's manifest record, seconds, peak RSS)."""
+    start = time.perf_counter()
+    blocks = _spec_blocks(work, spec, block_tokens)
     record = write_shard(out_dir, spec.source, spec.split, spec.index, blocks, vocab_size)
     marker = {
         "record": asdict(record),
