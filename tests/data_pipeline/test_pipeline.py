@@ -492,3 +492,27 @@ def test_too_much_bad_input_fails_naming_the_worst_file(tmp_path: Path, ray_head
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "mixed.jsonl" in report["message"]
     assert not (out / "manifest.json").exists()
+
+
+def test_overwrite_rebuilds_with_the_new_config(
+    hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path, tmp_path
+) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    (out / "shards" / "stray.txt").write_text("not ours")  # removed with the old shards
+    overrides = mix_overrides(corpus[0]) + [
+        f"output_dir={out}",
+        f"ray.address={ray_head.address}",
+        "tokenizer.vocab_size=900",
+        "overwrite=true",
+    ]
+    build_outputs(make_config(hydra_context, overrides))
+    manifest = read_manifest(out)
+    assert manifest.tokenizer.vocab_size == 900
+    assert manifest.config["tokenizer"]["vocab_size"] == 900
+    assert not (out / "shards" / "stray.txt").exists()
+    assert {p.name for p in (out / "shards").iterdir()} == {
+        Path(s.path).name for s in manifest.shards
+    }
