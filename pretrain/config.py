@@ -280,7 +280,10 @@ class DataConfig:
     reset_position_ids: bool = True  # positions restart at each document
     seq_len_warmup_steps: int = 0  # >0: grow sequence length linearly over these steps
     seq_len_warmup_start: int = 128
-    verify: str = "none"  # none | shard | sample  (checksum verification)
+    # none: check shards exist with the manifest's sizes; shard: also their sha256; sample:
+    # also parse every shard's tar headers and array layout before training starts
+    verify: str = "none"
+    on_bad_shard: str = "error"  # error | skip (drop bad shards, counted and logged)
     mixture: dict[str, float] = field(default_factory=dict)  # override per-source weights
 
 
@@ -813,6 +816,7 @@ def validate_config(cfg: KilnConfig) -> None:
     for key in ("seq_len", "global_batch_size", "micro_batch_size"):
         _check_positive(f"data.{key}", getattr(data, key))
     _check_choice("data.verify", data.verify, ("none", "shard", "sample"))
+    _check_choice("data.on_bad_shard", data.on_bad_shard, ("error", "skip"))
     ranks = cluster.nodes * cluster.gpus_per_node
     if data.global_batch_size % (data.micro_batch_size * ranks):
         raise ConfigError(

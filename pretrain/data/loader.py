@@ -1,0 +1,350 @@
+"""The trainer's data loader: shards -> packed, transformed micro-batches for one rank.
+
+`build_loader` reads the manifest `kiln data` wrote, checks the tokenizer against the model,
+checks the shards (`data.verify`, `data.on_bad_shard`), and returns a torch `DataLoader` over a
+`ShardDataset` plus the `LoaderState` the trainer saves in its checkpoints.
+
+Where a micro-batch comes from is a pure function of the global sample cursor (see `order.py`):
+micro-batch `a` of step `k` on rank `r` holds global samples
+`cursor + k * G + a * m * W + r * m + [0, m)` (each batch carries them as `index`). Each
+DataLoader worker computes its own share
+of micro-batches (worker `w` of `n` takes every n-th), and torch's DataLoader returns them in
+order, so ranks and workers never overlap, every rank gets the same number of micro-batches per
+step, and nothing but the cursor (plus the mixture history) needs saving. A sample's random
+choices (masks, spans) are seeded by its global index, so they do not depend on the world size
+either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.shards import Manifest, ShardFormatError, ShardRecord, read_manifest, sha256_file
+from pretrain.data.order import GlobalOrder, Segment
+from pretrain.data.shard_reader import ShardIndex, SourceStream
+
+log = logging.getLogger("kiln.data")
+SAMPLE_SEED_SALT = 7919  # keeps sample RNG streams apart from the order's
+
+
+class Objective(Protocol):
+    """What the loader needs of an objective transform (see `pretrain/objectives.py`)."""
+
+    def raw_length(self, seq_len: int) -> int: ...
+
+    def __call__(
+        self, tokens: np.ndarray, document_ids: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]: ...
+
+
+class DataError(ValueError):
+    """Data that cannot feed this run: the message names the shard, source or key."""
+
+
+@dataclass
+class LoaderState:
+    """Everything needed to continue the sample stream, saved in every checkpoint."""
+
+    samples: int = 0  # global samples consumed so far (the cursor)
+    segments: list[Segment] = field(default_factory=list)  # mixture history, current last
+    tokenizer_sha256: str = ""
+    seq_len: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "segments": [segment.to_dict() for segment in self.segments],
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "seq_len": self.seq_len,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoaderState:
+        return cls(
+            samples=int(data["samples"]),
+            segments=[Segment.from_dict(s) for s in data["segments"]],
+            tokenizer_sha256=str(data["tokenizer_sha256"]),
+            seq_len=int(data["seq_len"]),
+        )
+
+
+@dataclass(frozen=True)
+class Batching:
+    global_batch: int
+    micro_batch: int
+    rank: int
+    world: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world)
+
+
+class ShardDataset(IterableDataset):
+    """Micro-batches (dicts of tensors) for one rank, starting at a global cursor."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        shards: dict[str, list[ShardRecord]],
+        objective: Objective,
+        *,
+        seq_len: int,
+        stride: int,
+        batching: Batching,
+        segment: Segment,
+        cursor: int,
+        num_steps: int | None,
+        window: int,
+        seed: int,
+        eos: int,
+    ) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.shards = shards
+        self.sources = list(shards)
+        self.objective = objective
+        self.raw_length = objective.raw_length(seq_len)
+        self.stride = stride
+        self.batching = batching
+        self.segment = segment
+        self.cursor = cursor
+        self.num_steps = num_steps
+        self.window = window
+        self.seed = seed
+        self.eos = eos
+        self._streams: list[SourceStream] | None = None  # per worker process, built lazily
+        self._order: GlobalOrder | None = None
+
+    def order(self) -> GlobalOrder:
+        if self._order is None:
+            self._order = GlobalOrder(self.sources, self.segment, self.window, self.seed)
+        return self._order
+
+    def streams(self) -> list[SourceStream]:
+        if self._streams is None:
+            self._streams = [
+                SourceStream(self.out_dir, name, self.shards[name], self.eos, self.seed)
+                for name in self.sources
+            ]
+        return self._streams
+
+    def sample(self, index: int) -> dict[str, np.ndarray]:
+        """Global sample `index`, transformed by the objective."""
+        source, position = self.order().lookup(index)
+        tokens = self.streams()[source].read(position * self.stride, self.raw_length)
+        # a document ends at its EOS; ids count the EOS tokens before each position
+        documents = np.concatenate([[0], np.cumsum(tokens[:-1] == self.eos)]).astype(np.int32)
+        rng = np.random.default_rng([self.seed, SAMPLE_SEED_SALT, index])
+        return self.objective(tokens, documents, rng)
+
+    def micro_batch_indices(self, number: int) -> range:
+        """Global indices of this rank's `number`-th micro-batch since the cursor."""
+        b = self.batching
+        step, micro = divmod(number, b.accumulation)
+        start = self.cursor + step * b.global_batch + micro * b.micro_batch * b.world
+        start += b.rank * b.micro_batch
+        return range(start, start + b.micro_batch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        total = None if self.num_steps is None else self.num_steps * self.batching.accumulation
+        number = worker
+        while total is None or number < total:
+            indices = self.micro_batch_indices(number)
+            rows = [self.sample(index) for index in indices]
+            batch = {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
+            batch["index"] = torch.arange(indices.start, indices.stop)  # global sample indices
+            yield batch
+            number += workers
+
+
+@dataclass
+class Loader:
+    """A rank's DataLoader and what the trainer needs to know about it."""
+
+    loader: DataLoader
+    dataset: ShardDataset
+    state: LoaderState
+    manifest: Manifest
+    skipped_shards: list[str]
+
+    def state_after(self, steps: int) -> LoaderState:
+        """The state to checkpoint after `steps` optimizer steps of this loader."""
+        b = self.dataset.batching
+        return LoaderState(
+            samples=self.state.samples + steps * b.global_batch,
+            segments=list(self.state.segments),
+            tokenizer_sha256=self.state.tokenizer_sha256,
+            seq_len=self.state.seq_len,
+        )
+
+    def ledger(self, steps: int) -> dict[str, dict[str, float]]:
+        """Per source after `steps` more steps: samples and tokens consumed, epochs of its
+        training tokens (the data ledger)."""
+        dataset = self.dataset
+        consumed = dataset.order().consumed(
+            self.state.samples + steps * dataset.batching.global_batch
+        )
+        ledger = {}
+        for name, stream in zip(dataset.sources, dataset.streams(), strict=True):
+            tokens = consumed[name] * dataset.stride
+            ledger[name] = {
+                "samples": consumed[name],
+                "tokens": tokens,
+                "epochs": tokens / stream.epoch_length,
+            }
+        return ledger
+
+
+def check_shards(
+    out_dir: Path, manifest: Manifest, verify: str, on_bad: str
+) -> tuple[dict[str, list[ShardRecord]], list[str]]:
+    """Training shards per source, in manifest order, after the configured checks.
+
+    Every rank runs the same checks on the same files, so with `on_bad="skip"` all ranks drop
+    the same shards. Missing files and wrong sizes are always checked; `verify="shard"` also
+    compares sha256s; `on_bad="skip"` (and `verify="sample"`) also parse every tar's headers
+    and arrays' layout, so a corrupt shard is found now rather than mid-run.
+    """
+    shards: dict[str, list[ShardRecord]] = {}
+    skipped: list[str] = []
+    for record in manifest.shards:
+        if record.split != "train":
+            continue
+        path = out_dir / record.path
+        problem = None
+        if not path.is_file():
+            problem = "missing"
+        elif path.stat().st_size != record.bytes:
+            problem = f"{path.stat().st_size} bytes, the manifest says {record.bytes}"
+        elif verify == "shard" and sha256_file(path) != record.sha256:
+            problem = "sha256 differs from the manifest"
+        elif on_bad == "skip" or verify == "sample":
+            try:
+                ShardIndex(path, record)
+            except ShardFormatError as error:
+                problem = str(error)
+        if problem is None:
+            shards.setdefault(record.source, []).append(record)
+        elif on_bad == "skip":
+            skipped.append(f"{path}: {problem}")
+            log.warning("skipping shard %s: %s", path, problem)
+        else:
+            raise DataError(f"shard {path}: {problem} (data.on_bad_shard=skip skips bad shards)")
+    for source in manifest.weights:
+        if source not in shards:
+            raise DataError(f"source {source!r} has no usable training shards in {out_dir}")
+    return dict(
+        sorted(shards.items(), key=lambda item: list(manifest.weights).index(item[0]))
+    ), skipped
+
+
+def build_loader(
+    cfg: Any,
+    objective: Objective,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    state: LoaderState | None = None,
+    num_steps: int | None = None,
+    causal: bool = True,
+) -> Loader:
+    """A DataLoader of this rank's micro-batches from `cfg.data.path`.
+
+    Args:
+        cfg: the run's `KilnConfig` (data, model).
+        objective: the transform for `cfg.objective` (see `pretrain.objectives`).
+        rank, world: this data-parallel rank and the number of them.
+        state: the loader state from a checkpoint; None starts at sample 0.
+        num_steps: stop after this many optimizer steps (None: never stop).
+        causal: consecutive samples overlap by one token (the last target is the next
+            sample's first input), as in Megatron's GPT dataset.
+    """
+    data = cfg.data
+    out_dir = Path(data.path)
+    try:
+        manifest = read_manifest(out_dir)
+    except ShardFormatError as error:
+        raise DataError(str(error)) from error
+    tokenizer = manifest.tokenizer
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise DataError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of "
+            f"{out_dir} ({tokenizer.vocab_size} pieces); set model.vocab_size >= "
+            f"{tokenizer.vocab_size}"
+        )
+    if state is not None and state.tokenizer_sha256 and state.tokenizer_sha256 != tokenizer.sha256:
+        raise DataError(
+            f"{out_dir}/manifest.json comes from another tokenizer (sha256 "
+            f"{tokenizer.sha256[:12]}...) than the checkpoint's data ({state.tokenizer_sha256[:12]}...)"
+        )
+    if data.global_batch_size % (data.micro_batch_size * world):
+        raise DataError(
+            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size={data.micro_batch_size} x {world} ranks"
+        )
+    shards, skipped = check_shards(out_dir, manifest, data.verify, data.on_bad_shard)
+    weights = dict(manifest.weights)
+    unknown = sorted(set(data.mixture) - set(weights))
+    if unknown:
+        raise DataError(
+            f"data.mixture names unknown source(s) {unknown}; {out_dir} has {sorted(weights)}"
+        )
+    weights |= {name: float(w) for name, w in data.mixture.items()}
+    weights = {name: weights[name] for name in shards}
+    state = state or LoaderState(tokenizer_sha256=tokenizer.sha256, seq_len=data.seq_len)
+    if not state.segments:
+        state.segments = [Segment(start=state.samples, weights=weights)]
+    current = state.segments[-1]
+    if _normalised(current.weights) != _normalised(weights):
+        previous = GlobalOrder(list(current.weights), current, data.shuffle_buffer, data.seed)
+        base = previous.consumed(state.samples)
+        log.warning(
+            "mixture weights change at global sample %d: %s -> %s", state.samples,
+            current.weights, weights,
+        )  # fmt: skip
+        current = Segment(state.samples, weights, base, current.number + 1)
+        state.segments.append(current)
+    eos = tokenizer.special_ids["eos"]
+    raw = objective.raw_length(data.seq_len)
+    dataset = ShardDataset(
+        out_dir,
+        shards,
+        objective,
+        seq_len=data.seq_len,
+        stride=raw - 1 if causal else raw,
+        batching=Batching(data.global_batch_size, data.micro_batch_size, rank, world),
+        segment=current,
+        cursor=state.samples,
+        num_steps=num_steps,
+        window=data.shuffle_buffer,
+        seed=data.seed,
+        eos=eos,
+    )
+    workers = data.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+    )
+    return Loader(loader, dataset, state, manifest, skipped)
+
+
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {name: round(w / total, 12) for name, w in sorted(weights.items())}

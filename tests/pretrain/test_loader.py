@@ -1,0 +1,238 @@
+"""The shard loader: exactly-once delivery across ranks and DataLoader workers, exact resume at
+the same and at other world sizes, equal batch counts, mixtures, bad shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from data_pipeline.shards import (
+    Manifest,
+    TokenizerRecord,
+    iter_documents,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from pretrain.config import DataConfig, DecoderConfig
+from pretrain.data.loader import DataError, LoaderState, build_loader
+from pretrain.data.shard_reader import SourceStream
+
+VOCAB = 1000
+EOS = 3
+SEQ = 32
+
+
+class CausalWindows:
+    """A minimal causal-LM transform: the loader's raw window, split into input and labels."""
+
+    def raw_length(self, seq_len: int) -> int:
+        return seq_len + 1
+
+    def __call__(self, tokens, document_ids, rng):  # noqa: ANN001, ANN204
+        return {"input_ids": tokens[:-1], "labels": tokens[1:], "document_ids": document_ids[:-1]}
+
+
+def write_corpus(out: Path, sizes: dict[str, list[int]], weights: dict[str, float]) -> Manifest:
+    """Synthetic shards: for each source, shards holding the given numbers of documents of
+    random lengths (uneven on purpose), tokens drawn above the special ids."""
+    rng = np.random.default_rng(0)
+    records = []
+    for source, shard_docs in sizes.items():
+        for index, n_docs in enumerate(shard_docs):
+            docs = [rng.integers(5, VOCAB, rng.integers(3, 60)) for _ in range(n_docs)]
+            blocks = [docs[i : i + 7] for i in range(0, n_docs, 7)]
+            records.append(write_shard(out, source, "train", index, blocks, VOCAB))
+    tokenizer = TokenizerRecord("tokenizer.model", "ab" * 32, VOCAB, "bpe",
+                                {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}, [])  # fmt: skip
+    manifest = Manifest("f" * 64, tokenizer, records, weights)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def config(out: Path, **data: object) -> SimpleNamespace:
+    defaults = {"path": str(out), "seq_len": SEQ, "global_batch_size": 12, "micro_batch_size": 2,
+                "shuffle_buffer": 24, "num_workers": 0, "seed": 5}  # fmt: skip
+    return SimpleNamespace(
+        data=DataConfig(**(defaults | data)), model=DecoderConfig(vocab_size=VOCAB)
+    )
+
+
+def collect(cfg: SimpleNamespace, *, rank: int, world: int, steps: int,
+            state: LoaderState | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    loader = build_loader(
+        cfg, CausalWindows(), rank=rank, world=world, state=state, num_steps=steps
+    )
+    return list(loader.loader)
+
+
+def expected_stream(out: Path, source: str, epochs: int, seed: int) -> np.ndarray:
+    """The source's stream rebuilt from the shards with iter_documents, epoch by epoch."""
+    manifest = read_manifest(out)
+    records = [r for r in manifest.shards if r.source == source]
+    stream = SourceStream(out, source, records, EOS, seed)
+    parts = []
+    for epoch in range(epochs):
+        order, _ = stream.order(epoch)
+        assert sorted(order.tolist()) == list(range(len(records)))
+        for shard in order:
+            for doc in iter_documents(out / records[shard].path):
+                parts += [doc.astype(np.int64), np.array([EOS])]
+    return np.concatenate(parts)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_corpus(out, {"web": [40, 9, 23], "code": [17, 30]}, {"web": 0.75, "code": 0.25})
+    return out
+
+
+def rank_process(rank: int, cfg: SimpleNamespace, world: int, steps: int, result: str) -> None:
+    batches = collect(cfg, rank=rank, world=world, steps=steps)
+    rows = [(int(i), b["input_ids"][k].tolist(), b["labels"][k].tolist())
+            for b in batches for k, i in enumerate(b["index"])]  # fmt: skip
+    Path(f"{result}.{rank}").write_text(json.dumps({"batches": len(batches), "rows": rows}))
+
+
+def test_each_sample_once_across_two_ranks_and_two_workers(corpus: Path, tmp_path: Path) -> None:
+    """2 real rank processes x 2 DataLoader worker processes; every global sample once, with
+    the tokens of the stream window it names; equal batch counts per rank."""
+    cfg = config(corpus, num_workers=2)
+    steps = 40  # 480 samples: more than an epoch of either source
+    mp.start_processes(rank_process, args=(cfg, 2, steps, str(tmp_path / "r")), nprocs=2,
+                       start_method="spawn")  # fmt: skip
+    results = [json.loads(Path(f"{tmp_path / 'r'}.{rank}").read_text()) for rank in range(2)]
+    assert results[0]["batches"] == results[1]["batches"] == steps * 3  # 12 / (2 x 2) = 3 per step
+    rows = sorted(row for result in results for row in result["rows"])
+    assert [row[0] for row in rows] == list(range(steps * 12))  # each global index exactly once
+    # every sample holds the right window of its source's stream
+    loader = build_loader(cfg, CausalWindows(), num_steps=0)
+    order = loader.dataset.order()
+    streams = {name: expected_stream(corpus, name, 8, cfg.data.seed) for name in ("web", "code")}
+    per_source: dict[str, list[int]] = {"web": [], "code": []}
+    for index, inputs, labels in rows:
+        source, position = order.lookup(index)
+        name = loader.dataset.sources[source]
+        per_source[name].append(position)
+        window = streams[name][position * SEQ : position * SEQ + SEQ + 1]
+        assert inputs == window[:-1].tolist() and labels == window[1:].tolist()
+    for positions in per_source.values():  # each source read in order, no gaps, no repeats
+        assert sorted(positions) == list(range(len(positions)))
+    assert len(per_source["web"]) / len(rows) == pytest.approx(0.75, abs=0.02)
+
+
+def test_resume_gives_the_uninterrupted_sequence(corpus: Path) -> None:
+    cfg = config(corpus, num_workers=2)
+    full = collect(cfg, rank=1, world=2, steps=8)
+    first = build_loader(cfg, CausalWindows(), rank=1, world=2, num_steps=5)
+    head = list(first.loader)
+    state = LoaderState.from_dict(json.loads(json.dumps(first.state_after(5).to_dict())))
+    tail = collect(cfg, rank=1, world=2, steps=3, state=state)
+    assert len(head) + len(tail) == len(full)
+    for ours, theirs in zip(head + tail, full, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3), (3, 2)])
+def test_resume_at_another_world_size_repeats_and_skips_nothing(
+    corpus: Path, before: int, after: int
+) -> None:
+    cfg = config(corpus)
+    seen = []
+    for rank in range(before):
+        loader = build_loader(cfg, CausalWindows(), rank=rank, world=before, num_steps=4)
+        seen += [int(i) for batch in loader.loader for i in batch["index"]]
+    state = build_loader(cfg, CausalWindows(), num_steps=0).state_after(4)
+    by_index = {}
+    for rank in range(after):
+        batches = collect(cfg, rank=rank, world=after, steps=3, state=state)
+        assert len(batches) == 3 * 12 // (2 * after)  # the same count on every rank
+        for batch in batches:
+            for k, index in enumerate(batch["index"]):
+                by_index[int(index)] = batch["input_ids"][k]
+                seen.append(int(index))
+    assert sorted(seen) == list(range(7 * 12))
+    # a resumed sample is the sample an uninterrupted single-rank run gives at that index
+    reference = collect(cfg, rank=0, world=1, steps=7)
+    for batch in reference:
+        for k, index in enumerate(batch["index"]):
+            if int(index) in by_index:
+                assert torch.equal(by_index[int(index)], batch["input_ids"][k])
+
+
+def test_mixture_proportions_and_ledger(corpus: Path) -> None:
+    cfg = config(corpus, shuffle_buffer=100, global_batch_size=20, micro_batch_size=5)
+    loader = build_loader(cfg, CausalWindows(), num_steps=0)
+    order = loader.dataset.order()
+    web = loader.dataset.sources.index("web")
+    sources = [order.lookup(i)[0] for i in range(4000)]
+    assert np.mean(np.array(sources) == web) == pytest.approx(0.75, abs=0.02)
+    for n in (100, 1000, 2000, 4000):  # after whole windows the counts are exact
+        assert sum(1 for s in sources[:n] if s == web) == round(0.75 * n)
+    ledger = loader.ledger(steps=200)  # 200 steps of 20 samples = 4000 samples
+    assert ledger["web"]["samples"] == 3000 and ledger["code"]["samples"] == 1000
+    assert ledger["web"]["tokens"] == 3000 * SEQ
+    assert ledger["code"]["epochs"] > 1  # the small source repeats: its stream has epochs
+
+
+def test_changing_weights_on_resume_never_rereads(corpus: Path) -> None:
+    cfg = config(corpus)
+    first = build_loader(cfg, CausalWindows(), num_steps=10)
+    positions = {(int(first.dataset.order().lookup(i)[0]), first.dataset.order().lookup(i)[1])
+                 for i in range(120)}  # fmt: skip
+    state = first.state_after(10)
+    changed = config(corpus, mixture={"web": 0.5, "code": 0.5})
+    second = build_loader(changed, CausalWindows(), state=state, num_steps=10)
+    assert len(second.state.segments) == 2 and second.state.segments[1].start == 120
+    order = second.dataset.order()
+    later = [order.lookup(i) for i in range(120, 240)]
+    assert not positions & set(later)  # no source sample is read twice
+    assert sum(1 for source, _ in later if source == 1) == 60  # the new weights apply
+    for source in (0, 1):  # each source continues right after what it gave
+        given = sorted(p for s, p in positions if s == source)
+        assert min(p for s, p in later if s == source) == given[-1] + 1
+
+
+def test_missing_and_corrupt_shards(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    shutil.copytree(corpus, out)
+    manifest = read_manifest(out)
+    web = [r for r in manifest.shards if r.source == "web"]
+    (out / web[1].path).unlink()
+    with pytest.raises(DataError, match=rf"{web[1].path}: missing.*on_bad_shard=skip"):
+        build_loader(config(out), CausalWindows())
+    path = out / web[2].path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # same size
+    with pytest.raises(DataError, match=rf"{web[1].path}: missing"):
+        build_loader(config(out, on_bad_shard="error"), CausalWindows())
+    loader = build_loader(config(out, on_bad_shard="skip"), CausalWindows(), num_steps=5)
+    assert len(loader.skipped_shards) == 2
+    assert any(web[2].path in skipped for skipped in loader.skipped_shards)
+    assert [r.path for r in loader.dataset.shards["web"]] == [web[0].path]
+    assert len(list(loader.loader)) == 5 * 6  # training goes on with what is left
+    shutil.copy(corpus / web[1].path, out / web[1].path)  # restore the missing one
+    with pytest.raises(DataError, match="sha256 differs"):
+        build_loader(config(out, verify="shard"), CausalWindows())
+
+
+def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
+    cfg = config(corpus)
+    cfg.model = DecoderConfig(vocab_size=VOCAB - 1)
+    with pytest.raises(DataError, match="model.vocab_size=999 is smaller"):
+        build_loader(cfg, CausalWindows())
+    state = LoaderState(samples=24, tokenizer_sha256="cd" * 32, seq_len=SEQ)
+    with pytest.raises(DataError, match="another tokenizer"):
+        build_loader(config(corpus), CausalWindows(), state=state)
+    with pytest.raises(DataError, match=r"data.mixture names unknown source\(s\) \['books'\]"):
+        build_loader(config(corpus, mixture={"books": 1.0}), CausalWindows())
