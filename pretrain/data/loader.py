@@ -55,6 +55,7 @@ class LoaderState:
     """Everything needed to continue the sample stream, saved in every checkpoint."""
 
     samples: int = 0  # global samples consumed so far (the cursor)
+    steps: int = 0  # optimizer steps taken so far (drives sequence-length warmup)
     segments: list[Segment] = field(default_factory=list)  # mixture history, current last
     tokenizer_sha256: str = ""
     seq_len: int = 0
@@ -62,6 +63,7 @@ class LoaderState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
+            "steps": self.steps,
             "segments": [segment.to_dict() for segment in self.segments],
             "tokenizer_sha256": self.tokenizer_sha256,
             "seq_len": self.seq_len,
@@ -71,6 +73,7 @@ class LoaderState:
     def from_dict(cls, data: dict[str, Any]) -> LoaderState:
         return cls(
             samples=int(data["samples"]),
+            steps=int(data.get("steps", 0)),
             segments=[Segment.from_dict(s) for s in data["segments"]],
             tokenizer_sha256=str(data["tokenizer_sha256"]),
             seq_len=int(data["seq_len"]),
@@ -104,6 +107,8 @@ class ShardDataset(IterableDataset):
         segment: Segment,
         cursor: int,
         num_steps: int | None,
+        start_step: int = 0,
+        warmup: tuple[int, int] = (0, 0),
         window: int,
         seed: int,
         eos: int,
@@ -119,9 +124,13 @@ class ShardDataset(IterableDataset):
         self.segment = segment
         self.cursor = cursor
         self.num_steps = num_steps
+        self.start_step = start_step
+        self.warmup_steps, self.warmup_start = warmup
+        self.seq_len = seq_len
         self.window = window
         self.seed = seed
         self.eos = eos
+        self.random = getattr(objective, "uses_rng", True)
         self._streams: list[SourceStream] | None = None  # per worker process, built lazily
         self._order: GlobalOrder | None = None
 
@@ -138,14 +147,57 @@ class ShardDataset(IterableDataset):
             ]
         return self._streams
 
-    def sample(self, index: int) -> dict[str, np.ndarray]:
-        """Global sample `index`, transformed by the objective."""
-        source, position = self.order().lookup(index)
-        tokens = self.streams()[source].read(position * self.stride, self.raw_length)
+    def seq_len_at(self, step: int) -> int:
+        """Sequence-length warmup: the longest of seq_len, seq_len/2, seq_len/4, ... (but not
+        below `seq_len_warmup_start`) that does not exceed the linear ramp from
+        `seq_len_warmup_start` to `seq_len` over `seq_len_warmup_steps`."""
+        if step >= self.warmup_steps:
+            return self.seq_len
+        ramp = self.warmup_start + (self.seq_len - self.warmup_start) * step / self.warmup_steps
+        length = self.seq_len
+        while length > ramp and length // 2 >= self.warmup_start and length % 2 == 0:
+            length //= 2
+        return length
+
+    def micro_batch(self, indices: range, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Global samples `indices`, transformed by the objective and stacked.
+
+        During sequence-length warmup (causal objectives) each sample of seq_len + 1 tokens is
+        cut into seq_len / L rows of L + 1 tokens (each row's last token is the next row's
+        first input), so a step holds the same tokens in more, shorter rows.
+        """
+        order, streams = self.order(), self.streams()
+        tokens = np.empty((len(indices), self.raw_length), dtype=np.int64)
+        for row, index in enumerate(indices):
+            source, position = order.lookup(index)
+            tokens[row] = streams[source].read(position * self.stride, self.raw_length)
         # a document ends at its EOS; ids count the EOS tokens before each position
-        documents = np.concatenate([[0], np.cumsum(tokens[:-1] == self.eos)]).astype(np.int32)
-        rng = np.random.default_rng([self.seed, SAMPLE_SEED_SALT, index])
-        return self.objective(tokens, documents, rng)
+        length = self.seq_len_at(step) if step is not None else self.seq_len
+        if length < self.seq_len:
+            pieces = self.seq_len // length
+            tokens = np.stack(
+                [tokens[:, j * length : j * length + length + 1] for j in range(pieces)], axis=1
+            ).reshape(len(indices) * pieces, length + 1)
+        documents = np.zeros(tokens.shape, dtype=np.int32)
+        np.cumsum(tokens[:, :-1] == self.eos, axis=1, out=documents[:, 1:])
+        batch_transform = getattr(self.objective, "batch", None)
+        if batch_transform is not None and not self.random:
+            arrays = batch_transform(tokens, documents)
+        else:
+            rows = []
+            repeat = tokens.shape[0] // len(indices)
+            for row in range(tokens.shape[0]):
+                rng = None
+                if self.random:  # seeding costs more than reading a sample: only when used
+                    index = indices[row // repeat]
+                    rng = np.random.default_rng([self.seed, SAMPLE_SEED_SALT, index, row % repeat])
+                rows.append(self.objective(tokens[row], documents[row], rng))
+            arrays = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+        batch = {
+            key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()
+        }
+        batch["index"] = torch.arange(indices.start, indices.stop)  # global sample indices
+        return batch
 
     def micro_batch_indices(self, number: int) -> range:
         """Global indices of this rank's `number`-th micro-batch since the cursor."""
@@ -161,11 +213,8 @@ class ShardDataset(IterableDataset):
         total = None if self.num_steps is None else self.num_steps * self.batching.accumulation
         number = worker
         while total is None or number < total:
-            indices = self.micro_batch_indices(number)
-            rows = [self.sample(index) for index in indices]
-            batch = {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
-            batch["index"] = torch.arange(indices.start, indices.stop)  # global sample indices
-            yield batch
+            step = self.start_step + number // self.batching.accumulation
+            yield self.micro_batch(self.micro_batch_indices(number), step)
             number += workers
 
 
@@ -184,6 +233,7 @@ class Loader:
         b = self.dataset.batching
         return LoaderState(
             samples=self.state.samples + steps * b.global_batch,
+            steps=self.state.steps + steps,
             segments=list(self.state.segments),
             tokenizer_sha256=self.state.tokenizer_sha256,
             seq_len=self.state.seq_len,
@@ -328,6 +378,8 @@ def build_loader(
         segment=current,
         cursor=state.samples,
         num_steps=num_steps,
+        start_step=state.steps,
+        warmup=(data.seq_len_warmup_steps if causal else 0, data.seq_len_warmup_start),
         window=data.shuffle_buffer,
         seed=data.seed,
         eos=eos,

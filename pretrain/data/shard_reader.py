@@ -14,6 +14,7 @@ No Ray, no torch: numpy and the shard format module.
 
 from __future__ import annotations
 
+import bisect
 import io
 import tarfile
 from collections import OrderedDict
@@ -25,7 +26,9 @@ from numpy.lib import format as npy_format
 
 from data_pipeline.shards import ShardFormatError, ShardRecord, decode_array
 
-BLOCK_CACHE = 8  # decoded blocks (tokens with EOS inserted) kept per stream
+# Decoded blocks (tokens with EOS inserted, int32) kept per stream: enough for a shuffle window
+# of samples spread over many blocks without decoding a block twice (16 MiB).
+BLOCK_CACHE_TOKENS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class ShardIndex:
         return member.offset_data + header.tell(), shape[0]
 
     def block_stream(self, index: int, eos: int) -> np.ndarray:
-        """Block `index` as stream tokens: its documents, each followed by EOS (int64)."""
+        """Block `index` as stream tokens: its documents, each followed by EOS (int32)."""
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         block = self.blocks[index]
@@ -127,7 +130,7 @@ class ShardIndex:
         ]
         if raw.size != block.n_tokens * self.dtype.itemsize:
             raise ShardFormatError(f"{self.path}: truncated shard (block {index})")
-        tokens = raw.view(self.dtype).astype(np.int64)
+        tokens = raw.view(self.dtype).astype(np.int32)
         ends = np.cumsum(block.lengths)  # where each document ends
         return np.insert(tokens, ends, eos)
 
@@ -150,6 +153,10 @@ class SourceStream:
         self._orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._indexes: dict[int, ShardIndex] = {}
         self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_tokens = 0
+        # stream position -> (end, tokens) of the cached blocks, for reads that hit one
+        self._spans: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        self._span_starts: list[int] = []
 
     def index(self, shard: int) -> ShardIndex:
         if shard not in self._indexes:
@@ -169,7 +176,15 @@ class SourceStream:
         return self._orders[epoch]
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """Stream tokens [start, start + length) as int64."""
+        """Stream tokens [start, start + length) (int32; a view when they lie in one block)."""
+        # the common case: inside one block read before (samples of a shuffle window come
+        # from a few consecutive blocks)
+        slot = bisect.bisect_right(self._span_starts, start) - 1
+        if slot >= 0:
+            span_start = self._span_starts[slot]
+            span_end, tokens = self._spans[span_start]
+            if start + length <= span_end:
+                return tokens[start - span_start : start - span_start + length]
         parts = []
         position, end = start, start + length
         while position < end:
@@ -179,18 +194,27 @@ class SourceStream:
             shard = int(order[slot])
             within = offset - int(starts[slot])
             take = min(end - position, int(self.shard_lengths[shard]) - within)
-            parts.append(self._read_shard(shard, within, take))
+            parts.append(self._read_shard(shard, within, take, position - within))
             position += take
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _read_shard(self, shard: int, start: int, length: int) -> np.ndarray:
+    def _read_shard(self, shard: int, start: int, length: int, shard_start: int) -> np.ndarray:
+        """Tokens [start, start + length) of a shard that begins at stream position
+        `shard_start` in the current epoch."""
         index = self.index(shard)
         parts = []
         block = int(np.searchsorted(index.starts, start, side="right")) - 1
         position, end = start, start + length
         while position < end:
             tokens = self._block(shard, block)
-            offset = position - int(index.starts[block])
+            block_start = int(index.starts[block])
+            offset = position - block_start
+            absolute = shard_start + block_start  # where the block sits in the whole stream
+            if absolute not in self._spans:
+                self._spans[absolute] = (absolute + tokens.size, tokens)
+                while len(self._spans) > len(self._blocks):
+                    self._spans.popitem(last=False)
+                self._span_starts = sorted(self._spans)
             piece = tokens[offset : offset + end - position]
             parts.append(piece)
             position += piece.size
@@ -203,8 +227,9 @@ class SourceStream:
         if tokens is None:
             tokens = self.index(shard).block_stream(block, self.eos)
             self._blocks[key] = tokens
-            if len(self._blocks) > BLOCK_CACHE:
-                self._blocks.popitem(last=False)
+            self._cached_tokens += tokens.size
+            while self._cached_tokens > BLOCK_CACHE_TOKENS and len(self._blocks) > 1:
+                self._cached_tokens -= self._blocks.popitem(last=False)[1].size
         else:
             self._blocks.move_to_end(key)
         return tokens

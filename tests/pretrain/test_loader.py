@@ -236,3 +236,19 @@ def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
         build_loader(config(corpus), CausalWindows(), state=state)
     with pytest.raises(DataError, match=r"data.mixture names unknown source\(s\) \['books'\]"):
         build_loader(config(corpus, mixture={"books": 1.0}), CausalWindows())
+
+
+def test_sequence_length_warmup_keeps_every_token(corpus: Path) -> None:
+    plain = collect(config(corpus), rank=0, world=1, steps=6)
+    warm = collect(config(corpus, seq_len_warmup_steps=4, seq_len_warmup_start=8), rank=0,
+                   world=1, steps=6)  # fmt: skip
+    loader = build_loader(config(corpus, seq_len_warmup_steps=4, seq_len_warmup_start=8),
+                          CausalWindows(), num_steps=0)  # fmt: skip
+    assert [loader.dataset.seq_len_at(s) for s in range(5)] == [8, 8, 16, 16, 32]
+    for ours, theirs in zip(warm, plain, strict=True):
+        length = ours["input_ids"].shape[1]
+        pieces = SEQ // length
+        assert ours["input_ids"].shape == (2 * pieces, length)  # same tokens, shorter rows
+        rows = ours["input_ids"].reshape(2, pieces * length)
+        assert torch.equal(rows, theirs["input_ids"])
+        assert torch.equal(ours["labels"].reshape(2, -1), theirs["labels"])
