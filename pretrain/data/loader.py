@@ -258,9 +258,9 @@ class Loader:
 
 
 def check_shards(
-    out_dir: Path, manifest: Manifest, verify: str, on_bad: str
+    out_dir: Path, manifest: Manifest, verify: str, on_bad: str, split: str = "train"
 ) -> tuple[dict[str, list[ShardRecord]], list[str]]:
-    """Training shards per source, in manifest order, after the configured checks.
+    """The split's shards per source, in manifest order, after the configured checks.
 
     Every rank runs the same checks on the same files, so with `on_bad="skip"` all ranks drop
     the same shards. Missing files and wrong sizes are always checked; `verify="shard"` also
@@ -270,7 +270,7 @@ def check_shards(
     shards: dict[str, list[ShardRecord]] = {}
     skipped: list[str] = []
     for record in manifest.shards:
-        if record.split != "train":
+        if record.split != split:
             continue
         path = out_dir / record.path
         problem = None
@@ -294,7 +294,7 @@ def check_shards(
             raise DataError(f"shard {path}: {problem} (data.on_bad_shard=skip skips bad shards)")
     for source in manifest.weights:
         if source not in shards:
-            raise DataError(f"source {source!r} has no usable training shards in {out_dir}")
+            raise DataError(f"source {source!r} has no usable {split} shards in {out_dir}")
     return dict(
         sorted(shards.items(), key=lambda item: list(manifest.weights).index(item[0]))
     ), skipped
@@ -309,6 +309,7 @@ def build_loader(
     state: LoaderState | None = None,
     num_steps: int | None = None,
     causal: bool = True,
+    split: str = "train",
 ) -> Loader:
     """A DataLoader of this rank's micro-batches from `cfg.data.path`.
 
@@ -320,6 +321,7 @@ def build_loader(
         num_steps: stop after this many optimizer steps (None: never stop).
         causal: consecutive samples overlap by one token (the last target is the next
             sample's first input), as in Megatron's GPT dataset.
+        split: "train", or "val" for the held-out shards (evaluation).
     """
     data = cfg.data
     out_dir = Path(data.path)
@@ -344,7 +346,7 @@ def build_loader(
             f"data.global_batch_size={data.global_batch_size} is not a multiple of "
             f"data.micro_batch_size={data.micro_batch_size} x {world} ranks"
         )
-    shards, skipped = check_shards(out_dir, manifest, data.verify, data.on_bad_shard)
+    shards, skipped = check_shards(out_dir, manifest, data.verify, data.on_bad_shard, split)
     weights = dict(manifest.weights)
     unknown = sorted(set(data.mixture) - set(weights))
     if unknown:
@@ -400,3 +402,42 @@ def build_loader(
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
     total = sum(weights.values())
     return {name: round(w / total, 12) for name, w in sorted(weights.items())}
+
+
+def build_run_loader(
+    cfg: Any,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    state: LoaderState | None = None,
+    num_steps: int | None = None,
+    split: str = "train",
+) -> Loader:
+    """`build_loader` with the objective `cfg.objective` names, built from the manifest's
+    tokenizer (special ids, sentinels; word starts for whole-word masking)."""
+    from pretrain.config import CausalLMConfig, MaskedLMConfig
+    from pretrain.objectives import SpecialIds, build_objective, word_starts_from_sentencepiece
+
+    out_dir = Path(cfg.data.path)
+    try:
+        manifest = read_manifest(out_dir)
+    except ShardFormatError as error:
+        raise DataError(str(error)) from error
+    word_start = None
+    if isinstance(cfg.objective, MaskedLMConfig) and cfg.objective.whole_word:
+        word_start = word_starts_from_sentencepiece(out_dir / manifest.tokenizer.path)
+    try:
+        objective = build_objective(
+            cfg.objective,
+            SpecialIds.from_manifest(manifest.tokenizer),
+            manifest.tokenizer.vocab_size,  # random MLM replacements stay in the tokenizer
+            document_masking=cfg.data.document_masking,
+            reset_position_ids=cfg.data.reset_position_ids,
+            word_start=word_start,
+        )
+        objective.raw_length(cfg.data.seq_len)  # configuration errors now, not in a worker
+    except ValueError as error:
+        raise DataError(str(error)) from error
+    causal = isinstance(cfg.objective, CausalLMConfig)
+    return build_loader(cfg, objective, rank=rank, world=world, state=state,
+                        num_steps=num_steps, causal=causal, split=split)  # fmt: skip

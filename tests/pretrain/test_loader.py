@@ -21,9 +21,19 @@ from data_pipeline.shards import (
     write_manifest,
     write_shard,
 )
-from pretrain.config import DataConfig, DecoderConfig
-from pretrain.data.loader import DataError, LoaderState, build_loader
+from pretrain.config import (
+    CausalLMConfig,
+    DataConfig,
+    DecoderConfig,
+    EncoderConfig,
+    EncoderDecoderConfig,
+    MaskedLMConfig,
+    SpanCorruptionConfig,
+    UL2Config,
+)
+from pretrain.data.loader import DataError, LoaderState, build_loader, build_run_loader
 from pretrain.data.shard_reader import SourceStream
+from pretrain.models import build_model
 
 VOCAB = 1000
 EOS = 3
@@ -40,7 +50,9 @@ class CausalWindows:
         return {"input_ids": tokens[:-1], "labels": tokens[1:], "document_ids": document_ids[:-1]}
 
 
-def write_corpus(out: Path, sizes: dict[str, list[int]], weights: dict[str, float]) -> Manifest:
+def write_corpus(
+    out: Path, sizes: dict[str, list[int]], weights: dict[str, float], sentinels: int = 0
+) -> Manifest:
     """Synthetic shards: for each source, shards holding the given numbers of documents of
     random lengths (uneven on purpose), tokens drawn above the special ids."""
     rng = np.random.default_rng(0)
@@ -51,7 +63,8 @@ def write_corpus(out: Path, sizes: dict[str, list[int]], weights: dict[str, floa
             blocks = [docs[i : i + 7] for i in range(0, n_docs, 7)]
             records.append(write_shard(out, source, "train", index, blocks, VOCAB))
     tokenizer = TokenizerRecord("tokenizer.model", "ab" * 32, VOCAB, "bpe",
-                                {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}, [])  # fmt: skip
+                                {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4},
+                                list(range(5, 5 + sentinels)))  # fmt: skip
     manifest = Manifest("f" * 64, tokenizer, records, weights)
     write_manifest(out, manifest)
     return manifest
@@ -252,3 +265,57 @@ def test_sequence_length_warmup_keeps_every_token(corpus: Path) -> None:
         rows = ours["input_ids"].reshape(2, pieces * length)
         assert torch.equal(rows, theirs["input_ids"])
         assert torch.equal(ours["labels"].reshape(2, -1), theirs["labels"])
+
+
+FAMILY_OF = {
+    "clm": (CausalLMConfig(), DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2,
+                                            d_ff=64, max_seq_len=64)),
+    "mlm": (MaskedLMConfig(whole_word=False), EncoderConfig(vocab_size=VOCAB, d_model=32,
+            n_layers=1, n_heads=2, d_ff=64, activation="gelu", norm="layernorm", bias=True,
+            position="learned", max_seq_len=64, type_vocab_size=2)),
+    "span": (SpanCorruptionConfig(), EncoderDecoderConfig(vocab_size=VOCAB, d_model=32,
+             n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, activation="relu",
+             position="relative", max_seq_len=64)),
+    "ul2": (UL2Config(), EncoderDecoderConfig(vocab_size=VOCAB, d_model=32, n_encoder_layers=1,
+            n_decoder_layers=1, n_heads=2, d_ff=64, activation="relu", position="relative",
+            max_seq_len=64)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", FAMILY_OF)
+def test_every_objective_feeds_its_model_family(kind: str, tmp_path: Path) -> None:
+    """The objective the config names, built from the manifest's tokenizer, gives exactly the
+    tensors its model family takes; a loss on them is finite."""
+    out = tmp_path / "data"
+    write_corpus(out, {"web": [30, 20]}, {"web": 1.0}, sentinels=100)
+    objective, model_cfg = FAMILY_OF[kind]
+    cfg = config(out, num_workers=1)
+    cfg.objective, cfg.model = objective, model_cfg
+    batches = list(build_run_loader(cfg, num_steps=2).loader)
+    assert len(batches) == 2 * 6
+    model = build_model(model_cfg)
+    for batch in batches[:2]:
+        assert batch.pop("index").shape == (2,)
+        labels = batch.pop("labels")
+        logits = model(**batch)
+        assert logits.shape[:2] == labels.shape
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        assert torch.isfinite(loss) and (labels != -100).any()
+
+
+def test_validation_split_is_read_on_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    manifest = write_corpus(out, {"web": [30, 20]}, {"web": 1.0})
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(5, VOCAB, 20) for _ in range(10)]
+    manifest.shards.append(write_shard(out, "web", "val", 0, [docs], VOCAB))
+    write_manifest(out, manifest)
+    loader = build_loader(config(out), CausalWindows(), num_steps=1, split="val")
+    assert [r.split for r in loader.dataset.shards["web"]] == ["val"]
+    epoch = np.concatenate([np.append(doc, EOS) for doc in docs])
+    stream = np.concatenate([epoch] * 20)  # one shard: every epoch has the same order
+    order = loader.dataset.order()
+    for batch in loader.loader:
+        for row, index in zip(batch["input_ids"], batch["index"], strict=True):
+            _, position = order.lookup(int(index))
+            assert row.tolist() == stream[position * SEQ : position * SEQ + SEQ].tolist()
