@@ -52,6 +52,7 @@ format: install
 # Benchmarks write their sections of BENCHMARKS.md (the rest of the suite lands with issue #9).
 bench: install
 	$(PY) bench/data_pipeline.py --repeat 3
+	$(PY) bench/loader.py --repeat 3
 
 clean:
 	rm -rf $(VENV) runs outputs out .pytest_cache

@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +45,10 @@ REPO = HERE.parent
 sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]
 sys.path.insert(0, str(REPO))
 
-SECTION = "data_pipeline"
-START_MARK = f"<!-- bench:{SECTION}:start -->"
-END_MARK = f"<!-- bench:{SECTION}:end -->"
-MD_HEADER = """# Benchmarks
+from bench.common import best, git_commit, machine, marks, write_markdown  # noqa: E402
 
-Written by the scripts in `bench/` (see `bench/README.md`). Every figure is compared with a
-baseline measured in the same run on the same machine, so a target is a ratio, never a wall
-time. Each script replaces only its own section.
-"""
+SECTION = "data_pipeline"
+START_MARK, END_MARK = marks(SECTION)
 # Targets of issue #9.
 TARGET_VS_BASELINE = 0.85  # pipeline tokens/s >= 0.85 x the SentencePiece pool's
 TARGET_SCALING = 1.7  # pipeline at N (2) workers >= 1.7 x pipeline at 1 worker
@@ -276,63 +270,6 @@ def compose_cfg(overrides: list[str]) -> Any:
 # machine and report
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / (1 << 20), 1)
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    os_name = platform.platform()
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = f"{line.split('=', 1)[1].strip(chr(34))} ({platform.platform()})"
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "ram_gib": ram_gib,
-        "os": os_name,
-        "python": platform.python_version(),
-        "sentencepiece": version("sentencepiece"),
-        "ray": version("ray"),
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else "unknown"
-
-
 def check(name: str, value: float | None, target: float, at_least: bool) -> dict[str, Any]:
     if value is None:
         return {"name": name, "value": None, "target": target, "at_least": at_least, "pass": None}
@@ -472,22 +409,6 @@ def markdown_section(results: dict[str, Any]) -> str:
     return "\n".join(body) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else MD_HEADER
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + section + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
-def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest of repeated runs: load from elsewhere only ever slows a run down."""
-    return max(runs, key=lambda run: run["tokens_per_s"])
-
-
 def summarize(
     args: argparse.Namespace,
     workers: int,
@@ -603,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     workers = min(args.workers, os.cpu_count() or 1)
     base = "stdlib/json" if args.smoke else "stdlib"
-    info = machine()
+    info = machine(("sentencepiece", "ray"))
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-data-"))
     print(f"bench data_pipeline: {workers} worker(s), {args.scale} x {base}, in {work}")
     try:
@@ -656,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1) + "\n")
-            write_markdown(args.markdown, markdown_section(results))
+            write_markdown(args.markdown, markdown_section(results), SECTION)
             print(f"wrote {args.results} and the {SECTION} section of {args.markdown}")
     finally:
         if args.keep:

@@ -40,7 +40,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "train": Subcommand(
         "pretrain a decoder, encoder or encoder-decoder with DeepSpeed ZeRO, FSDP2 or DDP",
-        pending="the training engine is not built yet (issue #6)",
+        handler="pretrain.train:run",
     ),
     "launch": Subcommand(
         "run the same train or data job on cluster=local, slurm or ray",
@@ -56,7 +56,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "report": Subcommand(
         "summarise a data build or a training run (tokens, losses, throughput, MFU)",
-        pending="reports are not built yet (issue #6)",
+        handler="pretrain.report:run",
     ),
 }
 

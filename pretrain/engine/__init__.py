@@ -1,0 +1,119 @@
+"""Engines: how a finished model is distributed, stepped and checkpointed.
+
+This package is the one place that applies parallelism (and builds a DeepSpeed config). Every
+engine is applied to a model built by `pretrain.models.build_model`, in a fixed order:
+activation checkpointing, then `torch.compile`, then sharding or replication. The trainer
+drives all of them through `Engine`:
+
+    loss = engine.forward_backward(batch, last_micro_batch)   # for each micro-batch
+    grad_norm, skipped = engine.optimizer_step()               # once per step
+    engine.save(directory) / engine.load(directory)            # collective
+
+`skipped` is True when the gradient was not finite: the update is dropped (and counted by the
+trainer), the same decision on every rank because the norm is computed after the all-reduce.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def compute_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy of the model's logits against `labels` (-100 ignored), in fp32."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+    logits = model(**inputs)
+    labels = batch["labels"]
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+class Engine(abc.ABC):
+    """One training step's mechanics for a distributed model."""
+
+    def __init__(self, model: nn.Module, accumulation: int, device: torch.device) -> None:
+        self.model = model
+        self.accumulation = accumulation
+        self.device = device
+
+    @abc.abstractmethod
+    def forward_backward(
+        self, batch: dict[str, Tensor], last: bool, poison: bool = False
+    ) -> Tensor:
+        """Forward and backward one micro-batch; returns its (detached, unscaled) loss.
+
+        `poison` multiplies the loss by NaN before the backward pass (fault-injection tests).
+        """
+
+    @abc.abstractmethod
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip, check and apply the accumulated gradient. Returns (grad norm, skipped)."""
+
+    @abc.abstractmethod
+    def lr(self) -> float: ...
+
+    @abc.abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model, optimizer and scheduler state into `directory` (collective)."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (collective)."""
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The whole model's state dict on rank 0 (None elsewhere), for export (collective)."""
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return compute_loss(self.model, self.to_device(batch)).detach()
+        finally:
+            self.model.train(was_training)
+
+    def to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+
+def finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: int,
+                 device: torch.device) -> Engine:  # fmt: skip
+    """The engine `cfg.engine` names, wrapping `model` (already on `device`)."""
+    from pretrain.config import DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
+    from pretrain.models import apply_activation_checkpointing
+
+    if cfg.engine.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.engine.compile:
+        from pretrain.models import transformer_blocks
+
+        for blocks in transformer_blocks(model):
+            for index, block in enumerate(blocks):
+                blocks[index] = torch.compile(block)
+    if isinstance(cfg.engine, DeepSpeedEngineConfig):
+        from pretrain.engine.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, accumulation, max_steps, device)
+    if isinstance(cfg.engine, FSDPEngineConfig):
+        from pretrain.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg, model, accumulation, max_steps, device)
+    if isinstance(cfg.engine, DDPEngineConfig):
+        from pretrain.engine.ddp import DDPEngine
+
+        return DDPEngine(cfg, model, accumulation, max_steps, device)
+    raise TypeError(f"no engine for {type(cfg.engine).__name__}")

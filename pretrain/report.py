@@ -1,0 +1,262 @@
+"""`kiln report`: plots and a summary of a training run, or a summary of a data build.
+
+    kiln report report.run_dir=RUN_DIR [report.output=DIR]
+    kiln report report.data_dir=DATA_DIR
+
+A run report reads `RUN_DIR/metrics.jsonl` (written by `pretrain.metrics.MetricsLogger`) and
+writes one PNG per metric into `report.output` (default `RUN_DIR/report`): loss (train and eval)
+against step, learning rate, tokens/s and MFU; a metric the run never logged gets no plot. It
+prints a short summary and the paths. A data report prints a table of the sources, tokens and
+shards in a `kiln data` output's `report.json`. Both may be asked for at once.
+
+Problems the user can fix (a missing directory, no metrics, an empty file) print one line and
+exit 1. Plots use matplotlib's Agg canvas directly (no pyplot, no display).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import KilnConfig
+from pretrain.metrics import METRICS_FILE, read_records
+from pretrain.plan import human
+
+ERROR_EXIT_CODE = 1
+DATA_REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a plot: `field` of the records of `kind`."""
+
+    kind: str
+    field: str
+    label: str
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """One PNG: its file stem, axis label, lines, and a factor applied to the values."""
+
+    name: str
+    ylabel: str
+    series: tuple[Series, ...]
+    scale: float = 1.0
+
+
+PLOTS = (
+    PlotSpec(
+        "loss", "loss", (Series("train", "loss", "train"), Series("eval", "eval_loss", "eval"))
+    ),
+    PlotSpec("lr", "learning rate", (Series("train", "lr", "lr"),)),
+    PlotSpec("tokens_per_s", "tokens/s", (Series("train", "tokens_per_s", "tokens/s"),)),
+    PlotSpec("mfu", "MFU (%)", (Series("train", "mfu", "MFU"),), scale=100.0),  # logged 0-1
+)
+
+
+class ReportError(Exception):
+    """A problem the user can fix; the message is printed on one line."""
+
+
+def fail(message: str) -> int:
+    print(f"kiln report: {message}", file=sys.stderr)
+    return ERROR_EXIT_CODE
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def points(records: Sequence[dict[str, Any]], kind: str, field: str) -> tuple[list, list]:
+    """(steps, values) of `field` in the records of `kind`, sorted by step."""
+    pairs = sorted(
+        (r["step"], r[field]) for r in records if r["kind"] == kind and is_number(r.get(field))
+    )
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+# --------------------------------------------------------------------------------------------
+# a run
+
+
+def load_run(run_dir: Path) -> list[dict[str, Any]]:
+    """The train and eval records of a run directory; `ReportError` when there are none."""
+    if not run_dir.is_dir():
+        raise ReportError(f"report.run_dir={run_dir} is not a directory")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ReportError(f"no {METRICS_FILE} in {run_dir} (has the run logged a step yet?)")
+    records, _ = read_records(path)
+    records = [r for r in records if r["kind"] in ("train", "eval")]
+    if not records:
+        raise ReportError(f"{path} has no train or eval records")
+    return records
+
+
+def plot(records: Sequence[dict[str, Any]], spec: PlotSpec, path: Path, title: str = "") -> bool:
+    """Write `spec`'s PNG to `path`; False (and no file) when no record has its fields."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines = [(s, *points(records, s.kind, s.field)) for s in spec.series]
+    lines = [(s, steps, values) for s, steps, values in lines if steps]
+    if not lines:
+        return False
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for series, steps, values in lines:
+        marker = "o" if series.kind == "eval" or len(steps) == 1 else None
+        axes.plot(steps, [v * spec.scale for v in values], label=series.label, marker=marker)
+    axes.set_xlabel("step")
+    axes.set_ylabel(spec.ylabel)
+    axes.grid(alpha=0.3)
+    if title:
+        axes.set_title(title)
+    if len(lines) > 1:
+        axes.legend()
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, value) rows: steps, losses, throughput, MFU, tokens."""
+    rows: list[tuple[str, str]] = []
+    train_steps, losses = points(records, "train", "loss")
+    steps = sorted({r["step"] for r in records})
+    rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} ({len(records)} records)"))
+    if losses:
+        rows.append(("train loss", f"{losses[-1]:.4f} at step {train_steps[-1]:,}"))
+    eval_steps, eval_losses = points(records, "eval", "eval_loss")
+    finite = [(v, s) for s, v in zip(eval_steps, eval_losses, strict=True) if math.isfinite(v)]
+    if finite:
+        best, at = min(finite)
+        rows.append(("best eval loss", f"{best:.4f} at step {at:,} (last {eval_losses[-1]:.4f})"))
+    for field, label, fmt in (
+        ("tokens_per_s", "tokens/s (median)", lambda v: human(v)),
+        ("mfu", "MFU (median)", lambda v: f"{v:.1%}"),
+        ("step_time", "step time (median)", lambda v: f"{v:.3g} s"),
+    ):
+        values = [v for v in points(records, "train", field)[1] if math.isfinite(v)]
+        if values:
+            rows.append((label, fmt(statistics.median(values))))
+    _, tokens = points(records, "train", "tokens_seen")
+    if tokens:
+        rows.append(("tokens seen", f"{human(tokens[-1])} ({int(tokens[-1]):,})"))
+    return rows
+
+
+def report_run(run_dir: Path, output: Path | None) -> list[Path]:
+    """Plot a run's metrics and print a summary and the PNG paths; returns the paths."""
+    records = load_run(run_dir)
+    out = output if output is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in PLOTS:
+        path = out / f"{spec.name}.png"
+        if plot(records, spec, path, title=f"{run_dir.resolve().name}: {spec.ylabel}"):
+            written.append(path)
+    print(f"kiln report: {run_dir}")
+    rows = summarize_run(records)
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# a data build
+
+
+def load_data_report(data_dir: Path) -> dict[str, Any]:
+    if not data_dir.is_dir():
+        raise ReportError(f"report.data_dir={data_dir} is not a directory")
+    path = data_dir / DATA_REPORT_FILE
+    if not path.is_file():
+        raise ReportError(f"no {DATA_REPORT_FILE} in {data_dir} (is it a `kiln data` output?)")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path} is not JSON: {error}") from error
+    if not isinstance(report, dict) or not isinstance(report.get("sources"), dict):
+        raise ReportError(f"{path} has no 'sources' (is it a `kiln data` report?)")
+    return report
+
+
+def render_data_report(report: dict[str, Any]) -> str:
+    """A short table: per source, documents, train and val tokens, shards; then totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=110, file=open("/dev/null", "w"))  # noqa: SIM115
+    table = Table(
+        title=f"kiln data: {report.get('output_dir', '?')} (status {report.get('status', '?')})",
+        title_justify="left",
+    )
+    for column in ("source", "weight", "docs out", "train tokens", "val tokens", "shards", "share"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    totals = {"docs": 0, "train": 0, "val": 0, "shards": 0}
+    for name, source in report["sources"].items():
+        docs = sum(source.get("documents_out", {}).values())
+        tokens = source.get("tokens_out", {})
+        shards = sum(source.get("shards", {}).values())
+        totals["docs"] += docs
+        totals["train"] += tokens.get("train", 0)
+        totals["val"] += tokens.get("val", 0)
+        totals["shards"] += shards
+        table.add_row(
+            name,
+            f"{source.get('weight', 0):g}",
+            f"{docs:,}",
+            f"{tokens.get('train', 0):,}",
+            f"{tokens.get('val', 0):,}",
+            str(shards),
+            f"{source.get('natural_share', 0.0):.1%}",
+        )
+    table.add_section()
+    table.add_row(
+        "total",
+        "",
+        f"{totals['docs']:,}",
+        f"{totals['train']:,}",
+        f"{totals['val']:,}",
+        str(totals["shards"]),
+        "",
+    )
+    console.print(table)
+    tokenizer = report.get("tokenizer")
+    if isinstance(tokenizer, dict) and "vocab_size" in tokenizer:
+        console.print(f"tokenizer: vocab {tokenizer['vocab_size']:,}")
+    return console.export_text()
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def run(cfg: KilnConfig) -> int:
+    """Entry point of `kiln report`."""
+    settings = cfg.report
+    if settings.run_dir is None and settings.data_dir is None:
+        return fail(
+            "nothing to report: pass report.run_dir=RUN_DIR (a training run) or "
+            "report.data_dir=DIR (a `kiln data` output)"
+        )
+    try:
+        if settings.data_dir is not None:
+            sys.stdout.write(render_data_report(load_data_report(Path(settings.data_dir))))
+        if settings.run_dir is not None:
+            output = Path(settings.output) if settings.output else None
+            report_run(Path(settings.run_dir), output)
+    except ReportError as error:
+        return fail(str(error))
+    return 0

@@ -1,0 +1,132 @@
+"""`kiln train`: start the ranks (torchrun on this machine when needed) and run the loop.
+
+`kiln train` on a machine with `cluster.nodes * cluster.gpus_per_node` ranks:
+
+- inside a launch that already set RANK/WORLD_SIZE (torchrun, `kiln launch`): this process is
+  one rank and trains;
+- otherwise, one rank: this process trains;
+- otherwise: it writes the resolved config into the run directory and starts torchrun with
+  one process per rank on this machine, each running `python -m pretrain.train CONFIG`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: Any) -> Context:
+    """Join (or, alone, create) the process group; pick the device and backend."""
+    cuda = cfg.cluster.accelerator == "cuda" and torch.cuda.is_available()
+    backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if cuda else "gloo")
+    if "RANK" not in os.environ:  # alone: a one-rank group, so every engine works the same
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))  # fmt: skip
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def worker(cfg: Any) -> int:
+    """Train as one rank of the current launch."""
+    from pretrain.trainer import train
+
+    if cfg.cluster.accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    context = init_distributed(cfg)
+    try:
+        return train(cfg, context)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_run_config(cfg: Any, run_dir: Path) -> Path:
+    """The resolved config, as YAML for people and as a pickle for the ranks to load."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    path = run_dir / "config.pkl"
+    path.write_bytes(pickle.dumps(cfg))
+    return path
+
+
+def run(cfg: Any) -> int:
+    """`kiln train` entry point."""
+    run_dir = Path(cfg.trainer.run_dir)
+    config_path = write_run_config(cfg, run_dir)
+    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    if "RANK" in os.environ or world == 1:
+        return worker(cfg)
+    if cfg.cluster.nodes > 1:
+        print(
+            "kiln train: cluster.nodes > 1 needs `kiln launch cluster=slurm|ray`", file=sys.stderr
+        )
+        return 1
+    env = dict(os.environ)
+    if cfg.cluster.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "pretrain.train", str(config_path),
+    ]  # fmt: skip
+    exit_file = run_dir / "exit.json"
+    exit_file.unlink(missing_ok=True)
+    # torchrun forwards SIGTERM/SIGUSR1 to the ranks but reports any failure as 1: the real
+    # status (e.g. REQUEUE_EXIT_CODE after a signal) is what rank 0 wrote to exit.json
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        # torchrun passes SIGTERM on to the ranks (and dies of SIGUSR1): send SIGTERM
+        child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    code = child.wait()
+    if exit_file.is_file():
+        import json
+
+        return int(json.loads(exit_file.read_text())["exit_code"])
+    return code
+
+
+def main() -> int:
+    config_path = Path(sys.argv[1])
+    cfg = pickle.loads(config_path.read_bytes())  # noqa: S301 - written by `run` just before
+    return worker(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

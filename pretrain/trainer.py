@@ -1,0 +1,223 @@
+"""The training loop: one `train()` for every family, objective and engine.
+
+    for each step:
+        for each micro-batch:  loss = engine.forward_backward(batch, last)
+        grad_norm, skipped = engine.optimizer_step()
+        metrics, evaluation, checkpoints, signals
+
+Run by every rank (under torchrun, or alone); see `pretrain/train.py` for the entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import CheckpointManager, rank_and_world
+
+# Exit status of a run stopped by SIGTERM/SIGUSR1 after saving: the launcher requeues it.
+REQUEUE_EXIT_CODE = 42
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    wandb_run_id: str | None = None
+    loader: dict[str, Any] = field(default_factory=dict)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (Slurm's warning before a time limit or preemption)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        """True on every rank if any rank got a signal (so all save together)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def mean_across_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return float(tensor.item())
+
+
+def fault_steps(name: str) -> set[int]:
+    """Steps at which a test asks for a fault (`KILN_FAULT_NAN_STEPS=3,4`)."""
+    value = os.environ.get(name, "")
+    return {int(step) for step in value.split(",") if step.strip()}
+
+
+def train(cfg: Any, context: Any) -> int:
+    """Train until `trainer.max_steps` (or a stop signal); returns the process exit code."""
+    from pretrain.data.loader import LoaderState, build_run_loader
+    from pretrain.engine import build_engine
+    from pretrain.metrics import MetricsLogger
+    from pretrain.models import build_model
+
+    rank, world = rank_and_world()
+    data, trainer = cfg.data, cfg.trainer
+    run_dir = Path(trainer.run_dir)
+    accumulation = data.global_batch_size // (data.micro_batch_size * world)
+    torch.manual_seed(trainer.seed)
+    model = build_model(cfg.model).to(context.device)
+    engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
+                          device=context.device)  # fmt: skip
+    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints)
+    state = TrainState()
+    resume_from = _resume_path(trainer.resume, checkpoints)
+    if resume_from is not None:
+        saved = checkpoints.load(engine, resume_from)
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+    loader_state = LoaderState.from_dict(state.loader) if state.loader else None
+    remaining = max(0, trainer.max_steps - state.step)
+    loader = build_run_loader(cfg, rank=rank, world=world, state=loader_state, num_steps=remaining)
+    logger = MetricsLogger(cfg, run_dir, run_id=state.wandb_run_id) if rank == 0 else None
+    if logger is not None:
+        state.wandb_run_id = logger.run_id
+        logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
+                    "resumed_from": str(resume_from) if resume_from else None})  # fmt: skip
+    stop = StopSignal()
+    nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")
+    tokens_per_step = data.global_batch_size * data.seq_len
+    flops_per_token = _flops_per_token(cfg)
+    peak = cfg.cluster.peak_tflops * 1e12 * world
+    batches = iter(loader.loader)
+    exit_code = 0
+    start_step = state.step
+    while state.step < trainer.max_steps:
+        started = time.perf_counter()
+        wait = 0.0
+        losses = []
+        for micro in range(accumulation):
+            fetched = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - fetched
+            last = micro == accumulation - 1
+            poison = state.step + 1 in nan_steps  # fault injection (tests)
+            loss = engine.forward_backward(batch, last, poison=poison)
+            losses.append(float(loss))
+        grad_norm, skipped = engine.optimizer_step()
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        if skipped:
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+        else:
+            state.nonfinite_in_a_row = 0
+        step_time = time.perf_counter() - started
+        loss = mean_across_ranks(sum(losses) / len(losses))
+        if logger is not None and (state.step % cfg.logger.log_every == 0 or skipped):
+            tokens_per_s = tokens_per_step / step_time
+            logger.log({
+                "kind": "train", "step": state.step, "loss": loss, "lr": engine.lr(),
+                "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
+                "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
+                "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
+            })  # fmt: skip
+        if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            if logger is not None:
+                logger.log({"kind": "event", "step": state.step, "event": "stopped",
+                            "reason": f"{state.nonfinite_in_a_row} non-finite steps in a row"})  # fmt: skip
+            exit_code = 3
+            break
+        if trainer.eval_every and state.step % trainer.eval_every == 0:
+            _evaluate(cfg, engine, state, logger, rank, world)
+        signalled = stop.any_rank()
+        if (
+            signalled
+            or state.step % trainer.checkpoint_every == 0
+            or state.step == trainer.max_steps
+        ):
+            state.loader = loader.state_after(state.step - start_step).to_dict()
+            path = checkpoints.save(engine, vars(state) | {}, state.step)
+            if logger is not None:
+                logger.log(
+                    {"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path)}
+                )
+        if signalled:
+            exit_code = REQUEUE_EXIT_CODE
+            break
+    if logger is not None:
+        logger.finish()
+    if rank == 0:  # the exit status survives torchrun, which reports any failure as 1
+        from pretrain.checkpoint import atomic_write_bytes
+
+        record = {
+            "exit_code": exit_code,
+            "step": state.step,
+            "nonfinite_steps": state.nonfinite_steps,
+        }
+        atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
+    return exit_code
+
+
+def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int) -> None:
+    from pretrain.data.loader import DataError, build_run_loader
+
+    try:
+        loader = build_run_loader(cfg, rank=rank, world=world, num_steps=cfg.trainer.eval_steps,
+                                  split="val")  # fmt: skip
+    except DataError:
+        return  # no validation split
+    losses = [float(engine.eval_loss(batch)) for batch in loader.loader]
+    loss = mean_across_ranks(sum(losses) / max(1, len(losses)))
+    if logger is not None:
+        logger.log({"kind": "eval", "step": state.step, "eval_loss": loss,
+                    "eval_ppl": math.exp(min(loss, 50.0))})  # fmt: skip
+
+
+def _flops_per_token(cfg: Any) -> float:
+    """Training FLOPs per token of the model at the run's lengths (`kiln plan`'s convention)."""
+    from pretrain.models.accounting import training_flops
+
+    if cfg.model.family == "encoder_decoder":
+        from pretrain.objectives import encoder_decoder_lengths
+
+        encoder, decoder = encoder_decoder_lengths(cfg)
+        return training_flops(cfg.model, encoder, decoder).per_token
+    return training_flops(cfg.model, cfg.data.seq_len).per_token
+
+
+def _memory_gib(context: Any) -> float:
+    if context.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(context.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _resume_path(resume: str, checkpoints: CheckpointManager) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoints.latest()
+    path = Path(resume)
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
+    return path

@@ -1,0 +1,215 @@
+"""`kiln report`: PNG plots of a run's metrics.jsonl, a data build's summary, and the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import (
+    CausalLMConfig,
+    DDPEngineConfig,
+    DecoderConfig,
+    KilnConfig,
+    LocalClusterConfig,
+    ReportConfig,
+)
+from pretrain.report import run
+
+KILN = shutil.which("kiln", path=str(Path(sys.executable).parent)) or "kiln"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def config(**report: str) -> KilnConfig:
+    return KilnConfig(
+        model=DecoderConfig(),
+        objective=CausalLMConfig(),
+        engine=DDPEngineConfig(),
+        cluster=LocalClusterConfig(),
+        report=ReportConfig(**report),
+    )
+
+
+def write_metrics(run_dir: Path, steps: int = 50, fields: tuple[str, ...] | None = None) -> None:
+    """A synthetic run: train records every step, eval every 10, an event, a resumed repeat
+    of step 20 and a line cut by a crash."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(1, steps + 1):
+        record = {
+            "step": step,
+            "kind": "train",
+            "time": 1.7e9 + step,
+            "loss": 8.0 * math.exp(-step / 20) + 2.0,
+            "lr": 3e-4 * min(1.0, step / 10),
+            "grad_norm": 1.0,
+            "tokens_per_s": 50_000.0 + step,
+            "tokens_seen": 4096 * step,
+            "mfu": 0.35,
+            "step_time": 0.08,
+        }
+        if fields is not None:
+            record = {k: v for k, v in record.items() if k in ("step", "kind", "time", *fields)}
+        lines.append(json.dumps(record))
+        if step % 10 == 0:
+            lines.append(json.dumps({"step": step, "kind": "eval", "eval_loss": 9.0 - step / 10}))
+    lines.insert(5, json.dumps({"step": 5, "kind": "event", "message": "resumed"}))
+    lines.append(json.dumps({"step": 20, "kind": "eval", "eval_loss": 1.5}))  # a resumed repeat
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 51, "ki\n')
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", path
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"  # complete file
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_run_report_writes_one_png_per_metric_and_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir)
+    assert run(config(run_dir=str(run_dir))) == 0
+    out = capsys.readouterr().out
+    names = ["loss.png", "lr.png", "tokens_per_s.png", "mfu.png"]
+    assert sorted(p.name for p in (run_dir / "report").iterdir()) == sorted(names)
+    for name in names:
+        assert_png(run_dir / "report" / name)
+        assert f"wrote {run_dir / 'report' / name}" in out
+    assert "steps" in out and "1 .. 50" in out
+    assert "best eval loss      1.5000 at step 20" in out  # the repeat of step 20 won
+    assert "MFU (median)        35.0%" in out
+    assert "tokens seen         205K (204,800)" in out
+
+
+def test_only_logged_metrics_are_plotted_and_output_is_honoured(tmp_path: Path) -> None:
+    run_dir, out_dir = tmp_path / "run", tmp_path / "plots" / "here"
+    write_metrics(run_dir, steps=3, fields=("loss", "lr"))
+    assert run(config(run_dir=str(run_dir), output=str(out_dir))) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["loss.png", "lr.png"]
+    assert not (run_dir / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing_dir", "report.run_dir={run_dir} is not a directory"),
+        ("no_metrics", "no metrics.jsonl in {run_dir}"),
+        ("empty", "{run_dir}/metrics.jsonl has no train or eval records"),
+        ("events_only", "{run_dir}/metrics.jsonl has no train or eval records"),
+    ],
+)
+def test_run_errors_are_one_line_and_exit_1(
+    setup: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    if setup != "missing_dir":
+        run_dir.mkdir()
+    if setup == "empty":
+        (run_dir / "metrics.jsonl").write_text("")
+    if setup == "events_only":
+        (run_dir / "metrics.jsonl").write_text('{"step": 0, "kind": "event", "message": "x"}\n')
+    assert run(config(run_dir=str(run_dir))) == 1
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert line.startswith("kiln report: " + message.format(run_dir=run_dir))
+    assert captured.out == ""
+
+
+def test_nothing_to_report_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config()) == 1
+    assert "pass report.run_dir=RUN_DIR" in capsys.readouterr().err
+
+
+def data_report() -> dict:
+    def source(weight: float, docs: int, train: int, val: int, shards: int, share: float) -> dict:
+        return {
+            "weight": weight,
+            "natural_share": share,
+            "documents_out": {"train": docs - 1, "val": 1},
+            "tokens_out": {"train": train, "val": val},
+            "shards": {"train": shards - 1, "val": 1},
+        }
+
+    return {
+        "status": "ok",
+        "output_dir": "out/data",
+        "sources": {
+            "code": source(2.0, 120, 1_500_000, 15_000, 3, 0.75),
+            "prose": source(1.0, 80, 500_000, 5_000, 2, 0.25),
+        },
+        "stages": {},
+        "tokenizer": {"vocab_size": 4096, "model_type": "bpe"},
+    }
+
+
+def test_data_report_prints_sources_tokens_and_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "report.json").write_text(json.dumps(data_report()))
+    assert run(config(data_dir=str(data_dir))) == 0
+    out = capsys.readouterr().out
+    assert "kiln data: out/data (status ok)" in out
+    rows = {
+        cells[0]: cells[1:]
+        for line in out.splitlines()
+        if line.startswith("│") and (cells := [c.strip() for c in line.strip("│").split("│")])
+    }
+    assert rows == {
+        "code": ["2", "120", "1,500,000", "15,000", "3", "75.0%"],
+        "prose": ["1", "80", "500,000", "5,000", "2", "25.0%"],
+        "total": ["", "200", "2,000,000", "20,000", "5", ""],
+    }
+    assert "tokenizer: vocab 4,096" in out
+
+
+def test_data_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config(data_dir=str(tmp_path / "nope"))) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert run(config(data_dir=str(tmp_path))) == 1
+    assert f"no report.json in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text("{not json")
+    assert run(config(data_dir=str(tmp_path))) == 1
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [KILN, "report", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
+
+
+def test_kiln_report_end_to_end_writes_only_the_plots(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    write_metrics(run_dir)
+    result = kiln(f"report.run_dir={run_dir}", f"report.output={out_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr
+    for name in ("loss", "lr", "tokens_per_s", "mfu"):
+        assert f"wrote {out_dir / name}.png" in result.stdout
+        assert_png(out_dir / f"{name}.png")
+    assert list(work.iterdir()) == []  # no Hydra run directory, no log file
+    missing = kiln(f"report.run_dir={tmp_path / 'absent'}", cwd=work)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert (
+        missing.stderr.strip()
+        == f"kiln report: report.run_dir={tmp_path / 'absent'} is not a directory"
+    )
+    assert list(work.iterdir()) == []

@@ -1,0 +1,117 @@
+"""`kiln train` end to end on 2 CPU ranks (torchrun, gloo): the loss falls, a SIGKILLed run
+resumes bitwise, injected NaNs are skipped and counted, SIGTERM saves and asks for a requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_loader import write_corpus
+
+KILN = Path(sys.executable).parent / "kiln"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_corpus(out, {"web": [200, 150, 180]}, {"web": 1.0})
+    return out
+
+
+def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny_decoder", "objective=clm", "engine=ddp", "cluster=local_cpu", "data=small",
+        f"data.path={corpus}", "data.seq_len=32", "data.global_batch_size=8",
+        "data.micro_batch_size=2", "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}",
+        "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.eval_every=0",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "logger.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def kiln_train(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KILN), "train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = kiln_train(train_args(corpus, run_dir, "trainer.max_steps=24"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_step = losses(run_dir)
+    assert sorted(per_step) == list(range(1, 25))
+    assert sum(list(per_step.values())[-4:]) / 4 < per_step[1] - 0.5  # it learns
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000016", "step_00000020", "step_00000024"]  # keep_checkpoints=3
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000024"
+
+
+def test_sigkill_and_resume_gives_bitwise_identical_losses(corpus: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert kiln_train(train_args(corpus, reference), tmp_path).returncode == 0
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([str(KILN), "train", *train_args(corpus, run_dir)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert latest.read_text() in ("step_00000004", "step_00000008")
+    result = kiln_train(train_args(corpus, run_dir), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = losses(run_dir), losses(reference)
+    assert ours.keys() == theirs.keys()
+    assert ours == theirs  # bitwise: the same floats, step by step
+
+
+def test_injected_nan_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "nan"
+    env = dict(os.environ, KILN_FAULT_NAN_STEPS="3,4")
+    result = kiln_train(train_args(corpus, run_dir, "trainer.max_steps=8"), tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if r.get("kind") == "train"}
+    assert train[3]["skipped"] and train[4]["skipped"] and not train[5]["skipped"]
+    assert train[8]["nonfinite_steps"] == 2
+    assert all(v == v for v in (train[s]["loss"] for s in (5, 6, 7, 8)))  # finite again
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_status(corpus: Path, tmp_path: Path) -> None:
+    from pretrain.trainer import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "term"
+    args = train_args(
+        corpus, run_dir, "trainer.max_steps=100000", "trainer.checkpoint_every=100000"
+    )
+    process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (
+        not metrics.is_file() or len(metrics.read_text().splitlines()) < 4
+    ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)  # what Slurm sends at the time limit
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    step = json.loads((run_dir / "checkpoints" / latest / "trainer.json").read_text())["step"]
+    assert step >= 3 and latest == f"step_{step:08d}"
