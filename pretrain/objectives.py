@@ -373,19 +373,33 @@ class CausalLM(Objective):
         return self.batch(tokens, document_ids)
 
     def batch(self, tokens: np.ndarray, document_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Transform (..., seq_len + 1) windows at once into (..., seq_len) arrays."""
+        """Transform (..., seq_len + 1) windows at once into (..., seq_len) arrays.
+
+        The loader's hot path, so it does the least work: labels are a view unless the
+        window holds a pad id, and the row-local ids the loader passes (0, 1, 2, ... counted
+        from each row's start, non-decreasing) are used as they are.
+        """
         tokens = np.asarray(tokens, dtype=np.int64)
-        labels = tokens[..., 1:].copy()  # (..., L)
-        labels[labels == self.special.pad] = IGNORE_INDEX
-        return {
-            "input_ids": tokens[..., :-1],
-            "labels": labels,
-            **_positions_and_documents(
-                np.asarray(document_ids)[..., :-1],
+        labels = tokens[..., 1:]  # (..., L)
+        if (labels == self.special.pad).any():
+            labels = np.where(labels == self.special.pad, IGNORE_INDEX, labels)
+        documents = np.asarray(document_ids)[..., :-1]
+        row_local = documents[..., :1].max(initial=0) == 0 if documents.size else True
+        out = {"input_ids": tokens[..., :-1], "labels": labels}
+        if not row_local or not self.reset_position_ids:
+            return out | _positions_and_documents(
+                documents,
                 reset_position_ids=self.reset_position_ids,
                 document_masking=self.document_masking,
-            ),
-        }
+            )
+        length = documents.shape[-1]
+        index = np.arange(length, dtype=np.int64)
+        starts = np.zeros(documents.shape, dtype=np.int64)
+        starts[..., 1:] = np.where(documents[..., 1:] != documents[..., :-1], index[1:], 0)
+        out["position_ids"] = index - np.maximum.accumulate(starts, axis=-1)
+        if self.document_masking:
+            out["document_ids"] = documents.astype(np.int64, copy=False)
+        return out
 
 
 class MaskedLM(Objective):

@@ -34,6 +34,7 @@ from pretrain.data.shard_reader import ShardIndex, SourceStream
 
 log = logging.getLogger("kiln.data")
 SAMPLE_SEED_SALT = 7919  # keeps sample RNG streams apart from the order's
+TRANSFER_BLOCK = 8  # micro-batches a DataLoader worker builds and sends at a time
 
 
 class Objective(Protocol):
@@ -207,22 +208,71 @@ class ShardDataset(IterableDataset):
         start += b.rank * b.micro_batch
         return range(start, start + b.micro_batch)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
+        """In the main process: micro-batches. In a DataLoader worker: for each block of
+        `TRANSFER_BLOCK` consecutive micro-batches (worker w of n takes blocks w, w + n, ...),
+        one tuple of stacked runs of equally shaped micro-batches: every tensor crossing
+        between processes costs a shared-memory segment and a file descriptor, so sending a
+        few large tensors instead of many small ones is what keeps workers fast."""
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         total = None if self.num_steps is None else self.num_steps * self.batching.accumulation
-        number = worker
-        while total is None or number < total:
-            step = self.start_step + number // self.batching.accumulation
-            yield self.micro_batch(self.micro_batch_indices(number), step)
-            number += workers
+        if info is None:
+            number = 0
+            while total is None or number < total:
+                yield self.numbered_micro_batch(number)
+                number += 1
+            return
+        block = info.id
+        while total is None or block * TRANSFER_BLOCK < total:
+            first = block * TRANSFER_BLOCK
+            last = first + TRANSFER_BLOCK if total is None else min(first + TRANSFER_BLOCK, total)
+            batches = [self.numbered_micro_batch(number) for number in range(first, last)]
+            yield tuple(_stack_runs(batches))
+            block += info.num_workers
+
+    def numbered_micro_batch(self, number: int) -> dict[str, torch.Tensor]:
+        step = self.start_step + number // self.batching.accumulation
+        return self.micro_batch(self.micro_batch_indices(number), step)
+
+
+def _stack_runs(batches: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive micro-batches with the same keys and shapes, stacked along a new dim 0."""
+    run: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        if run and {k: v.shape for k, v in batch.items()} != {
+            k: v.shape for k, v in run[0].items()
+        }:
+            yield {key: torch.stack([b[key] for b in run]) for key in run[0]}
+            run = []
+        run.append(batch)
+    if run:
+        yield {key: torch.stack([b[key] for b in run]) for key in run[0]}
+
+
+class MicroBatches:
+    """Iterates a rank's micro-batches, unpacking what DataLoader workers send in blocks."""
+
+    def __init__(self, dataloader: DataLoader) -> None:
+        self.dataloader = dataloader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.dataloader.num_workers == 0:
+            if self.dataloader.pin_memory:
+                yield from self.dataloader
+            else:  # nothing for the DataLoader to do in this process: skip its machinery
+                yield from self.dataloader.dataset  # type: ignore[misc]
+            return
+        for runs in self.dataloader:
+            for stacked in runs:
+                for k in range(stacked["index"].shape[0]):
+                    yield {key: value[k] for key, value in stacked.items()}
 
 
 @dataclass
 class Loader:
     """A rank's DataLoader and what the trainer needs to know about it."""
 
-    loader: DataLoader
+    loader: MicroBatches  # iterate it for this rank's micro-batches, in order
     dataset: ShardDataset
     state: LoaderState
     manifest: Manifest
@@ -392,11 +442,11 @@ def build_loader(
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,  # blocks of TRANSFER_BLOCK micro-batches
         persistent_workers=False,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
     )
-    return Loader(loader, dataset, state, manifest, skipped)
+    return Loader(MicroBatches(loader), dataset, state, manifest, skipped)
 
 
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
