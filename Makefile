@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The whole chain on this machine: stdlib -> tokenizer and shards -> a tiny decoder trained by
+# 2 CPU ranks with DeepSpeed ZeRO-2 -> checkpoint, a sample, the W&B offline run -> plots.
 demo: install
 	$(KILN) data experiment=demo
-	$(KILN) plan experiment=demo
+	$(KILN) train experiment=demo
+	$(KILN) report experiment=demo report.run_dir=out/demo/run
 
 services:
 	bash scripts/install-services.sh

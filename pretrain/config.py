@@ -536,6 +536,8 @@ class TrainerConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
+    sample_prompt: str = "def "  # decoders: a sample printed at the end of the run
+    sample_tokens: int = 48
 
 
 @dataclass

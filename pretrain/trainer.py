@@ -163,6 +163,8 @@ def train(cfg: Any, context: Any) -> int:
         if signalled:
             exit_code = REQUEUE_EXIT_CODE
             break
+    if exit_code == 0 and state.step >= trainer.max_steps:
+        _finish_run(cfg, engine, loader, run_dir, logger, state)
     if logger is not None:
         logger.finish()
     if rank == 0:  # the exit status survives torchrun, which reports any failure as 1
@@ -175,6 +177,39 @@ def train(cfg: Any, context: Any) -> int:
         }
         atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
     return exit_code
+
+
+def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
+                state: TrainState) -> None:  # fmt: skip
+    """At the end of a run: the consolidated checkpoint for `kiln export` (run_dir/final) and,
+    for decoders, a generated sample printed and logged."""
+    from pretrain.checkpoint_io import save_consolidated
+    from pretrain.models import build_model
+
+    weights = engine.full_state_dict()  # collective
+    if logger is None or weights is None:
+        return
+    model = build_model(cfg.model)
+    model.load_state_dict(weights)
+    tokenizer = Path(cfg.data.path) / loader.manifest.tokenizer.path
+    path = save_consolidated(model, cfg.model, run_dir / "final",
+                             tokenizer if tokenizer.is_file() else None)  # fmt: skip
+    logger.log({"kind": "event", "step": state.step, "event": "final", "path": str(path)})
+    if cfg.model.family != "decoder" or not tokenizer.is_file():
+        return
+    from data_pipeline.tokenizer import load_processor
+    from pretrain.models.generation import SamplingConfig, generate
+
+    processor = load_processor(tokenizer)
+    prompt = cfg.trainer.sample_prompt
+    eos = loader.manifest.tokenizer.special_ids["eos"]
+    # temperature with top-k (seeded): greedy decoding of a small model repeats one token
+    sampling = SamplingConfig(max_new_tokens=cfg.trainer.sample_tokens, temperature=0.8,
+                              top_k=50, stop_tokens=(eos,), seed=cfg.trainer.seed)  # fmt: skip
+    tokens = generate(model.eval(), [processor.encode(prompt)], sampling)[0]
+    text = prompt + processor.decode([t for t in tokens if t != eos])
+    print(f"kiln train: sample after {state.step} steps:\n{text}\n", flush=True)
+    logger.log({"kind": "event", "step": state.step, "event": "sample", "text": text})
 
 
 def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int) -> None:

@@ -57,6 +57,10 @@ def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000016", "step_00000020", "step_00000024"]  # keep_checkpoints=3
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000024"
+    from pretrain.checkpoint_io import load_consolidated  # the export's input, at the end
+
+    model_cfg, model = load_consolidated(run_dir / "final")
+    assert model_cfg.name == "tiny_decoder" and sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_sigkill_and_resume_gives_bitwise_identical_losses(corpus: Path, tmp_path: Path) -> None:
