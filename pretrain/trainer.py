@@ -103,6 +103,9 @@ def train(cfg: Any, context: Any) -> int:
                     "resumed_from": str(resume_from) if resume_from else None})  # fmt: skip
     stop = StopSignal()
     nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")
+    # narrower faults: only this micro-batch index / only this rank (default: all of them)
+    nan_micro = os.environ.get("KILN_FAULT_NAN_MICRO", "")
+    nan_rank = os.environ.get("KILN_FAULT_NAN_RANK", "")
     tokens_per_step = data.global_batch_size * data.seq_len
     flops_per_token = _flops_per_token(cfg)
     peak = cfg.cluster.peak_tflops * 1e12 * world
@@ -118,7 +121,11 @@ def train(cfg: Any, context: Any) -> int:
             batch = next(batches)
             wait += time.perf_counter() - fetched
             last = micro == accumulation - 1
-            poison = state.step + 1 in nan_steps  # fault injection (tests)
+            poison = (  # fault injection (tests)
+                state.step + 1 in nan_steps
+                and nan_micro in ("", str(micro))
+                and nan_rank in ("", str(rank))
+            )
             loss = engine.forward_backward(batch, last, poison=poison)
             losses.append(float(loss))
         grad_norm, skipped = engine.optimizer_step()
