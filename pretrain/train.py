@@ -51,7 +51,8 @@ def init_distributed(cfg: Any) -> Context:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # with NCCL, gloo carries the loop's small CPU tensors (stop flags, metric means)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -1,0 +1,297 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the `Engine` interface.
+
+`deepspeed_config` is the one place a DeepSpeed config dict is built, from the typed
+`DeepSpeedEngineConfig`. The optimizer and schedule are ours (`pretrain.optim`: torch AdamW
+over the weight-decay groups, `LambdaLR`), handed to `deepspeed.initialize`, which partitions
+them.
+
+Stepping. DeepSpeed owns gradient accumulation: every micro-batch runs `engine.backward` and
+`engine.step`, and the update happens inside the `engine.step` of the last micro-batch (the
+accumulation boundary, which must agree with the trainer's `last`). `optimizer_step` then only
+reports what happened.
+
+Non-finite losses. After each micro-batch's forward, a flag all-reduced with MIN tells every
+rank whether the loss is finite on all of them, so every rank takes the same branch:
+
+* a micro-batch whose loss is not finite anywhere gets no backward pass (on any rank), and
+  neither do the later micro-batches of the same step (their forward still runs, for the
+  loss metric);
+* the step is dropped as a whole, like DDP and FSDP where one NaN micro-batch poisons the
+  accumulated gradient: the gradients the step's earlier, finite micro-batches had already
+  accumulated (reduced into ZeRO's partitions) are discarded, no parameter or optimizer state
+  changes, and the step is reported as skipped (`optimizer_step` returns `skipped=True`).
+  Discarding goes through DeepSpeed's own non-finite-gradient path (the one fp16 overflow
+  uses; ZeRO stages 1-3 and the bf16 optimizer check the global gradient norm before the
+  update, clear every accumulated gradient and skip the update when it is not finite): on the
+  step's last micro-batch a poisoned step runs its one backward on a NaN-valued loss, so the
+  check trips on every rank. Plain fp32 stage 0 has no such check (DeepSpeed hands the torch
+  optimizer the gradients as they are): there this engine drops the gradients itself before
+  `engine.step`, and also when the reduced gradient norm is not finite;
+* DeepSpeed does not advance the schedule on a step it skips; this engine does, so the
+  learning rate stays a function of the step number, as with the other engines.
+
+A step whose losses are finite but whose gradient is not (an overflow in backward) is dropped
+by the same DeepSpeed check and reported as skipped too.
+
+Checkpoints are DeepSpeed's (`save_checkpoint` / `load_checkpoint` with optimizer and
+scheduler state, under the tag `deepspeed`), and resume bitwise on CPU. ZeRO partitions the
+optimizer state by data-parallel rank and DeepSpeed cannot repartition it at load time, so a
+checkpoint resumes only at the world size (and ZeRO stage) that wrote it; `load` says so
+before DeepSpeed is asked. (DeepSpeed's offline `ds_to_universal` conversion followed by
+`checkpoint.load_universal` would lift that; it is not wired in.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pretrain.engine import Engine, compute_loss, finite
+
+TAG = "deepspeed"  # the checkpoint's sub-directory (DeepSpeed's "tag")
+META = "deepspeed_engine.json"  # world size and stage of the run that wrote a checkpoint
+STEPS_PER_PRINT = 2**30  # DeepSpeed's own progress lines: never (the trainer logs)
+PRECISIONS = ("auto", "bf16", "fp32")
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.",)  # what module.state_dict() leaves out
+
+
+def _device_type(cfg: Any) -> str:
+    cuda = cfg.cluster.accelerator == "cuda" and torch.cuda.is_available()
+    return "cuda" if cuda else "cpu"
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """bf16 weights and compute: on CUDA for `auto` and `bf16`; CPU runs train in fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"engine.precision={precision!r} is not one of {PRECISIONS}")
+    return device_type == "cuda" and precision in ("auto", "bf16")
+
+
+def deepspeed_config(
+    cfg: Any,
+    accumulation: int,
+    world: int,
+    *,
+    device_type: str | None = None,
+    parameters: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict of a run.
+
+    Args:
+        cfg: the whole run config (`engine` must be a `DeepSpeedEngineConfig`; `data` gives
+            the micro-batch size, `optim.grad_clip` the clipping norm).
+        accumulation: micro-batches per optimizer step on each rank.
+        world: data-parallel ranks.
+        device_type: "cuda" or "cpu"; None: CUDA when `cluster.accelerator` is cuda and a GPU
+            is visible (how `pretrain.train` picks the device).
+        parameters: the model's parameter count, when known: the bucket sizes are capped at
+            it (ZeRO allocates its buckets in full, and a 200M-element bucket for a small model
+            is gigabytes of memory and most of the step time).
+    """
+    engine = cfg.engine
+    device_type = device_type or _device_type(cfg)
+    stage = engine.zero_stage
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage={stage} is not one of 0, 1, 2, 3")
+    if engine.offload_params and stage != 3:
+        raise ValueError("engine.offload_params needs engine.zero_stage=3")
+    if engine.offload_optimizer and stage == 0:
+        raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+    cap = max(1, parameters) if parameters else None
+    reduce_bucket = min(int(engine.reduce_bucket_size), cap or engine.reduce_bucket_size)
+    allgather_bucket = min(int(engine.allgather_bucket_size), cap or engine.allgather_bucket_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage > 0:
+        zero.update(
+            overlap_comm=engine.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=reduce_bucket,
+        )
+    if stage in (1, 2):
+        zero["allgather_bucket_size"] = allgather_bucket
+    pin = device_type == "cuda"  # pinned host memory needs a GPU to pin for
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    micro = cfg.data.micro_batch_size
+    bf16 = uses_bf16(engine.precision, device_type)
+    clip = float(max(0.0, cfg.optim.grad_clip))  # 0: no clipping
+    config: dict[str, Any] = {
+        "train_batch_size": micro * accumulation * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        # fp32 stage 0 hands the torch optimizer plain gradients: the engine clips them itself
+        # (`engine_clips`), so that it sees the norm and can drop a non-finite step
+        "gradient_clipping": 0.0 if engine_clips(stage, bf16) else clip,
+        "zero_optimization": zero,
+        # check_grad_overflow: skip a step whose bf16 gradient is not finite (see the module doc)
+        "bf16": {"enabled": True, "check_grad_overflow": True} if bf16 else {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if engine.offload_optimizer or engine.offload_params:
+        config["zero_force_ds_cpu_optimizer"] = False  # keep the torch AdamW on offloaded state
+    return config
+
+
+def engine_clips(stage: int, bf16: bool) -> bool:
+    """Whether `DeepSpeedEngine` (not DeepSpeed) clips and checks the gradient: fp32 stage 0,
+    where DeepSpeed steps the torch optimizer directly and has no non-finite check."""
+    return stage == 0 and not bf16
+
+
+def _strip_wrappers(key: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        key = key.replace(prefix, "")
+    return key
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO stage `engine.zero_stage` over all ranks, stepped by DeepSpeed."""
+
+    def __init__(self, cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
+                 device: torch.device) -> None:  # fmt: skip
+        import deepspeed
+
+        from pretrain.optim import build_optimizer, build_scheduler
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.module = model
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.stage = cfg.engine.zero_stage
+        self.grad_clip = cfg.optim.grad_clip
+        numel = sum(p.numel() for p in model.parameters())
+        config = deepspeed_config(cfg, accumulation, self.world, device_type=device.type,
+                                  parameters=numel)  # fmt: skip
+        # With the optimizer state offloaded, AdamW steps CPU tensors (decides `fused`).
+        optimizer_device = "cpu" if cfg.engine.offload_optimizer else device.type
+        optimizer = build_optimizer(model, cfg.optim, device_type=optimizer_device)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                lr_scheduler=self.scheduler, config=config,
+                                                dist_init_required=False)  # fmt: skip
+        super().__init__(self.ds, accumulation, device)
+        # DeepSpeed's wrapped optimizers (ZeRO 1-3, bf16) drop a step whose gradient is not
+        # finite and say so through `overflow`; plain fp32 stage 0 steps the torch optimizer.
+        self.engine_clips = engine_clips(self.stage, uses_bf16(cfg.engine.precision, device.type))
+        if not self.engine_clips and not hasattr(self.ds.optimizer, "overflow"):
+            raise RuntimeError(
+                f"DeepSpeed optimizer {type(self.ds.optimizer).__name__} has no non-finite check"
+            )
+        self._poisoned = False  # a non-finite loss in the step being accumulated
+        self._dropped = False  # this engine dropped the step's gradients (fp32 stage 0)
+        self._norm: float | None = None  # fp32 stage 0: the step's gradient norm
+
+    def _finite_everywhere(self, loss: Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def forward_backward(
+        self, batch: dict[str, Tensor], last: bool, poison: bool = False
+    ) -> Tensor:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary != last:
+            raise RuntimeError(
+                f"DeepSpeed's accumulation boundary ({boundary}) disagrees with the trainer's "
+                f"last micro-batch ({last}): gradient_accumulation_steps != {self.accumulation}?"
+            )
+        loss = compute_loss(self.ds, self.to_device(batch))
+        if poison:
+            loss = loss * float("nan")
+        if not self._finite_everywhere(loss):
+            self._poisoned = True
+        if not self._poisoned:
+            self.ds.backward(loss)
+        elif last and not self.engine_clips:
+            # One backward of a NaN loss: DeepSpeed's non-finite check then discards every
+            # gradient accumulated for this step and skips the update (on every rank).
+            self.ds.backward(loss * float("nan"))
+        if last and self.engine_clips:
+            self._check_plain_gradients()
+        self.ds.step()  # applies (or skips) the update on the last micro-batch
+        return loss.detach()
+
+    def _check_plain_gradients(self) -> None:
+        """fp32 stage 0, at the boundary (after DeepSpeed's all-reduce): clip like the other
+        engines, or drop the gradients when the step is poisoned or their norm not finite."""
+        parameters = [p for p in self.module.parameters() if p.grad is not None]
+        if self._poisoned or not parameters:
+            norm = float("nan")
+        else:
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        self._norm = norm
+        if not finite(norm):
+            for parameter in self.module.parameters():
+                parameter.grad = None  # torch AdamW leaves a parameter without a gradient alone
+            self._dropped = True
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        applied = self.ds.was_step_applied()
+        skipped = self._poisoned or self._dropped or not applied
+        if not applied:
+            self.scheduler.step()  # DeepSpeed holds the schedule on a skipped step; we do not
+        if self._norm is not None:
+            norm = self._norm
+        else:
+            value = self.ds.get_global_grad_norm()
+            norm = float("nan") if value is None else float(value)
+        self._poisoned = self._dropped = False
+        self._norm = None
+        return norm, skipped
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+        if self.rank == 0:
+            meta = {"world_size": self.world, "zero_stage": self.stage}
+            (Path(directory) / META).write_text(json.dumps(meta))
+
+    def load(self, directory: Path) -> None:
+        meta_path = Path(directory) / META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory}: not a DeepSpeed engine checkpoint (no {META})")
+        meta = json.loads(meta_path.read_text())
+        if meta["zero_stage"] != self.stage:
+            raise RuntimeError(
+                f"{directory} was written with engine.zero_stage={meta['zero_stage']}; this run "
+                f"uses zero_stage={self.stage}. DeepSpeed checkpoints load at the stage that "
+                "wrote them."
+            )
+        if meta["world_size"] != self.world:
+            raise RuntimeError(
+                f"{directory} was written by {meta['world_size']} ranks; this run has "
+                f"{self.world}. DeepSpeed ZeRO partitions the optimizer state by rank and cannot "
+                f"repartition it when loading: resume with {meta['world_size']} ranks "
+                "(cluster.nodes * cluster.gpus_per_node), or use engine=fsdp, whose checkpoints "
+                "load at any world size."
+            )
+        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
+                                          load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)  # fmt: skip
+        if path is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint tagged {TAG!r}")
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        if self.stage == 3:
+            # collective: gathers one module's partitions at a time onto rank 0
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+            if state is None:
+                return None
+            return {_strip_wrappers(key): value for key, value in state.items()}
+        if self.rank != 0:
+            return None
+        return {key: value.detach().cpu() for key, value in self.module.state_dict().items()}

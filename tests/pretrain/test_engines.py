@@ -1,0 +1,230 @@
+"""The DeepSpeed and FSDP engines. The config dict DeepSpeed gets (fast), then end to end (slow):
+real 2-rank `kiln train` runs on CPU (torchrun, gloo). A SIGKILLed run resumes bitwise (ZeRO-2,
+ZeRO-3, FSDP), an FSDP checkpoint resumes at another world size while a DeepSpeed one refuses
+clearly, and injected NaNs are skipped and counted without touching the weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from test_loader import write_corpus
+
+from pretrain.config import KilnConfig, build_config, register_configs
+from pretrain.engine.deepspeed_engine import deepspeed_config
+
+KILN = Path(sys.executable).parent / "kiln"
+GLOBAL_BATCH = 8
+slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def train_config() -> Iterator[Callable[..., KilnConfig]]:
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        yield lambda *overrides: build_config(compose("train", overrides=list(overrides)))
+
+
+def test_deepspeed_config_from_the_typed_config(train_config) -> None:
+    cfg = train_config("engine=zero2", "data.global_batch_size=64", "data.micro_batch_size=4",
+                       "optim.grad_clip=0.5")  # fmt: skip
+    config = deepspeed_config(cfg, accumulation=8, world=2, device_type="cpu")
+    assert config["train_batch_size"] == 64 and config["gradient_accumulation_steps"] == 8
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_clipping"] == 0.5
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2 and zero["contiguous_gradients"] and zero["overlap_comm"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 200_000_000
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+    assert config["bf16"] == {"enabled": False}  # CPU trains in fp32
+    assert config["zero_allow_untested_optimizer"] and not config["wall_clock_breakdown"]
+    assert "zero_force_ds_cpu_optimizer" not in config
+    cuda = deepspeed_config(cfg, accumulation=8, world=2, device_type="cuda", parameters=1000)
+    assert cuda["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert cuda["zero_optimization"]["reduce_bucket_size"] == 1000  # capped at the model
+    fp32 = train_config("engine=zero2", "engine.precision=fp32")
+    assert not deepspeed_config(fp32, 1, 8, device_type="cuda")["bf16"]["enabled"]
+
+
+def test_deepspeed_config_offload_and_stage_specifics(train_config) -> None:
+    cfg = train_config("engine=zero3_offload")
+    config = deepspeed_config(cfg, accumulation=1, world=8, device_type="cuda")
+    zero = config["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert "allgather_bucket_size" not in zero  # stages 1-2 only
+    assert config["zero_force_ds_cpu_optimizer"] is False  # our torch AdamW stays
+    stage0 = train_config("engine=zero1", "engine.zero_stage=0", "optim.grad_clip=1.0")
+    assert deepspeed_config(stage0, 1, 2, device_type="cpu")["gradient_clipping"] == 0.0
+    assert deepspeed_config(stage0, 1, 2, device_type="cuda")["gradient_clipping"] == 1.0
+    cfg.engine.zero_stage = 2  # built by hand, past the config checks
+    with pytest.raises(ValueError, match="offload_params needs engine.zero_stage=3"):
+        deepspeed_config(cfg, accumulation=1, world=8)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_corpus(out, {"web": [200, 150, 180]}, {"web": 1.0})
+    return out
+
+
+def train_args(corpus: Path, run_dir: Path, engine: str, *extra: str) -> list[str]:
+    return [
+        "model=tiny_decoder", "objective=clm", f"engine={engine}", "cluster=local_cpu",
+        "data=small", f"data.path={corpus}", "data.seq_len=32",
+        f"data.global_batch_size={GLOBAL_BATCH}", "data.micro_batch_size=2",
+        "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}", "trainer.max_steps=12",
+        "trainer.checkpoint_every=4", "trainer.eval_every=0", "optim.lr=3e-3",
+        "optim.warmup_steps=2", "logger=none", "logger.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def kiln_train(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KILN), "train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+
+
+def records(run_dir: Path, kind: str) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r.get("kind") == kind}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in records(run_dir, "train").items()}
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The (fp32 master) model weights in a checkpoint of the deepspeed or fsdp engine."""
+    if (path / "deepspeed").is_dir():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    single = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(path / "fsdp", single)
+    return torch.load(single, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`reference(engine)`: an uninterrupted 12-step run of that engine (run once per module)."""
+    runs: dict[str, Path] = {}
+
+    def run(engine: str) -> Path:
+        if engine not in runs:
+            run_dir = tmp_path_factory.mktemp(f"reference_{engine}") / "run"
+            result = kiln_train(train_args(corpus, run_dir, engine), run_dir.parent)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[engine] = run_dir
+        return runs[engine]
+
+    return run
+
+
+@slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_sigkill_and_resume_gives_bitwise_identical_losses(
+    engine: str, corpus: Path, tmp_path: Path, reference
+) -> None:
+    theirs = losses(reference(engine))
+    assert sorted(theirs) == list(range(1, 13)) and all(map(math.isfinite, theirs.values()))
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([str(KILN), "train", *train_args(corpus, run_dir, engine)],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert latest.read_text() in ("step_00000004", "step_00000008")
+    result = kiln_train(train_args(corpus, run_dir, engine), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = losses(run_dir)
+    assert ours.keys() == theirs.keys()
+    assert ours == theirs  # bitwise: the same floats, step by step
+
+
+@slow
+def test_fsdp_resumes_at_another_world_size(corpus: Path, tmp_path: Path, reference) -> None:
+    source = reference("fsdp")
+    run_dir = tmp_path / "one_rank"
+    args = train_args(corpus, run_dir, "fsdp", "cluster.gpus_per_node=1",
+                      f"trainer.resume={checkpoint(source, 8)}")  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = next(r for r in records(run_dir, "event").values() if r["event"] == "start")
+    assert start["world_size"] == 1 and start["resumed_from"].endswith("step_00000008")
+    ours, theirs = losses(run_dir), losses(source)
+    assert sorted(ours) == [9, 10, 11, 12]
+    for step in ours:  # the same samples and weights: only the reduction order differs
+        assert math.isfinite(ours[step]) and abs(ours[step] - theirs[step]) < 1e-4
+    state = json.loads((checkpoint(run_dir, 12) / "trainer.json").read_text())
+    assert state["world_size"] == 1
+    assert state["loader"]["samples"] == 12 * GLOBAL_BATCH  # the cursor went on, no repeats
+
+
+@slow
+def test_deepspeed_refuses_another_world_size(corpus: Path, tmp_path: Path, reference) -> None:
+    source = reference("zero2")
+    args = train_args(corpus, tmp_path / "one_rank", "zero2", "cluster.gpus_per_node=1",
+                      f"trainer.resume={checkpoint(source, 8)}")  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode != 0
+    assert "written by 2 ranks; this run has 1" in result.stderr
+    assert "cannot repartition" in result.stderr
+
+
+@slow
+@pytest.mark.parametrize(
+    ("engine", "fault"),
+    [
+        # every micro-batch of steps 3 and 4, on both ranks
+        ("fsdp", {}),
+        # only rank 1's last micro-batch: the finite first micro-batch has already been reduced
+        # into ZeRO's partitions by then, and must be discarded with the rest of the step
+        ("zero2", {"KILN_FAULT_NAN_MICRO": "1", "KILN_FAULT_NAN_RANK": "1"}),
+        # only rank 0's first micro-batch: no backward for either micro-batch of the step,
+        # while ZeRO-3 gathers and releases partitioned parameters around the forwards
+        ("zero3", {"KILN_FAULT_NAN_MICRO": "0", "KILN_FAULT_NAN_RANK": "0"}),
+    ],
+    ids=["fsdp-all", "zero2-rank1-last-micro", "zero3-rank0-first-micro"],
+)
+def test_injected_nan_is_skipped_counted_and_leaves_the_weights(
+    engine: str, fault: dict[str, str], corpus: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "nan"
+    env = dict(os.environ, KILN_FAULT_NAN_STEPS="3,4", **fault)
+    args = train_args(corpus, run_dir, engine, "trainer.max_steps=6",
+                      "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10")  # fmt: skip
+    result = kiln_train(args, tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = records(run_dir, "train")
+    assert [train[s]["skipped"] for s in range(1, 7)] == [False, False, True, True, False, False]
+    assert train[6]["nonfinite_steps"] == 2
+    assert all(math.isfinite(train[s]["loss"]) for s in (5, 6))  # finite again
+    assert all(math.isfinite(train[s]["grad_norm"]) for s in (5, 6))
+    assert train[5]["lr"] < train[4]["lr"] < train[3]["lr"]  # the schedule went on regardless
+    before, after, next_step = (model_weights(checkpoint(run_dir, s)) for s in (2, 4, 5))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped: not touched
+    assert not all(torch.equal(after[k], next_step[k]) for k in after)  # step 5 trained
