@@ -536,6 +536,11 @@ class TrainerConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
+    # A step that takes longer than this dumps every thread's stack to stderr (a hang
+    # watchdog: a stuck collective, a dead data worker); 0 disables it.
+    watchdog_seconds: float = 1800.0
+    spike_window: int = 100  # losses kept to spot a spike
+    spike_zscore: float = 4.0  # a loss this many standard deviations above the window is logged
     sample_prompt: str = "def "  # decoders: a sample printed at the end of the run
     sample_tokens: int = 48
 

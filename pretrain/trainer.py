@@ -10,6 +10,8 @@ Run by every rank (under torchrun, or alone); see `pretrain/train.py` for the en
 
 from __future__ import annotations
 
+import collections
+import faulthandler
 import json
 import math
 import os
@@ -56,6 +58,26 @@ class StopSignal:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class SpikeDetector:
+    """Flags a loss far above the recent ones (z-score over a sliding window)."""
+
+    def __init__(self, window: int, threshold: float) -> None:
+        self.losses: collections.deque[float] = collections.deque(maxlen=window)
+        self.threshold = threshold
+
+    def add(self, loss: float) -> float | None:
+        """Record `loss`; return its z-score when it is a spike, else None."""
+        zscore = None
+        if len(self.losses) >= 20:
+            mean = sum(self.losses) / len(self.losses)
+            std = (sum((x - mean) ** 2 for x in self.losses) / len(self.losses)) ** 0.5
+            if std > 0 and (loss - mean) / std > self.threshold:
+                zscore = (loss - mean) / std
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        return zscore
 
 
 def mean_across_ranks(value: float) -> float:
@@ -112,7 +134,10 @@ def train(cfg: Any, context: Any) -> int:
     batches = iter(loader.loader)
     exit_code = 0
     start_step = state.step
+    spikes = SpikeDetector(trainer.spike_window, trainer.spike_zscore)
     while state.step < trainer.max_steps:
+        if trainer.watchdog_seconds > 0:  # re-armed every step: fires only if one step hangs
+            faulthandler.dump_traceback_later(trainer.watchdog_seconds, repeat=True)
         started = time.perf_counter()
         wait = 0.0
         losses = []
@@ -147,6 +172,10 @@ def train(cfg: Any, context: Any) -> int:
                 "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
                 "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
             })  # fmt: skip
+        zscore = spikes.add(loss) if not skipped else None
+        if zscore is not None and logger is not None:
+            logger.log({"kind": "event", "step": state.step, "event": "loss_spike",
+                        "loss": loss, "zscore": zscore})  # fmt: skip
         if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
             if logger is not None:
                 logger.log({"kind": "event", "step": state.step, "event": "stopped",
@@ -170,6 +199,7 @@ def train(cfg: Any, context: Any) -> int:
         if signalled:
             exit_code = REQUEUE_EXIT_CODE
             break
+    faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
         _finish_run(cfg, engine, loader, run_dir, logger, state)
     if logger is not None:
