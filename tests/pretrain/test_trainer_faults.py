@@ -1,0 +1,133 @@
+"""`kiln train` on 2 CPU ranks under faults and for the other families: a crash in the middle
+of a checkpoint save leaves `latest` on the previous complete checkpoint and the resumed run
+matches an uninterrupted one bitwise; encoders (MLM) and encoder-decoders (span corruption)
+train end to end; an offline W&B run records metrics and config and never the API key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_loader import write_corpus
+
+KILN = Path(sys.executable).parent / "kiln"
+pytestmark = pytest.mark.slow
+FAKE_KEY = "fake-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    # sentinel ids in the tokenizer record, for span corruption
+    write_corpus(out, {"web": [200, 150, 180]}, {"web": 1.0}, sentinels=100)
+    return out
+
+
+def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny_decoder", "objective=clm", "engine=ddp", "cluster=local_cpu", "data=small",
+        f"data.path={corpus}", "data.seq_len=32", "data.global_batch_size=8",
+        "data.micro_batch_size=2", "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}",
+        "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.eval_every=0",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "logger.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def kiln_train(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KILN_FAULT_")}
+    return subprocess.run([str(KILN), "train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=environment | env)  # fmt: skip
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Step -> loss; a step logged again after a resume keeps its last record."""
+    return {r["step"]: r["loss"] for r in rows if r.get("kind") == "train"}
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    result = kiln_train(train_args(corpus, reference), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run_dir = tmp_path / "crashed"
+    result = kiln_train(train_args(corpus, run_dir), tmp_path, KILN_FAULT_CRASH_IN_SAVE="8")
+    assert result.returncode != 0, "the run survived a crash in the middle of a save"
+    assert not (run_dir / "exit.json").exists()  # rank 0 died before it could write one
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    previous = checkpoints / "step_00000004"
+    assert json.loads((previous / "trainer.json").read_text())["step"] == 4
+    assert not (checkpoints / "step_00000008").exists()  # never renamed into place
+    half_written = checkpoints / ".step_00000008.tmp"
+    if half_written.exists():  # the engine state, but no trainer.json
+        assert not (half_written / "trainer.json").exists()
+    assert max(train_losses(records(run_dir))) == 8  # it got as far as the save at step 8
+
+    result = kiln_train(train_args(corpus, run_dir), tmp_path)  # no fault this time
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = records(run_dir)
+    starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
+    assert len(starts) == 2
+    resumed = rows[starts[-1]]
+    assert resumed["step"] == 4 and Path(resumed["resumed_from"]).name == "step_00000004"
+    assert sorted(train_losses(rows[starts[-1] :])) == list(range(5, 13))
+    assert (checkpoints / "latest").read_text() == "step_00000012"
+    assert not half_written.exists()  # the save at step 8 replaced it
+    ours, theirs = train_losses(rows), train_losses(records(reference))
+    assert sorted(ours) == sorted(theirs) == list(range(1, 13))
+    assert ours == theirs  # bitwise: the same floats, step by step
+
+
+@pytest.mark.parametrize(
+    ("model", "objective"),
+    [("tiny_encoder", "mlm"), ("tiny_encoder_decoder", "span")],
+)
+def test_each_family_trains_with_its_objective(
+    corpus: Path, tmp_path: Path, model: str, objective: str
+) -> None:
+    run_dir = tmp_path / model
+    args = train_args(corpus, run_dir, f"model={model}", f"objective={objective}",
+                      "trainer.max_steps=30", "trainer.checkpoint_every=100")  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_step = train_losses(records(run_dir))
+    assert sorted(per_step) == list(range(1, 31))
+    last = [per_step[step] for step in range(26, 31)]
+    assert sum(last) / len(last) < per_step[1] - 0.4, per_step  # it learns
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
+    from pretrain.checkpoint_io import load_consolidated
+
+    model_cfg, weights = load_consolidated(run_dir / "final")
+    assert model_cfg.name == model and sum(p.numel() for p in weights.parameters()) > 0
+
+
+def test_wandb_offline_run_has_metrics_and_config_and_no_key(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "wandb_run"
+    args = train_args(corpus, run_dir, "logger=wandb", "logger.mode=offline",
+                      "trainer.max_steps=6")  # fmt: skip
+    result = kiln_train(args, tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_SILENT="true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].is_dir()
+    (log,) = offline[0].glob("run-*.wandb")
+    data = log.read_bytes()
+    assert data, "the offline W&B log is empty"
+    assert b"train/loss" in data  # the metrics...
+    assert b"tiny_decoder" in data  # ...and the config
+    leaked = [
+        str(path.relative_to(run_dir))
+        for path in run_dir.rglob("*")
+        if path.is_file() and FAKE_KEY.encode() in path.read_bytes()
+    ]
+    assert not leaked, f"the API key was written to {leaked}"
+    assert FAKE_KEY not in result.stdout + result.stderr
+    assert sorted(train_losses(records(run_dir))) == list(range(1, 7))
