@@ -56,6 +56,7 @@ format: install
 bench: install
 	$(PY) bench/data_pipeline.py --repeat 3
 	$(PY) bench/loader.py --repeat 3
+	$(PY) bench/trainer.py --repeat 3
 
 clean:
 	rm -rf $(VENV) runs outputs out .pytest_cache

@@ -244,7 +244,9 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     sampling = SamplingConfig(max_new_tokens=cfg.trainer.sample_tokens, temperature=0.8,
                               top_k=50, stop_tokens=(eos,), seed=cfg.trainer.seed)  # fmt: skip
     tokens = generate(model.eval(), [processor.encode(prompt)], sampling)[0]
-    text = prompt + processor.decode([t for t in tokens if t != eos])
+    # a model vocabulary padded past the tokenizer's (e.g. 50304) can emit ids it lacks
+    known = processor.vocab_size()
+    text = prompt + processor.decode([t for t in tokens if t != eos and t < known])
     print(f"kiln train: sample after {state.step} steps:\n{text}\n", flush=True)
     logger.log({"kind": "event", "step": state.step, "event": "sample", "text": text})
 
