@@ -283,8 +283,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+MANIFEST_NAME = "manifest.json"
+
+
 def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST_NAME
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
@@ -292,7 +295,7 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
 
 def read_manifest(out_dir: Path) -> Manifest:
     """Load `out_dir/manifest.json`, checking its format and version."""
-    path = Path(out_dir) / "manifest.json"
+    path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ShardFormatError(f"{path}: no manifest (run `kiln data output_dir={out_dir}` first)")
     try:

@@ -269,7 +269,11 @@ class OptimConfig:
 class DataConfig:
     """How the trainer reads shards written by `kiln data`."""
 
-    path: str = "out/data"  # directory holding manifest.json (from `kiln data`)
+    # directory holding manifest.json (from `kiln data`); or that directory on a server or in a
+    # bucket: a URL (https://, gs://, ...) or 'pipe:CMD' with {path} for each file's relative
+    # path, fetched once into cache_dir (see pretrain/data/remote.py)
+    path: str = "out/data"
+    cache_dir: str = ""  # "" = $KILN_CACHE_DIR or ~/.cache/kiln/data
     seq_len: int = 1024  # tokens per training sequence (encoder input length for T5)
     global_batch_size: int = 512  # sequences per optimizer step, across all ranks
     micro_batch_size: int = 8  # sequences per rank per forward/backward

@@ -30,6 +30,45 @@ def document_positions(document_ids: np.ndarray) -> np.ndarray:
     return index - start
 
 
+# Packed rows hold few document boundaries (a document is usually longer than a row), so the
+# loader's hot path finds them with one vectorised search and then fixes up a slice per
+# boundary; a running cumsum / maximum over every token costs several times more. Above this
+# many boundaries per row the dense scans win again.
+SPARSE_BOUNDARIES_PER_ROW = 2
+
+
+def ids_after_ends(tokens: np.ndarray, end_id: int) -> np.ndarray:
+    """(B, N) int64 row-local document ids of (B, N) packed rows: the number of `end_id`
+    tokens strictly before each position (0 at each row's start)."""
+    rows, width = tokens.shape
+    is_end = tokens[:, :-1] == end_id
+    ends = np.flatnonzero(is_end)
+    ids = np.zeros((rows, width), dtype=np.int64)
+    if ends.size > SPARSE_BOUNDARIES_PER_ROW * rows:
+        np.cumsum(is_end, axis=1, out=ids[:, 1:])
+        return ids
+    for flat in ends.tolist():
+        row, column = divmod(flat, width - 1)
+        ids[row, column + 1 :] += 1
+    return ids
+
+
+def row_positions(document_ids: np.ndarray) -> np.ndarray:
+    """(..., L) int64 positions restarting at 0 at each document, like `document_positions`,
+    for row-local ids (non-decreasing from 0 along each row), with the sparse fix-up."""
+    shape = document_ids.shape
+    width = shape[-1]
+    ids = document_ids.reshape(-1, width)
+    changes = np.flatnonzero(ids[:, 1:] != ids[:, :-1])
+    if changes.size > SPARSE_BOUNDARIES_PER_ROW * ids.shape[0]:
+        return document_positions(document_ids)
+    positions = np.tile(np.arange(width, dtype=np.int64), (ids.shape[0], 1))
+    for flat in changes.tolist():
+        row, column = divmod(flat, width - 1)
+        positions[row, column + 1 :] -= positions[row, column + 1]
+    return positions.reshape(shape)
+
+
 def renumber_documents(document_ids: np.ndarray) -> np.ndarray:
     """(..., L) int64 row-local document ids 0, 1, 2, ... (one per run of equal input ids)."""
     return np.cumsum(document_starts(document_ids), axis=-1, dtype=np.int64) - 1

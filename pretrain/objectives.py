@@ -48,6 +48,7 @@ from pretrain.noising import (
     noise_counts,
     random_spans_noise_mask,
     renumber_documents,
+    row_positions,
     word_ids,
 )
 
@@ -392,11 +393,7 @@ class CausalLM(Objective):
                 reset_position_ids=self.reset_position_ids,
                 document_masking=self.document_masking,
             )
-        length = documents.shape[-1]
-        index = np.arange(length, dtype=np.int64)
-        starts = np.zeros(documents.shape, dtype=np.int64)
-        starts[..., 1:] = np.where(documents[..., 1:] != documents[..., :-1], index[1:], 0)
-        out["position_ids"] = index - np.maximum.accumulate(starts, axis=-1)
+        out["position_ids"] = row_positions(documents)
         if self.document_masking:
             out["document_ids"] = documents.astype(np.int64, copy=False)
         return out

@@ -228,7 +228,7 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
         return
     model = build_model(cfg.model)
     model.load_state_dict(weights)
-    tokenizer = Path(cfg.data.path) / loader.manifest.tokenizer.path
+    tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
     path = save_consolidated(model, cfg.model, run_dir / "final",
                              tokenizer if tokenizer.is_file() else None)  # fmt: skip
     logger.log({"kind": "event", "step": state.step, "event": "final", "path": str(path)})

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Slurm test fixture needs (tests/services/slurm.py):
-# slurmctld, slurmd, slurm-client and munge. Idempotent: does nothing when
-# slurmctld and munged are already installed. Must run as root.
+# slurmctld, slurmd, slurm-client and munge; and curl, which webdataset's gopen runs for http(s)
+# data paths (tests/pretrain/test_remote_data.py). Idempotent: does nothing when they are
+# already installed. Must run as root.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge)
+PACKAGES=(slurmctld slurmd slurm-client munge curl)
 
 die() {
     echo "install-services: $*" >&2
@@ -15,8 +16,8 @@ have() {
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
 }
 
-if have slurmctld && have slurmd && have sinfo && have munged; then
-    echo "install-services: slurm and munge already installed"
+if have slurmctld && have slurmd && have sinfo && have munged && have curl; then
+    echo "install-services: slurm, munge and curl already installed"
     exit 0
 fi
 

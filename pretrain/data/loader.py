@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.shards import Manifest, ShardFormatError, ShardRecord, read_manifest, sha256_file
 from pretrain.data.order import GlobalOrder, Segment
 from pretrain.data.shard_reader import ShardIndex, SourceStream
+from pretrain.noising import ids_after_ends
 
 log = logging.getLogger("kiln.data")
 SAMPLE_SEED_SALT = 7919  # keeps sample RNG streams apart from the order's
@@ -179,8 +180,7 @@ class ShardDataset(IterableDataset):
             tokens = np.stack(
                 [tokens[:, j * length : j * length + length + 1] for j in range(pieces)], axis=1
             ).reshape(len(indices) * pieces, length + 1)
-        documents = np.zeros(tokens.shape, dtype=np.int32)
-        np.cumsum(tokens[:, :-1] == self.eos, axis=1, out=documents[:, 1:])
+        documents = ids_after_ends(tokens, self.eos)
         batch_transform = getattr(self.objective, "batch", None)
         if batch_transform is not None and not self.random:
             arrays = batch_transform(tokens, documents)
@@ -374,7 +374,7 @@ def build_loader(
         split: "train", or "val" for the held-out shards (evaluation).
     """
     data = cfg.data
-    out_dir = Path(data.path)
+    out_dir = data_directory(data)
     try:
         manifest = read_manifest(out_dir)
     except ShardFormatError as error:
@@ -449,6 +449,19 @@ def build_loader(
     return Loader(MicroBatches(loader), dataset, state, manifest, skipped)
 
 
+def data_directory(data: Any) -> Path:
+    """The local directory of `data.path`: the path itself, or, for a URL or `pipe:` command,
+    its mirror in the local cache (fetched and checked first; see `pretrain/data/remote.py`)."""
+    from pretrain.data import remote
+
+    if not remote.is_remote(data.path):
+        return remote.local_path(data.path)
+    try:
+        return remote.mirror(data.path, getattr(data, "cache_dir", "") or None, data.on_bad_shard)
+    except remote.FetchError as error:
+        raise DataError(str(error)) from error
+
+
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
     total = sum(weights.values())
     return {name: round(w / total, 12) for name, w in sorted(weights.items())}
@@ -468,7 +481,7 @@ def build_run_loader(
     from pretrain.config import CausalLMConfig, MaskedLMConfig
     from pretrain.objectives import SpecialIds, build_objective, word_starts_from_sentencepiece
 
-    out_dir = Path(cfg.data.path)
+    out_dir = data_directory(cfg.data)
     try:
         manifest = read_manifest(out_dir)
     except ShardFormatError as error:

@@ -11,7 +11,14 @@ import pytest
 
 from data_pipeline.shards import TokenizerRecord
 from pretrain.config import CausalLMConfig, MaskedLMConfig, SpanCorruptionConfig, UL2Config
-from pretrain.noising import corrupt_spans, random_segmentation, random_spans_noise_mask
+from pretrain.noising import (
+    corrupt_spans,
+    document_positions,
+    ids_after_ends,
+    random_segmentation,
+    random_spans_noise_mask,
+    row_positions,
+)
 from pretrain.objectives import (
     UL2,
     Objective,
@@ -122,6 +129,23 @@ def test_causal_lm_batch_matches_rows() -> None:
 
 
 # -- masked LM ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end_rate", [0.0, 0.0005, 0.01, 0.3])
+def test_sparse_document_ids_and_positions_equal_the_dense_scans(end_rate: float) -> None:
+    """The loader's sparse boundary fix-up (few EOS per row) and its dense fallback (many)
+    give what a running count and `document_positions` give."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 100, size=(8, 257))
+    tokens[rng.random(tokens.shape) < end_rate] = 3
+    tokens[0, 0] = tokens[1, -2] = tokens[2, -1] = 3  # a row-first, a last-input, a last token
+    ids = ids_after_ends(tokens, 3)
+    expected = np.zeros(tokens.shape, dtype=np.int64)
+    expected[:, 1:] = np.cumsum(tokens[:, :-1] == 3, axis=1)
+    assert ids.dtype == np.int64 and np.array_equal(ids, expected)
+    inputs = ids[:, :-1]
+    assert np.array_equal(row_positions(inputs), document_positions(inputs))
+    assert np.array_equal(row_positions(inputs[3]), document_positions(inputs[3]))
 
 
 def test_masked_lm_statistics() -> None:
