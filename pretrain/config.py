@@ -276,6 +276,9 @@ class DataConfig:
     cache_dir: str = ""  # "" = $KILN_CACHE_DIR or ~/.cache/kiln/data
     seq_len: int = 1024  # tokens per training sequence (encoder input length for T5)
     global_batch_size: int = 512  # sequences per optimizer step, across all ranks
+    # > 0: the global batch in tokens instead; global_batch_size becomes global_batch_tokens /
+    # seq_len (which must divide it) and is what the resolved config records
+    global_batch_tokens: int = 0
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     seed: int = 1234  # shard shuffle and shuffle-buffer seed
     shuffle_buffer: int = 1024  # sequences held for local shuffling
@@ -689,8 +692,26 @@ def build_config(raw: Any) -> KilnConfig:
     except MissingMandatoryValue as error:
         raise ConfigError(f"missing value for '{error.full_key}'") from error
     assert isinstance(cfg, KilnConfig)
+    resolve_batch_tokens(cfg.data)
     validate_config(cfg)
     return cfg
+
+
+def resolve_batch_tokens(data: DataConfig) -> None:
+    """`data.global_batch_tokens` (> 0) sets `data.global_batch_size` to that many tokens of
+    `data.seq_len`-token sequences (as OLMo and Megatron users state batch sizes)."""
+    tokens = data.global_batch_tokens
+    if not tokens:
+        return
+    _check_positive("data.global_batch_tokens", tokens)
+    _check_positive("data.seq_len", data.seq_len)
+    if tokens % data.seq_len:
+        below = tokens // data.seq_len * data.seq_len
+        raise ConfigError(
+            f"data.global_batch_tokens={tokens} is not a multiple of data.seq_len={data.seq_len}; "
+            f"use {below or data.seq_len} or {below + data.seq_len}"
+        )
+    data.global_batch_size = tokens // data.seq_len
 
 
 def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -830,8 +851,14 @@ def validate_config(cfg: KilnConfig) -> None:
     _check_choice("data.on_bad_shard", data.on_bad_shard, ("error", "skip"))
     ranks = cluster.nodes * cluster.gpus_per_node
     if data.global_batch_size % (data.micro_batch_size * ranks):
+        given = (
+            f"data.global_batch_tokens={data.global_batch_tokens} / data.seq_len={data.seq_len}"
+            f" = {data.global_batch_size} sequences"
+            if data.global_batch_tokens
+            else f"data.global_batch_size={data.global_batch_size}"
+        )
         raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
+            f"{given} is not a multiple of "
             f"data.micro_batch_size={data.micro_batch_size} x {ranks} data-parallel ranks "
             f"(cluster.nodes={cluster.nodes} x cluster.gpus_per_node={cluster.gpus_per_node})"
         )

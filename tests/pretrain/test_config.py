@@ -162,6 +162,14 @@ def test_wrong_type_names_the_key() -> None:
             ["model=tiny_moe", "model.moe.top_k=5"],
             "model.moe.top_k=5 must be between 1 and model.moe.n_experts=4",
         ),
+        (
+            ["data.seq_len=1000", "data.global_batch_tokens=524288"],
+            "data.global_batch_tokens=524288 is not a multiple of data.seq_len=1000; use 524000 or 525000",
+        ),
+        (
+            ["data.global_batch_tokens=40960", "data.micro_batch_size=16"],
+            "data.global_batch_tokens=40960 / data.seq_len=1024 = 40 sequences is not a multiple of data.micro_batch_size=16",
+        ),
         (["optim.schedule=linear"], "optim.schedule='linear' is not one of"),
         (
             ["corpus=stdlib_mix", "corpus.sources.1.name=library"],
@@ -173,3 +181,10 @@ def test_wrong_type_names_the_key() -> None:
 def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
         compose_config("train", overrides)
+
+
+def test_global_batch_in_tokens_sets_the_sequence_count() -> None:
+    cfg = compose_config("train", ["data.seq_len=512", "data.global_batch_tokens=262144"])
+    assert cfg.data.global_batch_size == 512  # 262144 / 512
+    cfg = compose_config("train", ["data.global_batch_size=64"])
+    assert cfg.data.global_batch_tokens == 0 and cfg.data.global_batch_size == 64
