@@ -43,6 +43,8 @@ class MoEConfig:
     d_expert: int | None = None  # hidden size of one expert; None = model.d_ff
     n_shared_experts: int = 0  # always-on experts added to the routed output
     router: str = "softmax"  # softmax | sigmoid
+    # renormalise the top-k weights to sum to 1 (Mixtral); sigmoid routers always do
+    normalize_top_k: bool = True
     capacity_factor: float | None = None  # None = dropless; else tokens above capacity drop
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 0.001  # router z-loss weight

@@ -186,10 +186,13 @@ def format_value(value: Any) -> str:
 
 
 def format_record(record: Mapping[str, Any]) -> str:
-    """One compact console line: `step 120 | train | loss 3.21 | lr 3.000e-04 | ...`."""
+    """One compact console line: `step 120 | train | loss 3.21 | lr 3.000e-04 | ...`.
+    Per-layer fields (`moe/L3/load_max`, with a `/`) stay in metrics.jsonl and W&B."""
     parts = [f"step {record['step']:,}", str(record["kind"])]
     parts += [
-        f"{k} {format_value(v)}" for k, v in record.items() if k not in ("step", "kind", "time")
+        f"{k} {format_value(v)}"
+        for k, v in record.items()
+        if k not in ("step", "kind", "time") and "/" not in k
     ]
     return " | ".join(parts)
 

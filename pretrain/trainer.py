@@ -88,6 +88,15 @@ def mean_across_ranks(value: float) -> float:
     return float(tensor.item())
 
 
+def means_across_ranks(values: list[float]) -> list[float]:
+    """`mean_across_ranks` of several values in one collective."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
 def fault_steps(name: str) -> set[int]:
     """Steps at which a test asks for a fault (`KILN_FAULT_NAN_STEPS=3,4`)."""
     value = os.environ.get(name, "")
@@ -100,6 +109,7 @@ def train(cfg: Any, context: Any) -> int:
     from pretrain.engine import build_engine
     from pretrain.metrics import MetricsLogger
     from pretrain.models import build_model
+    from pretrain.models.moe import moe_layers, moe_metrics, take_step_loss
 
     rank, world = rank_and_world()
     data, trainer = cfg.data, cfg.trainer
@@ -107,6 +117,7 @@ def train(cfg: Any, context: Any) -> int:
     accumulation = data.global_batch_size // (data.micro_batch_size * world)
     torch.manual_seed(trainer.seed)
     model = build_model(cfg.model).to(context.device)
+    has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
                           device=context.device)  # fmt: skip
     checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints)
@@ -162,8 +173,15 @@ def train(cfg: Any, context: Any) -> int:
         else:
             state.nonfinite_in_a_row = 0
         step_time = time.perf_counter() - started
-        loss = mean_across_ranks(sum(losses) / len(losses))
-        if logger is not None and (state.step % cfg.logger.log_every == 0 or skipped):
+        log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
+        moe: dict[str, float] = {}
+        if has_moe:  # the logged loss is the LM loss; the MoE losses added to it are logged apart
+            aux = take_step_loss(model) / accumulation
+            loss, aux = means_across_ranks([sum(losses) / len(losses) - aux, aux])
+            moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
+        else:
+            loss = mean_across_ranks(sum(losses) / len(losses))
+        if logger is not None and log_now:
             tokens_per_s = tokens_per_step / step_time
             logger.log({
                 "kind": "train", "step": state.step, "loss": loss, "lr": engine.lr(),
@@ -171,7 +189,7 @@ def train(cfg: Any, context: Any) -> int:
                 "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                 "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
                 "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
-            })  # fmt: skip
+            } | moe)  # fmt: skip
         zscore = spikes.add(loss) if not skipped else None
         if zscore is not None and logger is not None:
             logger.log({"kind": "event", "step": state.step, "event": "loss_spike",

@@ -28,13 +28,18 @@ IGNORE_INDEX = -100
 
 
 def compute_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean cross-entropy of the model's logits against `labels` (-100 ignored), in fp32."""
+    """Mean cross-entropy of the model's logits against `labels` (-100 ignored), in fp32, plus,
+    in training, the weighted load-balancing and router z-losses of MoE layers (if any)."""
+    from pretrain.models.moe import collect_moe_losses
+
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
     logits = model(**inputs)
     labels = batch["labels"]
-    return F.cross_entropy(
+    loss = F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
     )
+    aux = collect_moe_losses(model)
+    return loss if aux is None else loss + aux
 
 
 class Engine(abc.ABC):

@@ -23,6 +23,7 @@ from pretrain.models.layers import (
     init_normal,
     residual_std,
 )
+from pretrain.models.moe import init_feed_forward
 
 
 class DecoderCache:
@@ -49,8 +50,6 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        if cfg.moe.n_experts:
-            raise NotImplementedError("mixture-of-experts blocks land with issue #8")
         if cfg.position == "alibi":
             raise NotImplementedError("ALiBi lands with issue #8")
         self.cfg = cfg
@@ -59,7 +58,7 @@ class Decoder(nn.Module):
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         )
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
-        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, causal=True, index=i) for i in range(cfg.n_layers))
         self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
         self.norm = build_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
@@ -72,7 +71,7 @@ class Decoder(nn.Module):
         scaled = residual_std(self.cfg.init_std, self.cfg.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.o.weight, std=scaled)
-            nn.init.normal_(block.mlp.down.weight, std=scaled)
+            init_feed_forward(block.mlp, self.cfg.init_std, scaled)
 
     def forward(
         self,

@@ -27,6 +27,7 @@ from pretrain.models.layers import (
     build_norm,
     init_normal,
 )
+from pretrain.models.moe import init_feed_forward
 
 
 class MLMHead(nn.Module):
@@ -55,8 +56,6 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        if cfg.moe.n_experts:
-            raise NotImplementedError("mixture-of-experts blocks land with issue #8")
         if cfg.position == "alibi":
             raise NotImplementedError("ALiBi lands with issue #8")
         if cfg.attention_window is not None:
@@ -75,7 +74,7 @@ class Encoder(nn.Module):
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         post_norm = cfg.norm_position == "post"
         self.blocks = nn.ModuleList(
-            Block(cfg, causal=False, post_norm=post_norm) for _ in range(cfg.n_layers)
+            Block(cfg, causal=False, post_norm=post_norm, index=i) for i in range(cfg.n_layers)
         )
         self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
         self.norm = None if post_norm else build_norm(cfg)  # final norm of pre-norm stacks
@@ -87,6 +86,8 @@ class Encoder(nn.Module):
         """BERT's recipe: N(0, init_std) for every linear and embedding (no residual scaling),
         norms at 1, biases (the MLM output bias included) at 0."""
         init_normal(self, self.cfg.init_std)
+        for block in self.blocks:  # MoE experts are stacked parameters, not Linear layers
+            init_feed_forward(block.mlp, self.cfg.init_std, self.cfg.init_std)
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 

@@ -30,6 +30,7 @@ from pretrain.models.layers import (
     build_attention_mask,
     build_norm,
 )
+from pretrain.models.moe import init_feed_forward
 
 
 def shift_right(labels: Tensor, start_id: int = 0, pad_id: int = 0) -> Tensor:
@@ -101,7 +102,8 @@ class Stack(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(
-            Block(cfg, causal=decoder, cross_attention=decoder, scale=1.0) for _ in range(n_layers)
+            Block(cfg, causal=decoder, cross_attention=decoder, scale=1.0, index=i)
+            for i in range(n_layers)
         )
         self.norm = build_norm(cfg)
 
@@ -189,8 +191,6 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, cfg: EncoderDecoderConfig) -> None:
         super().__init__()
-        if cfg.moe.n_experts:
-            raise NotImplementedError("mixture-of-experts blocks land with issue #8")
         if cfg.attention_window is not None:
             raise NotImplementedError("model.attention_window: T5 attends to the whole sequence")
         if cfg.position not in ("relative", "rope"):
@@ -232,10 +232,7 @@ class EncoderDecoder(nn.Module):
                     nn.init.normal_(attn.k.weight, std=d**-0.5)
                     nn.init.normal_(attn.v.weight, std=d**-0.5)
                     nn.init.normal_(attn.o.weight, std=inner**-0.5)
-                for linear in (block.mlp.gate, block.mlp.up):
-                    if linear is not None:
-                        nn.init.normal_(linear.weight, std=d**-0.5)
-                nn.init.normal_(block.mlp.down.weight, std=block.mlp.down.in_features**-0.5)
+                init_feed_forward(block.mlp, d**-0.5, None)
 
     def encode(self, input_ids: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         """Run the encoder.

@@ -274,7 +274,10 @@ class Block(nn.Module):
         cross_attention: bool = False,
         post_norm: bool = False,
         scale: float | None = None,
+        index: int = 0,
     ) -> None:
+        from pretrain.models.moe import build_feed_forward  # moe builds on this module
+
         super().__init__()
         self.post_norm = post_norm
         self.attn_norm = build_norm(cfg)
@@ -282,7 +285,7 @@ class Block(nn.Module):
         self.cross_norm = build_norm(cfg) if cross_attention else None
         self.cross_attn = Attention(cfg, causal=False, scale=scale) if cross_attention else None
         self.mlp_norm = build_norm(cfg)
-        self.mlp = FeedForward(cfg)
+        self.mlp = build_feed_forward(cfg, index)  # dense, or MoE on every k-th block
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(

@@ -1,0 +1,330 @@
+"""Sparse mixture-of-experts feed-forward (Switch / GShard / Mixtral style) for every family.
+
+A router scores each token against `n_experts` experts (softmax or sigmoid), each token goes
+to its `top_k` best, and the experts' outputs are summed with the routing weights. Dispatch
+sorts the (token, choice) assignments by expert, so every expert runs one matmul over its
+tokens: with a capacity factor on a padded (experts, capacity, width) buffer through batched
+matmuls; dropless, over the sorted tokens split by expert.
+
+Capacity: each expert takes at most ceil(capacity_factor * tokens * top_k / n_experts)
+assignments; first choices of all tokens come before second choices (GShard's priority), then
+token order. Dropped assignments contribute nothing (the residual carries the token on).
+
+Losses (training only), added to the model's loss by `pretrain.engine.compute_loss`:
+- load balance (Switch Transformer): n_experts * sum_e f_e * P_e, f_e the fraction of
+  assignments routed to e, P_e the mean routing probability of e; 1.0 when perfectly balanced;
+- router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2.
+
+Statistics for the trainer's metrics accumulate per layer (`MoEStats`): assignments per expert,
+dropped assignments, routing entropy, and the two losses; `moe_metrics` reduces them across
+ranks and resets them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pretrain.config import ModelConfig
+from pretrain.models.layers import ACTIVATIONS, FeedForward
+
+
+class Experts(nn.Module):
+    """`n` feed-forwards of hidden size `d_ff` with stacked weights: (n, in, out) each."""
+
+    def __init__(self, cfg: ModelConfig, n: int, d_ff: int) -> None:
+        super().__init__()
+        c = cfg.d_model
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate = nn.Parameter(torch.empty(n, c, d_ff)) if cfg.gated else None
+        self.up = nn.Parameter(torch.empty(n, c, d_ff))
+        self.down = nn.Parameter(torch.empty(n, d_ff, c))
+        bias = cfg.bias
+        self.gate_bias = nn.Parameter(torch.zeros(n, d_ff)) if bias and cfg.gated else None
+        self.up_bias = nn.Parameter(torch.zeros(n, d_ff)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(n, c)) if bias else None
+
+    def reset_parameters(self, std: float, down_std: float, gate_std: float | None = None) -> None:
+        for weight in (self.gate, self.up):
+            if weight is not None:
+                nn.init.normal_(weight, std=gate_std or std)
+        nn.init.normal_(self.down, std=down_std)
+        for bias in (self.gate_bias, self.up_bias, self.down_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def _hidden(self, x: Tensor, gate: Tensor | None, up: Tensor, gate_b: Tensor | None,
+                up_b: Tensor | None, matmul) -> Tensor:  # fmt: skip  # noqa: ANN001
+        h = matmul(x, up) + (up_b.unsqueeze(-2) if up_b is not None else 0)
+        if gate is None:
+            return self.act(h)
+        g = matmul(x, gate) + (gate_b.unsqueeze(-2) if gate_b is not None else 0)
+        return self.act(g) * h
+
+    def forward(self, x: Tensor, counts: list[int] | None = None) -> Tensor:
+        """`padded(x)` without counts, else `grouped(x, counts)`. Called as a module (not the
+        methods directly) so that engines' hooks (ZeRO-3 gathers parameters in a forward
+        pre-hook) see the experts run."""
+        return self.padded(x) if counts is None else self.grouped(x, counts)
+
+    def padded(self, x: Tensor) -> Tensor:
+        """(n, capacity, C) -> (n, capacity, C): every expert on its slice, batched."""
+        h = self._hidden(x, self.gate, self.up, self.gate_bias, self.up_bias, torch.bmm)
+        out = torch.bmm(h, self.down)
+        return out + self.down_bias.unsqueeze(-2) if self.down_bias is not None else out
+
+    def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
+        """(M, C) tokens sorted by expert, `counts[e]` of them for expert e -> (M, C)."""
+        outputs = []
+        for e, part in enumerate(torch.split(x, counts)):
+            if part.shape[0] == 0:
+                continue
+
+            def pick(t: Tensor | None, e: int = e) -> Tensor | None:
+                return t[e] if t is not None else None
+
+            h = self._hidden(part, pick(self.gate), self.up[e], pick(self.gate_bias),
+                             pick(self.up_bias), torch.matmul)  # fmt: skip
+            out = h @ self.down[e]
+            outputs.append(out + self.down_bias[e] if self.down_bias is not None else out)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+
+
+@dataclass
+class RoutingStep:
+    """What one training forward of one MoE layer leaves for `collect_moe_losses`."""
+
+    loss: Tensor  # aux_coef * balance + z_coef * z, with gradient
+    counts: Tensor  # (E,) assignments per expert, before dropping
+    dropped: Tensor  # () dropped assignments
+    entropy: Tensor  # () summed routing entropy over tokens
+    tokens: int
+    balance: Tensor  # () load-balancing loss (unweighted)
+    z: Tensor  # () router z-loss (unweighted)
+
+
+class MoEStats:
+    """Per-layer sums since the last `moe_metrics` on this rank, kept on the layer's device
+    (adding never waits for the accelerator): [assignments per expert (E), dropped, entropy,
+    tokens, balance loss, z-loss, forwards]; and the weighted auxiliary loss of the current
+    optimizer step (`take_step_loss`)."""
+
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+        self.values: Tensor | None = None
+        self.step_loss: Tensor | None = None
+
+    def reset(self) -> None:
+        self.values = None
+
+    def add(self, step: RoutingStep) -> None:
+        device = step.counts.device
+        extra = torch.stack([step.dropped.double(), step.entropy.double(),
+                             torch.tensor(float(step.tokens), dtype=torch.float64, device=device),
+                             step.balance.double(), step.z.double(),
+                             torch.ones((), dtype=torch.float64, device=device)])  # fmt: skip
+        row = torch.cat([step.counts.double(), extra])
+        self.values = row if self.values is None else self.values + row
+        loss = step.loss.detach()
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+
+    def empty(self, device: torch.device) -> Tensor:
+        return torch.zeros(self.n_experts + 6, dtype=torch.float64, device=device)
+
+
+class MoEFeedForward(nn.Module):
+    """Router + routed experts (+ shared experts): (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.n_experts, self.top_k = moe.n_experts, moe.top_k
+        self.sigmoid = moe.router == "sigmoid"
+        self.normalize = moe.normalize_top_k
+        self.capacity_factor = moe.capacity_factor
+        self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
+        d_expert = moe.d_expert or cfg.d_ff
+        self.router = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
+        self.experts = Experts(cfg, moe.n_experts, d_expert)
+        self.shared = nn.ModuleList(FeedForward(cfg, d_expert) for _ in range(moe.n_shared_experts))
+        self.last: RoutingStep | None = None  # set by a training forward
+        self.stats = MoEStats(moe.n_experts)
+
+    def capacity(self, tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.n_experts))
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, C) -> router logits (N, E) fp32, weights (N, k) and expert ids (N, k)."""
+        logits = self.router(x).float()
+        scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        if self.sigmoid or (self.normalize and self.top_k > 1):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        n, k, e = flat.shape[0], self.top_k, self.n_experts
+        logits, weights, experts = self.route(flat)
+        # assignments in priority order: all first choices, then all second choices, ...
+        expert_of = experts.T.reshape(-1)  # (k N,)
+        token_of = torch.arange(n, device=x.device).repeat(k)
+        weight_of = weights.T.reshape(-1)
+        order = torch.argsort(expert_of, stable=True)
+        sorted_experts, sorted_tokens = expert_of[order], token_of[order]
+        sorted_weights = weight_of[order].unsqueeze(-1)
+        counts = torch.bincount(expert_of, minlength=e)  # (E,)
+        capacity = self.capacity(n)
+        if capacity is None:
+            out = self.experts(flat[sorted_tokens], counts.tolist())
+            dropped = torch.zeros((), device=x.device)
+            keep_tokens = sorted_tokens
+        else:
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(k * n, device=x.device) - starts[sorted_experts]
+            keep = rank < capacity
+            slots = (sorted_experts * capacity + rank)[keep]
+            keep_tokens = sorted_tokens[keep]
+            buffer = flat.new_zeros(e * capacity, shape[-1])
+            buffer[slots] = flat[keep_tokens]
+            out = self.experts(buffer.view(e, capacity, -1)).view(e * capacity, -1)[slots]
+            sorted_weights = sorted_weights[keep]
+            dropped = (~keep).sum()
+        weighted = (out * sorted_weights.to(out.dtype)).to(flat.dtype)
+        combined = torch.zeros_like(flat).index_add_(0, keep_tokens, weighted)
+        for shared in self.shared:
+            combined = combined + shared(flat)
+        if self.training and torch.is_grad_enabled():
+            self.last = self._routing_step(logits, counts, dropped, n)
+        return combined.view(shape)
+
+    def _routing_step(self, logits: Tensor, counts: Tensor, dropped: Tensor, n: int) -> RoutingStep:
+        if self.sigmoid:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        fraction = counts.float() / (n * self.top_k)
+        balance = self.n_experts * (fraction * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum().detach()
+        return RoutingStep(
+            loss=self.aux_coef * balance + self.z_coef * z,
+            counts=counts.detach(), dropped=dropped.detach(), entropy=entropy, tokens=n,
+            balance=balance.detach(), z=z.detach(),
+        )  # fmt: skip
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def collect_moe_losses(model: nn.Module) -> Tensor | None:
+    """After a training forward: the sum of every MoE layer's weighted auxiliary losses (None
+    for a dense model), with the layers' statistics moved into their accumulators. Reading
+    `last` once here, before backward, keeps a recomputation under activation checkpointing
+    (which runs the forward again) from being counted twice."""
+    total = None
+    for layer in moe_layers(model):
+        step, layer.last = layer.last, None
+        if step is None:
+            continue
+        layer.stats.add(step)
+        total = step.loss if total is None else total + step.loss
+    return total
+
+
+def moe_metrics(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer since the last call, summed over ranks (collective when distributed):
+    `moe/L{i}/load_max` and `load_min` (busiest and idlest expert's share of assignments
+    over the mean, 1.0 = balanced), `moe/L{i}/dropped` (fraction of assignments over capacity),
+    `moe/L{i}/entropy` (mean routing entropy, nats); and overall `moe_balance_loss`,
+    `moe_z_loss` (means over layers and forwards), `moe_load_max` (the worst layer's) and
+    `moe_dropped` (mean over layers). Resets the accumulators."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    device = layers[0].router.weight.device
+    values = torch.stack(
+        [
+            layer.stats.values if layer.stats.values is not None else layer.stats.empty(device)
+            for layer in layers
+        ]
+    )  # (L, E + 6)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    values = values.cpu()
+    for layer in layers:
+        layer.stats.reset()
+    out: dict[str, float] = {}
+    balance = z = forwards = 0.0
+    for index, (layer, row) in enumerate(zip(layers, values, strict=True)):
+        e = layer.n_experts
+        counts, (dropped, entropy, tokens, bal, zl, calls) = row[:e], row[e:].tolist()
+        assigned = float(counts.sum())
+        if assigned == 0:
+            continue
+        share = counts / (assigned / e)
+        out[f"moe/L{index}/load_max"] = float(share.max())
+        out[f"moe/L{index}/load_min"] = float(share.min())
+        out[f"moe/L{index}/dropped"] = dropped / assigned
+        out[f"moe/L{index}/entropy"] = entropy / tokens
+        balance, z, forwards = balance + bal, z + zl, forwards + calls
+    if forwards:
+        out["moe_balance_loss"] = balance / forwards
+        out["moe_z_loss"] = z / forwards
+        load = [v for k, v in out.items() if k.endswith("/load_max")]
+        drops = [v for k, v in out.items() if k.endswith("/dropped")]
+        out["moe_load_max"] = max(load)  # the worst layer
+        out["moe_dropped"] = sum(drops) / len(drops)  # mean over layers
+    return out
+
+
+def take_step_loss(model: nn.Module) -> float:
+    """The weighted auxiliary losses this rank added since the last call, summed over layers
+    and micro-batches (0.0 for a dense model); the trainer subtracts their mean from the loss
+    it logs, so `loss` stays the language-model loss."""
+    total = 0.0
+    for layer in moe_layers(model):
+        if layer.stats.step_loss is not None:
+            total += float(layer.stats.step_loss)
+            layer.stats.step_loss = None
+    return total
+
+
+def build_feed_forward(cfg: ModelConfig, index: int) -> nn.Module:
+    """Block `index`'s feed-forward: MoE on every `moe.every_k_layers`-th block, else dense."""
+    from pretrain.models.accounting import is_moe_block
+
+    return MoEFeedForward(cfg) if is_moe_block(cfg, index) else FeedForward(cfg)
+
+
+def init_feed_forward(mlp: nn.Module, in_std: float, down_std: float | None) -> None:
+    """A block's feed-forward, dense or MoE: router and in-projections N(0, in_std), out
+    projections N(0, down_std) (None: hidden size ** -0.5, T5's rule), biases 0."""
+
+    def dense(ff: FeedForward) -> None:
+        for linear in (ff.gate, ff.up):
+            if linear is not None:
+                nn.init.normal_(linear.weight, std=in_std)
+        nn.init.normal_(ff.down.weight, std=down_std or ff.down.in_features**-0.5)
+        for linear in (ff.gate, ff.up, ff.down):
+            if linear is not None and linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    if isinstance(mlp, FeedForward):
+        dense(mlp)
+        return
+    assert isinstance(mlp, MoEFeedForward)
+    nn.init.normal_(mlp.router.weight, std=in_std)
+    hidden = mlp.experts.down.shape[1]
+    mlp.experts.reset_parameters(in_std, down_std or hidden**-0.5)
+    for shared in mlp.shared:
+        dense(shared)
