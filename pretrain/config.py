@@ -550,6 +550,9 @@ class TrainerConfig:
     watchdog_seconds: float = 1800.0
     spike_window: int = 100  # losses kept to spot a spike
     spike_zscore: float = 4.0  # a loss this many standard deviations above the window is logged
+    # MFU denominator per device (dense bf16 TFLOP/s); 0 = auto: the known figure for the GPU
+    # in use (pretrain/hardware.py), else cluster.peak_tflops
+    peak_tflops: float = 0.0
     sample_prompt: str = "def "  # decoders: a sample printed at the end of the run
     sample_tokens: int = 48
 
@@ -695,8 +698,20 @@ def build_config(raw: Any) -> KilnConfig:
         raise ConfigError(f"missing value for '{error.full_key}'") from error
     assert isinstance(cfg, KilnConfig)
     resolve_batch_tokens(cfg.data)
+    resolve_max_tokens(cfg)
     validate_config(cfg)
     return cfg
+
+
+def resolve_max_tokens(cfg: KilnConfig) -> None:
+    """`trainer.max_tokens` sets `trainer.max_steps` to the steps that reach it (rounded up)."""
+    tokens = cfg.trainer.max_tokens
+    if tokens is None:
+        return
+    _check_positive("trainer.max_tokens", tokens)
+    per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    if per_step > 0:
+        cfg.trainer.max_steps = -(-tokens // per_step)
 
 
 def resolve_batch_tokens(data: DataConfig) -> None:

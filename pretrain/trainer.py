@@ -107,6 +107,7 @@ def train(cfg: Any, context: Any) -> int:
     """Train until `trainer.max_steps` (or a stop signal); returns the process exit code."""
     from pretrain.data.loader import LoaderState, build_run_loader
     from pretrain.engine import build_engine
+    from pretrain.hardware import resolve_peak_tflops
     from pretrain.metrics import MetricsLogger
     from pretrain.models import build_model
     from pretrain.models.moe import moe_layers, moe_metrics, take_step_loss
@@ -129,11 +130,18 @@ def train(cfg: Any, context: Any) -> int:
     loader_state = LoaderState.from_dict(state.loader) if state.loader else None
     remaining = max(0, trainer.max_steps - state.step)
     loader = build_run_loader(cfg, rank=rank, world=world, state=loader_state, num_steps=remaining)
+    cuda = context.device.type == "cuda"
+    peak_tflops, peak_source = resolve_peak_tflops(
+        trainer.peak_tflops,
+        cfg.cluster.peak_tflops,
+        torch.cuda.get_device_name(context.device) if cuda else None,
+    )
     logger = MetricsLogger(cfg, run_dir, run_id=state.wandb_run_id) if rank == 0 else None
     if logger is not None:
         state.wandb_run_id = logger.run_id
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
-                    "resumed_from": str(resume_from) if resume_from else None})  # fmt: skip
+                    "resumed_from": str(resume_from) if resume_from else None,
+                    "peak_tflops": peak_tflops, "peak_tflops_from": peak_source})  # fmt: skip
     stop = StopSignal()
     nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")
     # narrower faults: only this micro-batch index / only this rank (default: all of them)
@@ -141,7 +149,7 @@ def train(cfg: Any, context: Any) -> int:
     nan_rank = os.environ.get("KILN_FAULT_NAN_RANK", "")
     tokens_per_step = data.global_batch_size * data.seq_len
     flops_per_token = _flops_per_token(cfg)
-    peak = cfg.cluster.peak_tflops * 1e12 * world
+    peak = peak_tflops * 1e12 * world
     batches = iter(loader.loader)
     exit_code = 0
     start_step = state.step

@@ -188,3 +188,9 @@ def test_global_batch_in_tokens_sets_the_sequence_count() -> None:
     assert cfg.data.global_batch_size == 512  # 262144 / 512
     cfg = compose_config("train", ["data.global_batch_size=64"])
     assert cfg.data.global_batch_tokens == 0 and cfg.data.global_batch_size == 64
+
+
+def test_max_tokens_sets_the_step_count() -> None:
+    overrides = ["data.seq_len=512", "data.global_batch_size=64", "trainer.max_tokens=1000000"]
+    cfg = compose_config("train", overrides)
+    assert cfg.trainer.max_steps == 31  # ceil(1e6 / (64 * 512))

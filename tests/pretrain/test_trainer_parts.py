@@ -11,3 +11,29 @@ def test_spike_detector_flags_only_outliers() -> None:
     assert flagged == [None] * 40
     assert detector.add(3.5) is not None  # far above a flat window
     assert detector.add(3.02) is None
+
+
+def test_peak_tflops_is_detected_for_known_gpus() -> None:
+    from pretrain.hardware import peak_tflops_for, resolve_peak_tflops
+
+    names = {
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 NVL": 835.0,
+        "NVIDIA H200": 989.0,
+        "NVIDIA GH200 480GB": 989.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA L40S": 362.0,
+        "NVIDIA L4": 121.0,
+        "NVIDIA A10G": 70.0,
+        "AMD Instinct MI300X": 1307.0,
+    }
+    for name, tflops in names.items():
+        assert peak_tflops_for(name) == tflops, name
+    assert peak_tflops_for("Some Future Accelerator") is None
+    assert resolve_peak_tflops(500.0, 989.0, "NVIDIA H100 PCIe") == (500.0, "trainer.peak_tflops")
+    assert resolve_peak_tflops(0.0, 989.0, "NVIDIA H100 PCIe") == (
+        756.0,
+        "detected NVIDIA H100 PCIe",
+    )
+    assert resolve_peak_tflops(0.0, 0.1, None) == (0.1, "cluster.peak_tflops")  # CPU
