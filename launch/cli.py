@@ -44,7 +44,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "launch": Subcommand(
         "run the same train or data job on cluster=local, slurm or ray",
-        pending="the local, Slurm and Ray launchers are not built yet (issue #7)",
+        handler="launch.launcher:run",
     ),
     "plan": Subcommand(
         "parameters, FLOPs/token, Chinchilla tokens, memory per GPU per ZeRO stage/FSDP, fit, time",

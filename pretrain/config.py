@@ -478,6 +478,8 @@ class LocalClusterConfig(ClusterConfig):
 
     kind: ClassVar[str] = "local"
 
+    procs_per_node: int | None = None  # `kiln launch`: processes (ranks); None = gpus_per_node
+
 
 @dataclass
 class SlurmClusterConfig(ClusterConfig):
@@ -507,8 +509,12 @@ class RayClusterConfig(ClusterConfig):
 
     kind: ClassVar[str] = "ray"
 
-    address: str = "auto"
+    address: str = "auto"  # a running cluster: "auto", "host:port" or "ray://host:10001"
+    workers: int = 2  # training workers (ranks), each one Ray actor
     cpus_per_worker: int = 1
+    gpus_per_worker: int = 0  # 0 on CPU clusters; 1 for one GPU per rank
+    max_failures: int = 3  # worker-group restarts (from the last checkpoint) before giving up
+    storage_path: str | None = None  # shared path for Ray Train's run state; None = run_dir/ray
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,9 +597,10 @@ class ReportConfig:
 
 @dataclass
 class LaunchConfig:
-    """`kiln launch`: which job to run on `cluster`."""
+    """`kiln launch` settings common to every cluster kind (the job is the top-level `job`)."""
 
-    job: str = "train"  # train | data
+    rdzv_port: int = 29500  # torch c10d rendezvous port on the first node (multi-node)
+    wait: bool = False  # slurm: block until the job ends and print its final state
 
 
 @dataclass
@@ -628,6 +635,7 @@ class KilnConfig:
     overwrite: bool = False
     max_error_fraction: float = 0.01  # `kiln data`: fail if more input than this is bad
     run_name: str = "default"  # names the run directory and the W&B run
+    job: str = "train"  # `kiln launch`: train | data
     experiment_name: str | None = None  # set by experiment/ overlays
 
 
@@ -918,5 +926,5 @@ def validate_config(cfg: KilnConfig) -> None:
         raise ConfigError(f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
     _check_positive("plan.tokens", cfg.plan.tokens)
     _check_positive("plan.compute_flops", cfg.plan.compute_flops)
-    _check_choice("launch.job", cfg.launch.job, ("train", "data"))
+    _check_choice("job", cfg.job, ("train", "data"))
     _check_choice("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))

@@ -82,6 +82,15 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
     return path
 
 
+def local_torchrun_command(world: int, config_path: Path) -> list[str]:
+    """torchrun on this machine: `world` ranks, each `python -m pretrain.train CONFIG`."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "pretrain.train", str(config_path),
+    ]  # fmt: skip
+
+
 def run(cfg: Any) -> int:
     """`kiln train` entry point."""
     run_dir = Path(cfg.trainer.run_dir)
@@ -94,15 +103,17 @@ def run(cfg: Any) -> int:
             "kiln train: cluster.nodes > 1 needs `kiln launch cluster=slurm|ray`", file=sys.stderr
         )
         return 1
+    return run_torchrun(cfg, local_torchrun_command(world, config_path))
+
+
+def run_torchrun(cfg: Any, command: list[str]) -> int:
+    """Run a torchrun `command` for this config, passing SIGTERM/SIGUSR1 on to it; returns the
+    status rank 0 recorded in RUN_DIR/exit.json (torchrun itself reports any failure as 1)."""
+    run_dir = Path(cfg.trainer.run_dir)
     env = dict(os.environ)
     if cfg.cluster.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", "1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        "-m", "pretrain.train", str(config_path),
-    ]  # fmt: skip
     exit_file = run_dir / "exit.json"
     exit_file.unlink(missing_ok=True)
     # torchrun forwards SIGTERM/SIGUSR1 to the ranks but reports any failure as 1: the real

@@ -1,0 +1,64 @@
+"""`kiln launch`: run the same resolved config as a train or data job on `cluster=local`,
+`slurm` or `ray`.
+
+Every launch first writes, into its launch directory (the run directory for `job=train`,
+`OUTPUT_DIR/launch` for `job=data`):
+
+- `config.yaml` (the fully resolved config, for people) and `config.pkl` (what the job loads);
+- `command.txt`: the `kiln launch ...` command line as typed, and the exact command the
+  launcher runs or submits (torchrun, sbatch, or the Ray Train job).
+
+Then the cluster kind's launcher takes over (`launch/local.py`, `launch/slurm.py`,
+`launch/ray_launcher.py`); each returns a process exit status.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def launch_directory(cfg: Any) -> Path:
+    """Where a launch records its config and command (and, on Slurm, its script and logs)."""
+    if cfg.job == "data":
+        return Path(cfg.output_dir) / "launch"
+    return Path(cfg.trainer.run_dir)
+
+
+def invoked_command() -> str:
+    """The `kiln launch ...` command line of this process, shell-quoted."""
+    args = sys.argv[1:]
+    return shlex.join(["kiln", "launch", *args])
+
+
+def write_config(cfg: Any, directory: Path) -> Path:
+    """config.yaml and config.pkl in `directory`; returns the pickle's path."""
+    from pretrain.train import write_run_config
+
+    return write_run_config(cfg, directory)
+
+
+def write_command(directory: Path, command: list[str] | str, note: str = "") -> Path:
+    """command.txt: how this launch was invoked and the exact command it runs."""
+    runs = command if isinstance(command, str) else shlex.join(command)
+    text = f"# invoked\n{invoked_command()}\n# runs{f' ({note})' if note else ''}\n{runs}\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "command.txt"
+    path.write_text(text)
+    return path
+
+
+def run(cfg: Any) -> int:
+    """`kiln launch` entry point: dispatch on `cluster.kind`."""
+    kind = type(cfg.cluster).kind
+    if kind == "local":
+        from launch.local import launch
+    elif kind == "slurm":
+        from launch.slurm import launch
+    elif kind == "ray":
+        from launch.ray_launcher import launch
+    else:  # pragma: no cover - the config schema defines exactly these kinds
+        raise ValueError(f"no launcher for cluster kind {kind!r}")
+    return launch(cfg, launch_directory(cfg))
