@@ -34,18 +34,33 @@ A step whose losses are finite but whose gradient is not (an overflow in backwar
 by the same DeepSpeed check and reported as skipped too.
 
 Checkpoints are DeepSpeed's (`save_checkpoint` / `load_checkpoint` with optimizer and
-scheduler state, under the tag `deepspeed`), and resume bitwise on CPU. ZeRO partitions the
-optimizer state by data-parallel rank and DeepSpeed cannot repartition it at load time, so a
-checkpoint resumes only at the world size (and ZeRO stage) that wrote it; `load` says so
-before DeepSpeed is asked. (DeepSpeed's offline `ds_to_universal` conversion followed by
-`checkpoint.load_universal` would lift that; it is not wired in.)
+scheduler state, under the tag `deepspeed`), and resume bitwise on CPU at the world size that
+wrote them. ZeRO partitions the optimizer state by data-parallel rank, and DeepSpeed's plain
+`load_checkpoint` cannot repartition it, so a checkpoint written by another number of ranks
+goes through DeepSpeed's Universal Checkpointing instead (`load` decides from the world size
+recorded next to the checkpoint): rank 0 converts the checkpoint once with
+`deepspeed.checkpoint.ds_to_universal` (ZeRO 1-3: one file per parameter for the fp32 master
+weight and each Adam moment, plus the optimizer's param groups and step) into
+`deepspeed_universal/` inside the checkpoint directory (written under a temporary name and
+renamed, so a directory that exists is complete and a later resume reuses it), and every rank
+then loads it with DeepSpeed's `checkpoint.load_universal` switched on for that one call,
+slicing its own partition of weights and moments. Nothing is lost: the weights, both Adam
+moments, the optimizer step and the schedule continue; only the floating-point reduction
+order differs from an uninterrupted run at the old world size. ZeRO stage 0 keeps the whole
+optimizer state on every rank and loads at any world size as it is. The ZeRO stage must match
+the one that wrote the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -56,6 +71,7 @@ from pretrain.engine import Engine, compute_loss, finite
 
 TAG = "deepspeed"  # the checkpoint's sub-directory (DeepSpeed's "tag")
 META = "deepspeed_engine.json"  # world size and stage of the run that wrote a checkpoint
+UNIVERSAL = "deepspeed_universal"  # a checkpoint converted for another world size (cached)
 STEPS_PER_PRINT = 2**30  # DeepSpeed's own progress lines: never (the trainer logs)
 PRECISIONS = ("auto", "bf16", "fp32")
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.",)  # what module.state_dict() leaves out
@@ -154,6 +170,25 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
+def convert_to_universal(source: Path, target: Path, *, log: Path | None = None) -> None:
+    """DeepSpeed's `ds_to_universal` on the tag directory `source` (a ZeRO 1-3 checkpoint of
+    any number of ranks), writing the universal checkpoint's tag directory `target` and a
+    `latest_universal` file next to it. In this process (no worker pool: a torch.distributed
+    process should not fork); DeepSpeed's progress output goes to `log`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = SimpleNamespace(input_folder=str(source), output_folder=str(target),
+                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                           strict=True, inject_missing_state=True)  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if log is not None:
+            stream = stack.enter_context(open(log, "w"))
+            stack.enter_context(contextlib.redirect_stdout(stream))
+            stack.enter_context(contextlib.redirect_stderr(stream))
+        ds_to_universal.main(args)
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO stage `engine.zero_stage` over all ranks, stepped by DeepSpeed."""
 
@@ -169,6 +204,7 @@ class DeepSpeedEngine(Engine):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.stage = cfg.engine.zero_stage
         self.grad_clip = cfg.optim.grad_clip
+        self.run_dir = Path(cfg.trainer.run_dir)
         numel = sum(p.numel() for p in model.parameters())
         config = deepspeed_config(cfg, accumulation, self.world, device_type=device.type,
                                   parameters=numel)  # fmt: skip
@@ -271,19 +307,96 @@ class DeepSpeedEngine(Engine):
                 f"uses zero_stage={self.stage}. DeepSpeed checkpoints load at the stage that "
                 "wrote them."
             )
-        if meta["world_size"] != self.world:
-            raise RuntimeError(
-                f"{directory} was written by {meta['world_size']} ranks; this run has "
-                f"{self.world}. DeepSpeed ZeRO partitions the optimizer state by rank and cannot "
-                f"repartition it when loading: resume with {meta['world_size']} ranks "
-                "(cluster.nodes * cluster.gpus_per_node), or use engine=fsdp, whose checkpoints "
-                "load at any world size."
-            )
+        if meta["world_size"] != self.world and self.stage > 0:
+            self._load_universal(Path(directory), meta["world_size"])
+            return
         path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=True)  # fmt: skip
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint tagged {TAG!r}")
+
+    def _load_universal(self, directory: Path, written_by: int) -> None:
+        """Load a ZeRO checkpoint written by `written_by` ranks through its universal form."""
+        root = self._universal_checkpoint(directory, written_by)
+        config = self.ds._config  # `load_universal` is read from the config at load time only
+        previous = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.ds.load_checkpoint(str(root), tag=TAG, load_module_strict=True,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)  # fmt: skip
+        finally:
+            config.load_universal_checkpoint = previous
+        if path is None:
+            raise FileNotFoundError(f"{root}: DeepSpeed found no universal checkpoint {TAG!r}")
+        if self.stage == 3:
+            self._repair_zero3_optimizer(root / TAG / "zero" / "optimizer_state.pt")
+
+    def _repair_zero3_optimizer(self, optimizer_state: Path) -> None:
+        """Undo two slips of ZeRO-3's universal load (DeepSpeed 0.19.8), which restores the
+        weights and both Adam moments exactly but
+        * gives every param group the hyperparameters of the first saved group (the no-decay
+          group would come back with weight decay): each group gets its own back (the groups
+          are built in the same order);
+        * hands every group's Adam state the same `step` tensor, which torch AdamW increments
+          in place, once per group and step: the later groups' bias correction would run
+          ahead. Each gets its own copy."""
+        saved = torch.load(optimizer_state, map_location="cpu", weights_only=False)["param_groups"]
+        optimizer = self.ds.optimizer.optimizer  # the torch AdamW
+        if len(saved) != len(optimizer.param_groups):
+            raise RuntimeError(
+                f"{optimizer_state}: {len(saved)} optimizer param groups, this run has "
+                f"{len(optimizer.param_groups)}"
+            )
+        for group, values in zip(optimizer.param_groups, saved, strict=True):
+            group.update({key: value for key, value in values.items() if key != "params"})
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def _universal_checkpoint(self, directory: Path, written_by: int) -> Path:
+        """The universal form of `directory`'s DeepSpeed checkpoint (collective): made by
+        rank 0 on first use, next to it (or under the run directory when the checkpoint's
+        directory is read-only), and reused afterwards. Returns the directory to load from."""
+        answer: list[Any] = [None]  # ("ok", path) or ("error", message), from rank 0
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                answer[0] = ("ok", str(self._convert_once(directory, written_by)))
+            except Exception as error:  # every rank must hear of it, not wait in a collective
+                failure = error
+                answer[0] = ("error", f"{type(error).__name__}: {error}")
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(answer, src=0)
+        status, value = answer[0]
+        if status != "ok":
+            raise RuntimeError(
+                f"{directory}: converting the DeepSpeed checkpoint of a {written_by}-rank run to "
+                f"a universal checkpoint for {self.world} ranks failed: {value}"
+            ) from failure
+        return Path(value)
+
+    def _convert_once(self, directory: Path, written_by: int) -> Path:
+        root = directory / UNIVERSAL
+        if not os.access(directory, os.W_OK):
+            digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
+            root = self.run_dir / UNIVERSAL / f"{directory.name}-{digest}"
+        if (root / TAG).is_dir():
+            return root  # converted by an earlier resume (only complete ones are renamed)
+        tmp = root.parent / f".{root.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            convert_to_universal(directory / TAG, tmp / TAG, log=tmp / "conversion.log")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        logging.getLogger(__name__).info(
+            "converted %s (%d ranks) to a universal checkpoint in %s", directory, written_by, root
+        )
+        return root
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         if self.stage == 3:
