@@ -41,7 +41,7 @@ def test_scontrol_expands_hostnames(slurm_cluster):
 
 
 def test_debug_partition_has_the_node_with_all_cpus(slurm_cluster):
-    result = slurm_cluster.run("sinfo", "--noheader", "--format=%P %D %N %c")
+    result = slurm_cluster.run("sinfo", "--noheader", "--partition=debug", "--format=%P %D %N %c")
 
     cpus = os.cpu_count()
     assert result.stdout.split() == ["debug*", "1", slurm_cluster.node_name, str(cpus)]

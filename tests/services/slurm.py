@@ -346,8 +346,10 @@ class SlurmCluster:
                         f"{name} exited with {code} during start-up\n{self._log_tails()}"
                     )
             result = self.run(
-                "sinfo", "--noheader", "--Node", "--format=%T", check=False, timeout=10
-            )
+                "sinfo", "--noheader", "--Node", f"--nodes={self.node_name}",
+                f"--partition={self.partition}", "--format=%T",
+                check=False, timeout=10,
+            )  # fmt: skip
             state = result.stdout.strip() or result.stderr.strip() or state
             if result.returncode == 0 and state == "idle":
                 return
