@@ -50,8 +50,31 @@ def write_command(directory: Path, command: list[str] | str, note: str = "") -> 
     return path
 
 
+def sweep_point(cfg: Any) -> None:
+    """Under `kiln launch -m` (Hydra multirun), give each sweep point its own run: run
+    directory `RUN_DIR/sweep-N` (data jobs: `OUTPUT_DIR/sweep-N`) and W&B run name
+    `RUN_NAME-N`, N being Hydra's job number; the overrides of the point are in its
+    config.yaml and command.txt."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not inside a Hydra app
+        return
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    number = hydra_cfg.job.num
+    cfg.run_name = f"{cfg.run_name}-{number}"
+    if cfg.job == "data":
+        cfg.output_dir = str(Path(cfg.output_dir) / f"sweep-{number}")
+    else:
+        cfg.trainer.run_dir = str(Path(cfg.trainer.run_dir) / f"sweep-{number}")
+
+
 def run(cfg: Any) -> int:
     """`kiln launch` entry point: dispatch on `cluster.kind`."""
+    sweep_point(cfg)
     kind = type(cfg.cluster).kind
     if kind == "local":
         from launch.local import launch

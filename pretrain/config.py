@@ -501,6 +501,7 @@ class SlurmClusterConfig(ClusterConfig):
     signal_seconds: int = 120  # SIGUSR1 this long before the time limit
     max_requeues: int = 10
     dry_run: bool = False  # write the sbatch script, do not submit
+    python: str | None = None  # the interpreter on the nodes; None = the one running kiln launch
 
 
 @dataclass
@@ -549,6 +550,9 @@ class TrainerConfig:
     eval_every: int = 200
     eval_steps: int = 20
     checkpoint_every: int = 200
+    # also checkpoint when this many minutes passed since the last one (0 = off); on Slurm,
+    # 0 becomes a quarter of the time limit, so a slice always leaves progress behind
+    checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
     # A step that takes longer than this dumps every thread's stack to stderr (a hang

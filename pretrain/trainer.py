@@ -52,12 +52,14 @@ class StopSignal:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
-    def any_rank(self) -> bool:
-        """True on every rank if any rank got a signal (so all save together)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+    def any_rank(self, checkpoint_due: bool = False) -> tuple[bool, bool]:
+        """(any rank got a signal, any rank says a timed checkpoint is due), the same on every
+        rank (so all save together); one small all-reduce per step."""
+        flags = torch.tensor([float(self.received is not None), float(checkpoint_due)])
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, due = flags.tolist()
+        return bool(signalled), bool(due)
 
 
 class SpikeDetector:
@@ -154,6 +156,7 @@ def train(cfg: Any, context: Any) -> int:
     exit_code = 0
     start_step = state.step
     spikes = SpikeDetector(trainer.spike_window, trainer.spike_zscore)
+    last_save = time.monotonic()  # for trainer.checkpoint_minutes
     while state.step < trainer.max_steps:
         if trainer.watchdog_seconds > 0:  # re-armed every step: fires only if one step hangs
             faulthandler.dump_traceback_later(trainer.watchdog_seconds, repeat=True)
@@ -210,14 +213,18 @@ def train(cfg: Any, context: Any) -> int:
             break
         if trainer.eval_every and state.step % trainer.eval_every == 0:
             _evaluate(cfg, engine, state, logger, rank, world)
-        signalled = stop.any_rank()
+        timed = trainer.checkpoint_minutes > 0 and rank == 0
+        due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
+        signalled, due = stop.any_rank(due)
         if (
             signalled
+            or due
             or state.step % trainer.checkpoint_every == 0
             or state.step == trainer.max_steps
         ):
             state.loader = loader.state_after(state.step - start_step).to_dict()
             path = checkpoints.save(engine, vars(state) | {}, state.step)
+            last_save = time.monotonic()
             if logger is not None:
                 logger.log(
                     {"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path)}

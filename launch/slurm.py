@@ -1,0 +1,351 @@
+"""`kiln launch cluster=slurm`: render an sbatch script from the typed cluster config and
+`slurm/job.sbatch.tmpl`, submit it, and report the job.
+
+The job runs the launch directory's `config.pkl`:
+
+- `cluster.launch_mode=torchrun` (default): one task per node, each a torchrun agent with
+  `cluster.gpus_per_node` ranks and a c10d rendezvous on the allocation's first node;
+- `cluster.launch_mode=srun`: one task per rank; each maps Slurm's variables to torch's
+  (`launch/slurm_task.py`).
+
+Time limits and preemption: `--signal=B:USR1@cluster.signal_seconds` warns the batch shell,
+which passes SIGTERM to the job step; the trainer checkpoints and exits with the requeue
+status (42), and the script requeues the job (same run directory, same W&B run id) unless
+the slice made no new checkpoint (forward-progress guard) or `cluster.max_requeues` is used
+up. With `trainer.checkpoint_minutes=0`, a Slurm launch checkpoints every quarter of the
+time limit as well.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.launcher import write_command, write_config
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.tmpl"
+SCRIPT_NAME = "job.sbatch"
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+# characters an #SBATCH line cannot carry literally (sbatch reads one line, with "..." quoting)
+_SBATCH_UNSAFE = re.compile(r'[\x00-\x1f\x7f"]')
+
+
+class SlurmLaunchError(ValueError):
+    """A cluster setting that cannot go into an sbatch script; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# host lists and ranks (pure functions)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list (`gpu[01-03,07],login1`, `r[1-2]-n[1-2]`) expanded as
+    `scontrol show hostnames` does: in order, zero padding kept, bracket groups multiplied
+    out left to right."""
+    names: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        names.extend(_expand_item(item))
+    return names
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, current = [], 0, []
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in host list {text!r}")
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError(f"unbalanced '[' in host list {text!r}")
+    items.append("".join(current))
+    return [item for item in items if item]
+
+
+def _expand_item(item: str) -> list[str]:
+    start = item.find("[")
+    if start < 0:
+        return [item]
+    end = item.index("]", start)
+    prefix, body, rest = item[:start], item[start + 1 : end], item[end + 1 :]
+    values = []
+    for part in body.split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            width = len(low)
+            values += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
+        else:
+            values.append(part)
+    return [prefix + value + tail for value in values for tail in _expand_item(rest)]
+
+
+def rank_layout(nodes: int, per_node: int) -> list[dict[str, int]]:
+    """Every rank of `nodes` x `per_node`, as torchrun (per node) and srun (block
+    distribution) both number them: rank = node * per_node + local rank."""
+    return [
+        {
+            "rank": node * per_node + local,
+            "node_rank": node,
+            "local_rank": local,
+            "world_size": nodes * per_node,
+            "local_world_size": per_node,
+        }  # fmt: skip
+        for node in range(nodes)
+        for local in range(per_node)
+    ]
+
+
+def torch_env_from_slurm(env: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's variables for one srun task (one task per rank)."""
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    tasks = int(env["SLURM_NTASKS"])
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(tasks // len(nodes))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "LOCAL_WORLD_SIZE": per_node,
+        "NODE_RANK": env.get("SLURM_NODEID", "0"),
+        "MASTER_ADDR": env.get("KILN_HEAD_ADDR") or nodes[0],
+        "MASTER_PORT": env.get("KILN_RDZV_PORT", "29500"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the script
+
+
+def time_limit_minutes(limit: str) -> float:
+    """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, clock = limit.rpartition("-") if "-" in limit else ("0", "", limit)
+    parts = [int(p) for p in clock.split(":")]
+    if "-" in limit:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def _sbatch_value(key: str, value: object) -> str:
+    text = str(value)
+    if _SBATCH_UNSAFE.search(text):
+        raise SlurmLaunchError(
+            f"{key}={text!r} cannot go into an #SBATCH line (it holds a newline, a double "
+            "quote or a control character)"
+        )
+    return f'"{text}"' if re.search(r"\s|#", text) else text
+
+
+def job_name(cfg: Any) -> str:
+    """The run name with anything but letters, digits, '.', '_' and '-' replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"kiln-{cfg.job}-{cfg.run_name}")[:128]
+
+
+def sbatch_lines(cfg: Any, log_path: Path) -> list[str]:
+    cluster = cfg.cluster
+    torchrun = cluster.launch_mode == "torchrun" and cfg.job == "train"
+    per_node = 1 if torchrun or cfg.job == "data" else cluster.gpus_per_node
+    options: list[tuple[str, object | None]] = [
+        ("job-name", job_name(cfg)),
+        ("nodes", cluster.nodes),
+        ("ntasks-per-node", per_node),
+        ("cpus-per-task", cluster.cpus_per_task),
+        ("gpus-per-node", cluster.gpus_per_node if cluster.accelerator == "cuda" else None),
+        ("time", cluster.time_limit),
+        ("partition", cluster.partition),
+        ("account", cluster.account),
+        ("qos", cluster.qos),
+        ("mem", cluster.mem),
+        ("constraint", cluster.constraint),
+        ("signal", f"B:USR1@{cluster.signal_seconds}" if cfg.job == "train" else None),
+        ("requeue", True if cfg.job == "train" else None),
+        ("open-mode", "append"),  # a requeued slice appends to the same log
+    ]
+    keys = {"job-name": "run_name", "time": "cluster.time_limit", "mem": "cluster.mem"}
+    lines = []
+    for option, value in options:
+        if value is None:
+            continue
+        if value is True:
+            lines.append(f"#SBATCH --{option}")
+            continue
+        key = keys.get(option, f"cluster.{option.replace('-', '_')}")
+        lines.append(f"#SBATCH --{option}={_sbatch_value(key, value)}")
+    if not _SBATCH_UNSAFE.search(str(log_path)):
+        lines.append(f"#SBATCH --output={_sbatch_value('log', log_path)}")
+    for index, extra in enumerate(cluster.extra_sbatch):
+        text = extra.strip()
+        if text.startswith("#SBATCH"):
+            text = text[len("#SBATCH") :].strip()
+        if "\n" in text or "\r" in text:
+            raise SlurmLaunchError(f"cluster.extra_sbatch[{index}]={extra!r} holds a newline")
+        lines.append(f"#SBATCH {text}")
+    return lines
+
+
+def task_command(cfg: Any) -> tuple[str, str]:
+    """(srun options, the command each task runs), for the script."""
+    cluster = cfg.cluster
+    container = ""
+    if cluster.container_image:  # pyxis/enroot's srun options
+        container = (
+            f" --container-image={shlex.quote(cluster.container_image)}"
+            ' --container-workdir="$PWD" --container-mounts="$PWD"'
+        )
+    if cfg.job == "data":
+        return (f"--ntasks=1 --kill-on-bad-exit=1{container}",
+                '"$KILN_PYTHON" -m launch.slurm_task data "$KILN_CONFIG"')  # fmt: skip
+    if cluster.launch_mode == "srun":
+        return (
+            f"--ntasks-per-node={cluster.gpus_per_node} --kill-on-bad-exit=1{container}",
+            '"$KILN_PYTHON" -m launch.slurm_task train "$KILN_CONFIG"',
+        )
+    command = (
+        '"$KILN_PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
+        f"--nproc_per_node={cluster.gpus_per_node} --rdzv_backend=c10d "
+        '--rdzv_endpoint="$KILN_HEAD_ADDR:$KILN_RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
+        '--max_restarts=0 -m pretrain.train "$KILN_CONFIG"'
+    )
+    return f"--ntasks-per-node=1 --kill-on-bad-exit=1{container}", command
+
+
+def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) -> str:
+    """The sbatch script's text."""
+    cluster = cfg.cluster
+    srun_options, command = task_command(cfg)
+    env = []
+    if cluster.accelerator == "cpu":
+        env = ["export DS_ACCELERATOR=cpu", "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"]
+    values = {
+        "sbatch_lines": "\n".join(sbatch_lines(cfg, log_path)),
+        "run_dir": shlex.quote(str(directory.resolve())),
+        "config": shlex.quote(str(config_path.resolve())),
+        "python": shlex.quote(cluster.python or sys.executable),
+        "max_requeues": str(int(cluster.max_requeues)),
+        "requeue_status": str(_requeue_status()),
+        "workdir": shlex.quote(str(Path.cwd())),
+        "env_lines": "\n".join(env),
+        "setup_lines": "\n".join(cluster.setup),
+        "rdzv_port": str(int(cfg.launch.rdzv_port)),
+        "srun_options": srun_options,
+        "task_command": command,
+    }
+    template = TEMPLATE.read_text()
+    missing = set(_PLACEHOLDER.findall(template)) - set(values)
+    if missing:  # pragma: no cover - the template and this function change together
+        raise KeyError(f"{TEMPLATE}: no value for {sorted(missing)}")
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def _requeue_status() -> int:
+    from pretrain.trainer import REQUEUE_EXIT_CODE
+
+    return REQUEUE_EXIT_CODE
+
+
+# --------------------------------------------------------------------------------------------
+# submit and report
+
+
+def job_state(job_id: str) -> str:
+    """The job's state from squeue, or from sacct / scontrol once it left the queue."""
+    for command in (
+        ["squeue", "--noheader", "--jobs", job_id, "--format=%T"],
+        ["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format=State", "-X"],
+        ["scontrol", "show", "job", job_id],
+    ):
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.returncode != 0:
+            continue
+        if command[0] == "scontrol":
+            match = re.search(r"JobState=(\S+)", result.stdout)
+            if match:
+                return match.group(1)
+            continue
+        state = result.stdout.strip().split("\n")[0].split(" ")[0]
+        if state:
+            return state
+    return "UNKNOWN"
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
+
+
+def launch(cfg: Any, directory: Path) -> int:
+    cluster = cfg.cluster
+    if cfg.job == "data" and cluster.nodes != 1:
+        print("kiln launch cluster=slurm job=data: one node (cluster.nodes=1); for the data "
+              "pipeline on many nodes use cluster=ray", file=sys.stderr)  # fmt: skip
+        return 1
+    if cluster.launch_mode not in ("torchrun", "srun"):
+        print(f"kiln launch: cluster.launch_mode={cluster.launch_mode!r} is not 'torchrun' or "
+              "'srun'", file=sys.stderr)  # fmt: skip
+        return 1
+    if cfg.job == "train" and cfg.trainer.checkpoint_minutes == 0:
+        try:
+            cfg.trainer.checkpoint_minutes = max(1.0, time_limit_minutes(cluster.time_limit) / 4)
+        except ValueError:
+            print(f"kiln launch: cluster.time_limit={cluster.time_limit!r} is not a Slurm time",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    slurm_dir = directory / "slurm"
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    log_path = (slurm_dir / "%x-%j.out").resolve()
+    config_path = write_config(cfg, directory)
+    try:
+        script = render_script(cfg, directory, config_path, log_path)
+    except SlurmLaunchError as error:
+        print(f"kiln launch: {error}", file=sys.stderr)
+        return 1
+    script_path = slurm_dir / SCRIPT_NAME
+    script_path.write_text(script)
+    command = ["sbatch", "--parsable", f"--output={log_path}", str(script_path.resolve())]
+    write_command(directory, command, note="submits the script; see slurm/job.sbatch")
+    if cluster.dry_run:
+        print(f"kiln launch: dry run, not submitted: {script_path}")
+        print(f"kiln launch: submit with: {shlex.join(command[:1] + command[2:])}")
+        return 0
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except OSError as error:
+        print(f"kiln launch: cannot run sbatch: {error}", file=sys.stderr)
+        return 1
+    if result.returncode != 0:
+        print(f"kiln launch: sbatch failed ({result.returncode}): {result.stderr.strip()}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    job_id = result.stdout.strip().split(";")[0]
+    (slurm_dir / "job_id").write_text(job_id + "\n")
+    log = str(log_path).replace("%x", job_name(cfg)).replace("%j", job_id)
+    print(f"kiln launch: submitted Slurm job {job_id}")
+    print(f"kiln launch: script {script_path}")
+    print(f"kiln launch: log {log}")
+    print(f"kiln launch: state {job_state(job_id)} (squeue --jobs {job_id}; "
+          f"sacct --jobs {job_id}; scancel {job_id})")  # fmt: skip
+    if not cfg.launch.wait:
+        return 0
+    state = job_state(job_id)
+    while state.split()[0] not in TERMINAL:
+        time.sleep(5)
+        state = job_state(job_id)
+    print(f"kiln launch: job {job_id} ended: {state}")
+    return 0 if state == "COMPLETED" else 1
