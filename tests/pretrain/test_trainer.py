@@ -119,3 +119,16 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(corpus: Path, tmp_path:
     latest = (run_dir / "checkpoints" / "latest").read_text()
     step = json.loads((run_dir / "checkpoints" / latest / "trainer.json").read_text())["step"]
     assert step >= 3 and latest == f"step_{step:08d}"
+
+
+def test_timed_checkpoints(corpus: Path, tmp_path: Path) -> None:
+    """trainer.checkpoint_minutes: a checkpoint once that much time passed since the last one
+    (decided on rank 0, agreed by all ranks), whatever checkpoint_every says."""
+    run_dir = tmp_path / "run"
+    args = train_args(corpus, run_dir, "trainer.checkpoint_every=1000",
+                      "trainer.checkpoint_minutes=0.0001")  # 6 ms: every step  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    saved = [r["step"] for r in records if r.get("event") == "checkpoint"]
+    assert saved == list(range(1, 13))
