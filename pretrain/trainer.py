@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. Ray Train's training thread: only a main thread may set handlers
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -130,6 +133,9 @@ def train(cfg: Any, context: Any) -> int:
         saved = checkpoints.load(engine, resume_from)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
     loader_state = LoaderState.from_dict(state.loader) if state.loader else None
+    # a longer (or shorter) data.seq_len than the checkpoint's: the loader re-counts what each
+    # source gave in samples of the new length (context extension; see LoaderState.seq_len)
+    saved_seq_len = loader_state.seq_len if loader_state is not None else None
     remaining = max(0, trainer.max_steps - state.step)
     loader = build_run_loader(cfg, rank=rank, world=world, state=loader_state, num_steps=remaining)
     cuda = context.device.type == "cuda"
@@ -143,6 +149,7 @@ def train(cfg: Any, context: Any) -> int:
         state.wandb_run_id = logger.run_id
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
                     "resumed_from": str(resume_from) if resume_from else None,
+                    "seq_len": data.seq_len, "checkpoint_seq_len": saved_seq_len,
                     "peak_tflops": peak_tflops, "peak_tflops_from": peak_source})  # fmt: skip
     stop = StopSignal()
     nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")

@@ -1,4 +1,5 @@
-"""Real services for tests: a single-node Slurm cluster and a Ray head on 127.0.0.1.
+"""Real services for tests: a single-node Slurm cluster, a Ray head on 127.0.0.1 and more Ray
+nodes joining it (``RayNode``).
 
 Each service is a class with ``start()`` / ``stop()`` that owns exactly the
 processes and the temporary directory it creates; ``tests/conftest.py`` wraps
@@ -7,6 +8,7 @@ directory of the root ``conftest.py``), so tests import this as ``services``.
 """
 
 from .ray_head import RayHead, RayHeadError
+from .ray_node import RayNode
 from .slurm import SlurmCluster, SlurmError
 
-__all__ = ["RayHead", "RayHeadError", "SlurmCluster", "SlurmError"]
+__all__ = ["RayHead", "RayHeadError", "RayNode", "SlurmCluster", "SlurmError"]

@@ -1,0 +1,334 @@
+"""`kiln launch cluster=ray` on a real two-node Ray cluster on 127.0.0.1 (a head and one more
+node, one CPU each, started for this module), end to end as users run it: a data build whose
+tasks run on the cluster, a 2-worker Ray Train run (DDP, gloo on CPU) of the tiny decoder on
+that data, and the same run with one worker SIGKILLed after the first checkpoint: Ray Train
+restarts the worker group, the ranks resume from the checkpoint, and the losses are bitwise
+those of the uninterrupted run. Before them, the pure parts of the launcher: the workers'
+config, the Ray Train job, the exit-code mapping.
+
+The module has its own head (not the session's `ray_head`): the extra node would stay listed
+(dead) in the session head's `ray.nodes()` after it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from services import RayHead, RayHeadError, RayNode
+
+from launch.ray_launcher import (
+    REQUEUE_EXIT_CODE,
+    RankExit,
+    check_cluster,
+    check_rank_exit,
+    launch_exit_code,
+    torch_backend,
+    train_job,
+    worker_config,
+)
+from pretrain.config import ConfigError, KilnConfig, build_config, register_configs
+
+KILN = Path(sys.executable).parent / "kiln"
+MAX_STEPS = 12
+ray_cluster = pytest.mark.ray
+
+
+# --------------------------------------------------------------------------------------------
+# The pure parts
+
+
+@pytest.fixture(scope="module")
+def launch_config() -> Iterator[Callable[..., KilnConfig]]:
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        yield lambda *overrides: build_config(
+            compose("launch", overrides=["cluster=ray", *overrides])
+        )
+
+
+def test_worker_config_counts_the_workers_as_ranks_and_makes_paths_absolute(
+    launch_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = launch_config("cluster.workers=4", "trainer.run_dir=runs/a", "data.path=out/data",
+                        "trainer.resume=runs/old/checkpoints/step_00000004")  # fmt: skip
+    workers = worker_config(cfg)
+    assert (workers.cluster.nodes, workers.cluster.gpus_per_node) == (1, 4)
+    assert workers.cluster.accelerator == "cpu"  # gpus_per_worker=0
+    assert workers.trainer.run_dir == str(tmp_path / "runs/a")
+    assert workers.data.path == str(tmp_path / "out/data")
+    assert workers.trainer.resume == str(tmp_path / "runs/old/checkpoints/step_00000004")
+    # the caller's config is left alone
+    assert (cfg.cluster.gpus_per_node, cfg.trainer.run_dir) == (4, "runs/a")  # = workers
+    gpu = worker_config(launch_config("cluster.gpus_per_worker=1", "data.path=s3://b/data"))
+    assert gpu.cluster.accelerator == "cuda" and gpu.data.path == "s3://b/data"
+    assert gpu.trainer.resume == "auto"
+
+
+def test_train_job_resources_storage_backend_and_worker_environment(launch_config) -> None:
+    cfg = worker_config(launch_config("cluster.workers=3", "cluster.cpus_per_worker=2",
+                                      "data.global_batch_size=24", "trainer.run_dir=/shared/run",
+                                      "run_name=r1",
+                                      "cluster.max_failures=5"))  # fmt: skip
+    environ = {"KILN_FAULT_NAN_STEPS": "3", "WANDB_API_KEY": "secret", "HOME": "/root"}
+    job = train_job(cfg, environ)
+    assert (job.num_workers, job.use_gpu, job.resources_per_worker) == (3, False, {"CPU": 2})
+    assert (job.storage_path, job.name, job.max_failures) == ("/shared/run/ray", "r1", 5)
+    assert job.backend == "gloo"
+    assert job.env == {"KILN_FAULT_NAN_STEPS": "3", "WANDB_API_KEY": "secret",
+                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}  # fmt: skip
+    described = job.describe()
+    assert "TorchTrainer(" in described and "num_workers=3" in described
+    assert "secret" not in described and "'WANDB_API_KEY': '...'" in described
+    gpu = worker_config(launch_config("cluster.gpus_per_worker=1", "cluster.storage_path=/s"))
+    gpu_job = train_job(gpu, {})
+    assert gpu_job.resources_per_worker == {"CPU": 1, "GPU": 1} and gpu_job.use_gpu
+    assert gpu_job.storage_path == "/s" and gpu_job.env == {}
+    assert torch_backend(gpu) == "cpu:gloo,cuda:nccl"  # gloo for the loop's CPU tensors
+    assert torch_backend(worker_config(launch_config("engine.backend=gloo"))) == "gloo"
+
+
+def test_exit_codes_on_the_workers_and_of_kiln_launch() -> None:
+    check_rank_exit(0)
+    check_rank_exit(3)  # diverged: not restarted, it would diverge again
+    for code in (REQUEUE_EXIT_CODE, 1, -9):
+        with pytest.raises(RankExit) as raised:
+            check_rank_exit(code, rank=1)
+        assert raised.value.code == code and "rank 1" in str(raised.value)
+        copy = pickle.loads(pickle.dumps(raised.value))  # as Ray ships it to the driver
+        assert (copy.code, str(copy)) == (code, str(raised.value))
+    assert launch_exit_code({"exit_code": 0, "step": 12}, None)[0] == 0
+    code, message = launch_exit_code({"exit_code": 3, "step": 7, "nonfinite_steps": 5}, None)
+    assert code == 3 and "non-finite" in message
+    assert launch_exit_code(None, None)[0] == 1
+    failed = RuntimeError("Training failed due to worker errors")
+    assert launch_exit_code({"exit_code": 0, "step": 4}, failed) == (
+        1, "training failed: Training failed due to worker errors")  # fmt: skip
+    assert launch_exit_code({"exit_code": 42, "step": 4}, failed)[0] == REQUEUE_EXIT_CODE
+
+
+def test_settings_that_cannot_work_fail_before_joining_a_cluster(
+    launch_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="gpus_per_worker=2"):
+        check_cluster(launch_config("cluster.gpus_per_worker=2"))
+    # 3 workers do not divide the global batch: refused when the config is composed
+    with pytest.raises(ConfigError, match="3 data-parallel ranks"):
+        launch_config("cluster.workers=3", "data.global_batch_size=16", "data.micro_batch_size=2")
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+# --------------------------------------------------------------------------------------------
+# On a two-node cluster
+
+
+class Cluster:
+    def __init__(self, head: RayHead, node: RayNode) -> None:
+        self.head, self.node = head, node
+
+    def env(self) -> dict[str, str]:
+        return self.head.env() | {"HYDRA_FULL_ERROR": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head and one more node on 127.0.0.1, one CPU each: two 1-CPU workers land one per node."""
+    head = RayHead(num_cpus=1)
+    node = None
+    try:
+        head.start()
+        node = RayNode(head.address, num_cpus=1).start()
+        _wait_for_nodes(head.address, 2)
+    except RayHeadError as error:
+        if node is not None:
+            node.stop()
+        head.stop()
+        pytest.fail(f"could not start the two-node Ray test cluster: {error}", pytrace=False)
+    yield Cluster(head, node)
+    node.stop()
+    head.stop()
+
+
+def _wait_for_nodes(address: str, count: int, timeout: float = 30.0) -> None:
+    import ray
+
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        deadline = time.monotonic() + timeout
+        while sum(n["Alive"] for n in ray.nodes()) < count:
+            if time.monotonic() > deadline:
+                raise RayHeadError(f"{count} nodes not alive after {timeout:.0f}s: {ray.nodes()}")
+            time.sleep(0.2)
+    finally:
+        ray.shutdown()
+
+
+def kiln_launch(cluster: Cluster, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KILN), "launch", "cluster=ray", f"cluster.address={cluster.head.address}",
+                           *args], cwd=cwd, env=cluster.env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_build(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`kiln launch cluster=ray job=data`: the json package of the stdlib -> an 800-piece
+    tokenizer -> shards, its tasks on both nodes."""
+    out = tmp_path_factory.mktemp("data") / "out"
+    result = kiln_launch(cluster, "job=data", f"output_dir={out}",
+                         "corpus.sources.0.paths=[stdlib/json]", "tokenizer.vocab_size=800",
+                         "shards.target_bytes=65536", "shards.block_tokens=4096",
+                         cwd=out.parent)  # fmt: skip
+    return out, result
+
+
+def train_args(data: Path, run_dir: Path) -> list[str]:
+    # ~0.25 s a step on this 2-core machine: a kill after the first checkpoint (step 4) lands
+    # well before the end
+    return [
+        "cluster.workers=2", "model=tiny_decoder", "objective=clm", "engine=ddp", "data=small",
+        f"data.path={data}", "data.seq_len=128", "data.global_batch_size=32",
+        "data.micro_batch_size=4", "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}",
+        f"trainer.max_steps={MAX_STEPS}", "trainer.checkpoint_every=4", "trainer.eval_every=0",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "logger.log_every=1",
+        "run_name=ray_test",
+    ]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The loss of every step (a step run twice, before and after a restart: the last)."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(
+    cluster: Cluster, data_build: tuple[Path, subprocess.CompletedProcess[str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:  # fmt: skip
+    """An uninterrupted 2-worker run on the data of the data build."""
+    out, built = data_build
+    assert built.returncode == 0, built.stderr[-3000:]
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return run_dir, kiln_launch(cluster, *train_args(out, run_dir), cwd=run_dir.parent)
+
+
+@ray_cluster
+def test_data_job_builds_the_shards_on_the_cluster(data_build, cluster: Cluster) -> None:
+    out, result = data_build
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
+    assert all((out / s["path"]).is_file() for s in manifest["shards"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["workers"] == 2  # the CPUs of both nodes
+    config = yaml.safe_load((out / "launch" / "config.yaml").read_text())
+    assert config["job"] == "data" and config["ray"]["address"] == cluster.head.address
+    command = (out / "launch" / "command.txt").read_text()
+    assert "kiln launch cluster=ray" in command and "job=data" in command
+    assert f"ray.address='{cluster.head.address}'" in command
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_train_job_runs_two_workers_to_completion(reference_run) -> None:
+    run_dir, result = reference_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "kiln launch cluster=ray: run completed at step 12" in result.stderr
+    records = metrics(run_dir)
+    [start] = [r for r in records if r.get("event") == "start"]
+    assert start["world_size"] == 2 and start["resumed_from"] is None
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(1, MAX_STEPS + 1))
+    assert json.loads((run_dir / "exit.json").read_text())["exit_code"] == 0
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["cluster"]["workers"] == 2 and config["cluster"]["gpus_per_node"] == 2
+    assert config["cluster"]["accelerator"] == "cpu"
+    assert config["trainer"]["run_dir"] == str(run_dir)
+    command = (run_dir / "command.txt").read_text()
+    assert "kiln launch cluster=ray" in command and "cluster.workers=2" in command
+    assert "TorchTrainer(" in command and "num_workers=2" in command
+    assert f"storage_path='{run_dir / 'ray'}'" in command
+    assert (run_dir / "ray" / "ray_test").is_dir()  # Ray Train's run state
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_resumes_from_the_checkpoint(
+    cluster: Cluster, data_build, reference_run, tmp_path: Path
+) -> None:
+    reference_dir, reference = reference_run
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([str(KILN), "launch", "cluster=ray",
+                                f"cluster.address={cluster.head.address}",
+                                *train_args(data_build[0], run_dir)], cwd=tmp_path,
+                               env=cluster.env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.05)
+        # the train worker on the second node (one 1-CPU worker per node)
+        [victim] = cluster.node.worker_pids("ray::RayTrainWorker")
+        os.kill(victim, signal.SIGKILL)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output[-4000:]
+    records = metrics(run_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[0]["resumed_from"] is None
+    assert starts[1]["resumed_from"].startswith(str(run_dir / "checkpoints" / "step_"))
+    resumed_at = int(starts[1]["resumed_from"].rsplit("_", 1)[1])
+    assert 4 <= resumed_at < MAX_STEPS and starts[1]["step"] == resumed_at
+    # killed mid-run: the first attempt never reached the last step
+    first_attempt = records[: records.index(starts[1])]
+    assert max(r["step"] for r in first_attempt if r["kind"] == "train") < MAX_STEPS
+    ours, theirs = losses(run_dir), losses(reference_dir)
+    assert sorted(ours) == list(range(1, MAX_STEPS + 1))
+    assert ours == theirs  # bitwise: same data order, same RNG state, same reductions
+    assert json.loads((run_dir / "exit.json").read_text())["exit_code"] == 0
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_diverged_run_stops_with_status_3_and_is_not_restarted(
+    cluster: Cluster, data_build, tmp_path: Path
+) -> None:
+    """Non-finite losses at steps 1-5 (fault injection; the driver's KILN_* variables reach the
+    workers): the trainer stops after 5 in a row with exit 3, which Ray Train must not retry."""
+    run_dir = tmp_path / "run"
+    args = [f"cluster.address={cluster.head.address}", *train_args(data_build[0], run_dir)]
+    result = subprocess.run([str(KILN), "launch", "cluster=ray", *args], cwd=tmp_path,
+                            env=cluster.env() | {"KILN_FAULT_NAN_STEPS": "1,2,3,4,5"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "non-finite" in result.stderr and "did not restart" in result.stderr
+    records = metrics(run_dir)
+    assert len([r for r in records if r.get("event") == "start"]) == 1  # no restart
+    [stopped] = [r for r in records if r.get("event") == "stopped"]
+    assert stopped["step"] == 5
+    assert json.loads((run_dir / "exit.json").read_text()) == {
+        "exit_code": 3, "step": 5, "nonfinite_steps": 5}  # fmt: skip
