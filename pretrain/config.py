@@ -26,11 +26,23 @@ from omegaconf import MISSING
 
 @dataclass
 class RopeScalingConfig:
-    """How rotary position embeddings are stretched beyond the trained context."""
+    """How rotary position embeddings are stretched beyond the trained context.
+
+    The formulas are transformers' (`modeling_rope_utils`): "linear" divides every frequency by
+    `factor` (position interpolation); "ntk" raises the base to
+    `rope_theta * factor ** (D / (D - 2))` (static NTK-aware scaling); "yarn" interpolates the
+    low frequencies, keeps the high ones (a ramp between `beta_slow` and `beta_fast` rotations
+    over `original_max_seq_len`) and scales cos/sin by `attention_factor`.
+    """
 
     kind: str = "none"  # none | linear | ntk | yarn
-    factor: float = 1.0  # target context / original context
-    original_max_seq_len: int | None = None  # context the model was trained at
+    factor: float = 1.0  # target context / original context (>= 1)
+    # context the model was trained at (YaRN's ramp); None = model.max_seq_len / factor
+    original_max_seq_len: int | None = None
+    beta_fast: float = 32.0  # YaRN: dims turning more than this often in the context keep RoPE
+    beta_slow: float = 1.0  # YaRN: dims turning less often than this are fully interpolated
+    attention_factor: float | None = None  # YaRN cos/sin scale; None = 0.1 * ln(factor) + 1
+    truncate: bool = True  # YaRN: round the ramp's ends to whole dims (transformers' default)
 
 
 @dataclass
@@ -48,6 +60,9 @@ class MoEConfig:
     capacity_factor: float | None = None  # None = dropless; else tokens above capacity drop
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 0.001  # router z-loss weight
+    # split each layer's experts over the data-parallel ranks (tokens exchanged by all-to-all);
+    # engine=ddp only, and the ranks must divide n_experts
+    expert_parallel: bool = False
 
 
 @dataclass
@@ -78,6 +93,12 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02  # std of the normal init; residual projections are scaled down
     attention_window: int | None = None  # sliding-window size; None = full attention
+    # with attention_window: every global_every-th block (the last of each group) attends to
+    # the whole sequence, the others to the window (Gemma's local:global layers); 0 = none
+    global_every: int = 0
+    # with attention_window: the first global_tokens tokens of every document stay visible to
+    # every query (attention sinks; in encoders they also see the whole row, as Longformer's)
+    global_tokens: int = 0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -711,6 +732,8 @@ def build_config(raw: Any) -> KilnConfig:
     assert isinstance(cfg, KilnConfig)
     resolve_batch_tokens(cfg.data)
     resolve_max_tokens(cfg)
+    if isinstance(cfg.cluster, LocalClusterConfig) and cfg.cluster.procs_per_node:
+        cfg.cluster.gpus_per_node = cfg.cluster.procs_per_node  # the ranks every check counts
     validate_config(cfg)
     return cfg
 
@@ -793,6 +816,28 @@ def validate_pipeline(cfg: KilnConfig) -> None:
     _check_positive("ray.workers", cfg.ray.workers)
 
 
+def validate_rope_scaling(model: ModelConfig) -> None:
+    """`model.rope_scaling`: a known kind, a factor >= 1, YaRN's ramp in order."""
+    scaling = model.rope_scaling
+    _check_choice("model.rope_scaling.kind", scaling.kind, ("none", "linear", "ntk", "yarn"))
+    if scaling.kind == "none":
+        return
+    if model.position != "rope":
+        raise ConfigError(
+            f"model.rope_scaling.kind={scaling.kind!r} needs model.position='rope' "
+            f"(got {model.position!r})"
+        )
+    if scaling.factor < 1.0:
+        raise ConfigError(f"model.rope_scaling.factor={scaling.factor} must be >= 1")
+    _check_positive("model.rope_scaling.original_max_seq_len", scaling.original_max_seq_len)
+    _check_positive("model.rope_scaling.attention_factor", scaling.attention_factor)
+    if not 0.0 < scaling.beta_slow < scaling.beta_fast:
+        raise ConfigError(
+            f"model.rope_scaling.beta_slow={scaling.beta_slow} must be > 0 and below "
+            f"model.rope_scaling.beta_fast={scaling.beta_fast}"
+        )
+
+
 def validate_model(model: ModelConfig) -> None:
     for key in ("vocab_size", "d_model", "n_heads", "d_ff", "max_seq_len"):
         _check_positive(f"model.{key}", getattr(model, key))
@@ -815,12 +860,23 @@ def validate_model(model: ModelConfig) -> None:
         )
     if model.position == "rope" and model.resolved_head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head dim, got {model.resolved_head_dim}")
-    _check_choice(
-        "model.rope_scaling.kind", model.rope_scaling.kind, ("none", "linear", "ntk", "yarn")
-    )
+    validate_rope_scaling(model)
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
     _check_positive("model.attention_window", model.attention_window)
+    _check_positive("model.global_every", model.global_every, allow_zero=True)
+    _check_positive("model.global_tokens", model.global_tokens, allow_zero=True)
+    for key in ("global_every", "global_tokens"):
+        if getattr(model, key) and model.attention_window is None:
+            raise ConfigError(
+                f"model.{key}={getattr(model, key)} needs model.attention_window (the local "
+                "layers' window); without one every layer is already global"
+            )
+    if model.family == "encoder_decoder" and model.attention_window is not None:
+        raise ConfigError(
+            f"model.attention_window={model.attention_window}: encoder-decoders attend to the "
+            "whole sequence (set it to null)"
+        )
     moe = model.moe
     if moe.n_experts:
         if not 1 <= moe.top_k <= moe.n_experts:
@@ -837,6 +893,27 @@ def validate_model(model: ModelConfig) -> None:
     )
     for key in layer_keys:
         _check_positive(f"model.{key}", getattr(model, key))
+
+
+def _validate_expert_parallel(cfg: KilnConfig) -> None:
+    moe, engine, cluster = cfg.model.moe, cfg.engine, cfg.cluster
+    if not moe.n_experts:
+        raise ConfigError("model.moe.expert_parallel=true needs model.moe.n_experts > 0")
+    if not isinstance(engine, DDPEngineConfig):
+        raise ConfigError(
+            f"model.moe.expert_parallel=true works with engine=ddp only, not engine.kind="
+            f"{engine.kind!r} (DeepSpeed ZeRO and FSDP would shard or all-reduce the rank-local "
+            "experts as replicated weights); use engine=ddp or model.moe.expert_parallel=false"
+        )
+    if engine.compile:
+        raise ConfigError("model.moe.expert_parallel=true does not support engine.compile=true")
+    ranks = cluster.nodes * cluster.gpus_per_node
+    if moe.n_experts % ranks:
+        raise ConfigError(
+            f"model.moe.expert_parallel=true: model.moe.n_experts={moe.n_experts} must be a "
+            f"multiple of the {ranks} data-parallel ranks (cluster.nodes={cluster.nodes} x "
+            f"cluster.gpus_per_node={cluster.gpus_per_node})"
+        )
 
 
 def validate_config(cfg: KilnConfig) -> None:
@@ -859,6 +936,8 @@ def validate_config(cfg: KilnConfig) -> None:
             raise ConfigError("engine.offload_params=true needs engine.zero_stage=3")
     if isinstance(engine, FSDPEngineConfig):
         _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
+    if cfg.model.moe.expert_parallel:
+        _validate_expert_parallel(cfg)
     cluster = cfg.cluster
     _check_positive("cluster.nodes", cluster.nodes)
     _check_positive("cluster.gpus_per_node", cluster.gpus_per_node)
