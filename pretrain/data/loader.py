@@ -409,13 +409,27 @@ def build_loader(
     if not state.segments:
         state.segments = [Segment(start=state.samples, weights=weights)]
     current = state.segments[-1]
-    if _normalised(current.weights) != _normalised(weights):
+    new_mixture = _normalised(current.weights) != _normalised(weights)
+    new_length = bool(state.seq_len) and state.seq_len != data.seq_len
+    if new_mixture or new_length:
         previous = GlobalOrder(list(current.weights), current, data.shuffle_buffer, data.seed)
         base = previous.consumed(state.samples)
-        log.warning(
-            "mixture weights change at global sample %d: %s -> %s", state.samples,
-            current.weights, weights,
-        )  # fmt: skip
+        if new_mixture:
+            log.warning(
+                "mixture weights change at global sample %d: %s -> %s", state.samples,
+                current.weights, weights,
+            )  # fmt: skip
+        if new_length:  # context extension: count what each source gave in samples of the new
+            # length, rounded up, so the new samples start where the old ones stopped
+            old = _stride(objective, state.seq_len, causal)
+            new = _stride(objective, data.seq_len, causal)
+            base = {name: -(-count * old // new) for name, count in base.items()}
+            log.warning(
+                "data.seq_len changes at global sample %d: %d -> %d; each source continues "
+                "after the tokens it gave (fewer than %d tokens per source skipped)",
+                state.samples, state.seq_len, data.seq_len, new,
+            )  # fmt: skip
+            state.seq_len = data.seq_len
         current = Segment(state.samples, weights, base, current.number + 1)
         state.segments.append(current)
     eos = tokenizer.special_ids["eos"]
@@ -447,6 +461,12 @@ def build_loader(
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
     )
     return Loader(MicroBatches(loader), dataset, state, manifest, skipped)
+
+
+def _stride(objective: Objective, seq_len: int, causal: bool) -> int:
+    """Stream tokens a sample advances by: causal samples overlap the next by one token."""
+    raw = objective.raw_length(seq_len)
+    return raw - 1 if causal else raw
 
 
 def data_directory(data: Any) -> Path:

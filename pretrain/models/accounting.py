@@ -11,7 +11,8 @@ Conventions (used by `kiln plan` and for MFU; see README "FLOP convention"):
 * Attention FLOPs are `12 * L * H * Q * T_ctx` per token (PaLM appendix B, nanoGPT): Q.K^T and
   A.V over the full context, with no halving for causal masking, which is also what
   `torch.utils.flop_counter.FlopCounterMode` counts for `scaled_dot_product_attention`.
-  `T_ctx` is the sequence length, or the window for sliding-window attention.
+  `T_ctx` is the sequence length, or for sliding-window attention the window (plus
+  `global_tokens`) in windowed blocks and the sequence length in global ones (`global_every`).
 * Encoder-decoder FLOPs are per example and reported per *input* (encoder) token: weight FLOPs
   `6 * (N_enc * S_enc + N_dec * S_dec)` where the cross-attention K/V projections multiply
   S_enc tokens, attention `12 * H * Q * (L_e * S_enc^2 + L_d * S_dec^2 + L_d * S_enc * S_dec)`,
@@ -199,8 +200,13 @@ class FlopsPerToken:
     tokens_per_sequence: int
 
 
-def attention_context(model: ModelConfig, seq_len: int) -> int:
-    return min(seq_len, model.attention_window) if model.attention_window else seq_len
+def attention_context(model: ModelConfig, seq_len: int, layer: int = 0) -> int:
+    """Keys a query of block `layer` attends to: the window (plus the global tokens) in a
+    windowed block, the whole sequence in a global one (`model.global_every`)."""
+    is_global = model.global_every > 0 and (layer + 1) % model.global_every == 0
+    if not model.attention_window or is_global:
+        return seq_len
+    return min(seq_len, model.attention_window + model.global_tokens)
 
 
 def training_flops(
@@ -220,7 +226,8 @@ def training_flops(
             raise ValueError("encoder-decoder FLOPs need decoder_seq_len")
         return _encoder_decoder_flops(model, seq_len, decoder_seq_len)
     weights = 6.0 * counts.matmul_active * seq_len
-    attention = 12.0 * model.n_layers * inner * attention_context(model, seq_len) * seq_len
+    contexts = sum(attention_context(model, seq_len, layer) for layer in range(model.n_layers))
+    attention = 12.0 * inner * contexts * seq_len
     per_sequence = weights + attention
     return FlopsPerToken(per_sequence / seq_len, per_sequence, weights, attention, seq_len)
 

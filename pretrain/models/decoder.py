@@ -18,6 +18,9 @@ from pretrain.models.layers import (
     BlockInputs,
     LayerCache,
     RotaryEmbedding,
+    SequenceShard,
+    alibi_slopes,
+    apply_alibi,
     build_attention_mask,
     build_norm,
     init_normal,
@@ -50,18 +53,19 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        if cfg.position == "alibi":
-            raise NotImplementedError("ALiBi lands with issue #8")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         )
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, causal=True, index=i) for i in range(cfg.n_layers))
         self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
         self.norm = build_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.sequence_shard: SequenceShard | None = None  # set by context parallelism
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,6 +99,10 @@ class Decoder(nn.Module):
         """
         batch, length = input_ids.shape
         past = cache.length if cache is not None else 0
+        if self.sequence_shard is not None:  # this rank's part of a longer row
+            if cache is not None:
+                raise ValueError("context parallelism is for training: no KV cache")
+            past = self.sequence_shard.rank * length
         positions = torch.arange(past, past + length, device=input_ids.device)  # (T,)
         if position_ids is None:
             position_ids = positions.expand(batch, length)
@@ -103,38 +111,55 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
         inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
-        inputs.mask = self._mask(positions, document_ids, padding_mask, cache)
+        inputs.mask, inputs.global_mask = self._masks(positions, document_ids, padding_mask, cache)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
             x = block(x, inputs, layer_cache)
         x = self.norm(x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B, T, V)
 
-    def _mask(
+    def _masks(
         self,
         positions: Tensor,
         document_ids: Tensor | None,
         padding_mask: Tensor | None,
         cache: DecoderCache | None,
-    ) -> Tensor | None:
-        """None (SDPA's causal kernel) for plain causal attention, else a boolean mask."""
-        window = self.cfg.attention_window
-        if cache is None and document_ids is None and padding_mask is None and window is None:
-            return None
-        key_padding = padding_mask
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(mask of windowed blocks, mask of global blocks): None (SDPA's causal kernel) for
+        plain causal attention, else a boolean mask, or with ALiBi its -inf-masked bias."""
+        cfg = self.cfg
+        plain = cache is None and document_ids is None and padding_mask is None
+        plain = plain and self.alibi_slopes is None and self.sequence_shard is None
+        key_padding, key_documents = padding_mask, document_ids
         key_positions = positions
+        shard = self.sequence_shard
+        if shard is not None:  # queries are this rank's part, keys the whole row
+            key_positions = torch.arange(positions.numel() * shard.world, device=positions.device)
+            key_padding = shard.gather(padding_mask, 1) if padding_mask is not None else None
+            key_documents = shard.gather(document_ids, 1) if document_ids is not None else None
         if cache is not None:
             end = cache.length + positions.numel()
             if padding_mask is not None:
                 cache.key_padding[:, cache.length : end] = padding_mask
             key_padding = cache.key_padding[:, :end]
             key_positions = torch.arange(end, device=positions.device)
-        return build_attention_mask(
-            positions,
-            key_positions,
-            causal=True,
-            window=window,
-            query_documents=document_ids,
-            key_documents=document_ids,
-            key_padding=key_padding,
-        )
+
+        def build(window: int | None) -> Tensor | None:
+            if plain and window is None:
+                return None
+            allowed = build_attention_mask(
+                positions,
+                key_positions,
+                causal=True,
+                window=window,
+                global_tokens=cfg.global_tokens,
+                query_documents=document_ids,
+                key_documents=key_documents,
+                key_padding=key_padding,
+            )  # (B or 1, 1, T, S)
+            if self.alibi_slopes is None:
+                return allowed
+            return apply_alibi(allowed, self.alibi_slopes, positions, key_positions)
+
+        window = cfg.attention_window
+        return build(window), build(None) if cfg.global_every and window is not None else None

@@ -23,6 +23,8 @@ from pretrain.models.layers import (
     Block,
     BlockInputs,
     RotaryEmbedding,
+    alibi_slopes,
+    apply_alibi,
     build_attention_mask,
     build_norm,
     init_normal,
@@ -56,10 +58,6 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        if cfg.position == "alibi":
-            raise NotImplementedError("ALiBi lands with issue #8")
-        if cfg.attention_window is not None:
-            raise NotImplementedError("model.attention_window: encoders attend to the whole row")
         if cfg.norm_position not in ("post", "pre"):
             raise ValueError(f"model.norm_position={cfg.norm_position!r} is not 'post' or 'pre'")
         self.cfg = cfg
@@ -72,6 +70,8 @@ class Encoder(nn.Module):
         )
         self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         post_norm = cfg.norm_position == "post"
         self.blocks = nn.ModuleList(
             Block(cfg, causal=False, post_norm=post_norm, index=i) for i in range(cfg.n_layers)
@@ -116,18 +116,33 @@ class Encoder(nn.Module):
             x = self.embed_norm(x)
         x = self.drop(x)
         inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
-        if padding_mask is not None or document_ids is not None:
-            inputs.mask = build_attention_mask(
-                positions,
-                positions,
-                causal=False,
-                query_documents=document_ids,
-                key_documents=document_ids,
-                key_padding=padding_mask,
-            )  # (B, 1, T, T)
+        inputs.mask = self._mask(positions, document_ids, padding_mask, self.cfg.attention_window)
+        if self.cfg.global_every:
+            inputs.global_mask = self._mask(positions, document_ids, padding_mask, None)
         for block in self.blocks:
             x = block(x, inputs)
         return self.norm(x) if self.norm is not None else x
+
+    def _mask(self, positions: Tensor, document_ids: Tensor | None, padding_mask: Tensor | None,
+              window: int | None) -> Tensor | None:  # fmt: skip
+        """None (full attention), a boolean (B, 1, T, T) mask, or with ALiBi its -inf-masked
+        (B or 1, H, T, T) bias."""
+        plain = padding_mask is None and document_ids is None and window is None
+        if plain and self.alibi_slopes is None:
+            return None
+        allowed = build_attention_mask(
+            positions,
+            positions,
+            causal=False,
+            window=window,
+            global_tokens=self.cfg.global_tokens,
+            query_documents=document_ids,
+            key_documents=document_ids,
+            key_padding=padding_mask,
+        )  # (B or 1, 1, T, T)
+        if self.alibi_slopes is None:
+            return allowed
+        return apply_alibi(allowed, self.alibi_slopes, positions, positions)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """The MLM head on (..., C) hidden states (e.g. only the masked positions) -> (..., V)."""

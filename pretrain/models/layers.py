@@ -8,13 +8,14 @@ heads, K key/value heads, D head dim, C model width (`d_model`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, RopeScalingConfig
 
 # --------------------------------------------------------------------------------------------
 # norms and feed-forward
@@ -54,33 +55,78 @@ class FeedForward(nn.Module):
 # rotary position embeddings
 
 
+def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """(inverse frequencies (D/2,), cos/sin scale) of `cfg`'s RoPE with its `rope_scaling`.
+
+    The same formulas as transformers' `modeling_rope_utils` (default, linear, YaRN), so an
+    exported model computes the same angles; "ntk" is the static NTK-aware base
+    `rope_theta * factor ** (D / (D - 2))` (transformers only has the dynamic form).
+    """
+    dim = cfg.resolved_head_dim
+    scaling = cfg.rope_scaling
+    theta = cfg.rope_theta
+    if scaling.kind == "ntk":
+        theta *= scaling.factor ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim  # (D/2,)
+    inv_freq = 1.0 / theta**exponents
+    if scaling.kind in ("none", "ntk"):
+        return inv_freq, 1.0
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor, 1.0
+    if scaling.kind != "yarn":
+        raise ValueError(f"model.rope_scaling.kind={scaling.kind!r} is not none|linear|ntk|yarn")
+    return yarn_frequencies(dim, theta, cfg.max_seq_len, scaling)
+
+
+def yarn_frequencies(
+    dim: int, theta: float, max_seq_len: int, scaling: RopeScalingConfig
+) -> tuple[Tensor, float]:
+    """YaRN (Peng et al. 2023): dims that turn fewer than `beta_slow` times over the original
+    context are interpolated (divided by `factor`), dims turning more than `beta_fast` times
+    keep their frequency, a linear ramp in between; cos/sin are scaled by the attention factor
+    (0.1 ln(factor) + 1 unless given), which sharpens attention at long range."""
+    factor = scaling.factor
+    original = scaling.original_max_seq_len or max(1, round(max_seq_len / factor))
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times in `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no singular ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    base_freq = theta ** (torch.arange(0, dim, 2).to(torch.float32) / dim)  # (D/2,)
+    extrapolated, interpolated = 1.0 / base_freq, 1.0 / (factor * base_freq)
+    keep = 1 - ramp  # 1: the original frequency (fast dims), 0: interpolated (slow dims)
+    return interpolated * (1 - keep) + extrapolated * keep, float(attention)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE in the "rotate half" layout (the first and second halves of a head form the pairs),
     the layout of LLaMA checkpoints in transformers, so exported weights need no permutation.
 
-    `rope_scaling.kind` "linear" divides positions by the factor (position interpolation);
-    "ntk" raises the base by `factor ** (D / (D - 2))` (NTK-aware scaling).
+    `rope_scaling` (see `RopeScalingConfig` and `rope_frequencies`): "linear" (position
+    interpolation), "ntk" (NTK-aware base), "yarn" (ramped interpolation and a cos/sin scale).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        dim = cfg.resolved_head_dim
-        theta = cfg.rope_theta
-        scaling = cfg.rope_scaling
-        if scaling.kind == "ntk":
-            theta *= scaling.factor ** (dim / (dim - 2))
-        elif scaling.kind not in ("none", "linear"):
-            raise NotImplementedError(f"model.rope_scaling.kind={scaling.kind!r} (issue #8)")
-        self.position_scale = 1.0 / scaling.factor if scaling.kind == "linear" else 1.0
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        inv_freq, self.attention_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (B, T, D) in float32, for integer positions (B, T)."""
-        positions = position_ids.to(torch.float32) * self.position_scale
-        freqs = positions[..., None] * self.inv_freq  # (B, T, D/2)
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-        return angles.cos(), angles.sin()
+        if self.attention_scale == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * self.attention_scale, angles.sin() * self.attention_scale
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,12 +141,30 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # masks
 
 
+def index_in_document(positions: Tensor, documents: Tensor | None,
+                      padding: Tensor | None = None) -> Tensor:  # fmt: skip
+    """(B or 1, S) index of each token within its document: its row position, counted among
+    real tokens when `padding` (B, S) is given, restarting where `documents` (B, S) changes."""
+    index = positions if positions.dim() == 2 else positions[None]  # (B or 1, S)
+    if padding is not None:
+        index = padding.long().cumsum(-1) - 1
+    if documents is None:
+        return index
+    index = index.expand(documents.shape)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    low = torch.full_like(index, torch.iinfo(index.dtype).min)
+    first = torch.where(starts, index, low).cummax(dim=-1).values  # index of the doc's start
+    return index - first
+
+
 def build_attention_mask(
     query_positions: Tensor,
     key_positions: Tensor,
     *,
     causal: bool,
     window: int | None = None,
+    global_tokens: int = 0,
     query_documents: Tensor | None = None,
     key_documents: Tensor | None = None,
     key_padding: Tensor | None = None,
@@ -111,7 +175,11 @@ def build_attention_mask(
         query_positions: (B, T) or (T,) absolute index of each query in the sequence.
         key_positions: (B, S) or (S,) absolute index of each key.
         causal: keys after the query are hidden.
-        window: with `causal`, only the last `window` keys up to the query are visible.
+        window: only keys less than `window` positions away are visible: the last `window`
+            keys up to the query when `causal`, else `window - 1` on each side.
+        global_tokens: with `window`, the first `global_tokens` keys of every document stay
+            visible to every query of that document (attention sinks); without `causal` these
+            tokens' own queries also see the whole document (Longformer's global attention).
         query_documents, key_documents: (B, T), (B, S) document ids of packed sequences;
             attention never crosses a document boundary.
         key_padding: (B, S) True for real tokens, False for padding.
@@ -125,8 +193,15 @@ def build_attention_mask(
                          device=q.device)  # fmt: skip
     if causal:
         allowed = allowed & (k <= q)
-        if window is not None:
-            allowed = allowed & (k > q - window)
+    if window is not None:
+        near = (q - k < window) if causal else ((q - k).abs() < window)
+        if global_tokens:
+            key_index = index_in_document(key_positions, key_documents, key_padding)
+            near = near | (key_index[:, None, :] < global_tokens)
+            if not causal:
+                query_index = index_in_document(query_positions, query_documents)
+                near = near | (query_index[:, :, None] < global_tokens)
+        allowed = allowed & near
     if query_documents is not None and key_documents is not None:
         allowed = allowed & (query_documents[:, :, None] == key_documents[:, None, :])
     if key_padding is not None:
@@ -137,8 +212,47 @@ def build_attention_mask(
     return allowed[:, None]  # (B, 1, T, S)
 
 
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n),
+    ... for n a power of two; otherwise those of the power of two below, then every other slope
+    of the next power of two (as BLOOM and MPT compute them)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    slopes += [2 ** (-4 * (2 * i + 1) / closest) for i in range(n_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def apply_alibi(allowed: Tensor, slopes: Tensor, query_positions: Tensor,
+                key_positions: Tensor) -> Tensor:  # fmt: skip
+    """The additive (B or 1, H, T, S) float bias `-slope * |query - key|`, -inf where the
+    boolean (B or 1, 1, T, S) mask `allowed` hides a key (what SDPA takes as `attn_mask`)."""
+    q = query_positions[..., :, None].to(torch.float32)  # (T, 1) or (B, T, 1)
+    k = key_positions[..., None, :].to(torch.float32)  # (1, S) or (B, 1, S)
+    distance = (q - k).abs()
+    distance = distance[None] if distance.dim() == 2 else distance  # (B or 1, T, S)
+    bias = -slopes.to(distance.device)[None, :, None, None] * distance[:, None]  # (B|1,H,T,S)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def global_layer(cfg: ModelConfig, index: int) -> bool:
+    """Whether block `index` attends to the whole sequence when the others use the window:
+    the last of every `model.global_every` blocks."""
+    return cfg.global_every > 0 and (index + 1) % cfg.global_every == 0
+
+
 # --------------------------------------------------------------------------------------------
 # attention
+
+
+@dataclass
+class SequenceShard:
+    """This rank's contiguous part of every sequence under context parallelism: rank r of W
+    holds tokens [r * T, (r + 1) * T) of a W * T-token row. Set on the model and its attention
+    layers by `pretrain.engine.context_parallel`; the models only call `gather`."""
+
+    rank: int
+    world: int
+    gather: Callable[[Tensor, int], Tensor]  # every rank's part, concatenated along a dim
 
 
 class LayerCache:
@@ -199,6 +313,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.v = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.o = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.sequence_shard: SequenceShard | None = None  # context parallelism (self-attention)
 
     def forward(
         self,
@@ -225,6 +340,8 @@ class Attention(nn.Module):
             v = self.v(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if rope is not None:
                 k = apply_rotary(k, *rope)
+            if self.sequence_shard is not None:  # every rank's keys: (B, K, W * T, D)
+                k, v = self.sequence_shard.gather(k, 2), self.sequence_shard.gather(v, 2)
             if cache is not None and context is not None:
                 cache.keys, cache.values, cache.length = k, v, k.shape[2]
             elif cache is not None:
@@ -254,6 +371,7 @@ class BlockInputs:
 
     rope: tuple[Tensor, Tensor] | None = None
     mask: Tensor | None = None  # self-attention mask or additive bias
+    global_mask: Tensor | None = None  # the same without the window, for global blocks
     context: Tensor | None = None  # encoder output, for cross-attention
     context_mask: Tensor | None = None  # cross-attention mask or bias
 
@@ -280,6 +398,7 @@ class Block(nn.Module):
 
         super().__init__()
         self.post_norm = post_norm
+        self.global_attention = global_layer(cfg, index)  # no window in this block
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg, causal=causal, scale=scale)
         self.cross_norm = build_norm(cfg) if cross_attention else None
@@ -296,11 +415,12 @@ class Block(nn.Module):
         cross_cache: LayerCache | None = None,
     ) -> Tensor:
         drop = self.drop
+        mask = inputs.global_mask if self.global_attention else inputs.mask
         if self.post_norm:
-            attended = self.attn(x, rope=inputs.rope, mask=inputs.mask, cache=cache)
+            attended = self.attn(x, rope=inputs.rope, mask=mask, cache=cache)
             x = self.attn_norm(x + drop(attended))
             return self.mlp_norm(x + drop(self.mlp(x)))
-        x = x + drop(self.attn(self.attn_norm(x), rope=inputs.rope, mask=inputs.mask, cache=cache))
+        x = x + drop(self.attn(self.attn_norm(x), rope=inputs.rope, mask=mask, cache=cache))
         if self.cross_attn is not None and self.cross_norm is not None:
             x = x + drop(
                 self.cross_attn(

@@ -18,6 +18,16 @@ Losses (training only), added to the model's loss by `pretrain.engine.compute_lo
 Statistics for the trainer's metrics accumulate per layer (`MoEStats`): assignments per expert,
 dropped assignments, routing entropy, and the two losses; `moe_metrics` reduces them across
 ranks and resets them.
+
+Expert parallelism (`model.moe.expert_parallel`, `enable_expert_parallel`): the data-parallel
+ranks split each layer's experts (rank r keeps experts [r E/W, (r+1) E/W)). Every rank routes
+its own tokens as before (capacity counted on its own tokens, so dropping is what plain data
+parallelism drops), sends each kept assignment to the rank that owns its expert with one
+all-to-all, runs its local experts over what it received, and returns the outputs with a
+second all-to-all (`AllToAll`, differentiable: its backward is the reverse exchange). The
+result equals the replicated model's. Expert gradients are the owner's alone (not all-reduced);
+a gradient hook divides them by W so they equal the data-parallel mean the other parameters
+get from DDP's all-reduce.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n: int, d_ff: int) -> None:
         super().__init__()
+        self.first = 0  # global id of the first expert held here (expert parallelism)
         c = cfg.d_model
         self.act = ACTIVATIONS[cfg.activation]
         self.gate = nn.Parameter(torch.empty(n, c, d_ff)) if cfg.gated else None
@@ -91,7 +102,37 @@ class Experts(nn.Module):
                              pick(self.up_bias), torch.matmul)  # fmt: skip
             out = h @ self.down[e]
             outputs.append(out + self.down_bias[e] if self.down_bias is not None else out)
-        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+        # x * 0 keeps an empty result in the autograd graph (expert parallelism: every rank
+        # must run the backward of the exchange that follows, received tokens or not)
+        return torch.cat(outputs) if outputs else x * 0
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keep only experts [rank n / world, (rank + 1) n / world) (expert parallelism)."""
+        n = self.up.shape[0]
+        local = n // world
+        self.first = rank * local
+        for name, param in list(self.named_parameters(recurse=False)):
+            piece = param.detach()[self.first : self.first + local].clone()
+            setattr(self, name, nn.Parameter(piece, requires_grad=param.requires_grad))
+
+
+class AllToAll(torch.autograd.Function):
+    """`dist.all_to_all_single` of the rows of a (M, C) tensor with autograd: `send[j]` rows go
+    to rank j, `recv[j]` rows arrive from rank j; the backward sends gradients back the same
+    way reversed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: object) -> Tensor:  # noqa: ANN001
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: ANN001
+        out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
 
 
 @dataclass
@@ -153,6 +194,8 @@ class MoEFeedForward(nn.Module):
         self.shared = nn.ModuleList(FeedForward(cfg, d_expert) for _ in range(moe.n_shared_experts))
         self.last: RoutingStep | None = None  # set by a training forward
         self.stats = MoEStats(moe.n_experts)
+        self.ep_group: object | None = None  # set by enable_expert_parallel
+        self.ep_world = 1
 
     def capacity(self, tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -183,20 +226,26 @@ class MoEFeedForward(nn.Module):
         counts = torch.bincount(expert_of, minlength=e)  # (E,)
         capacity = self.capacity(n)
         if capacity is None:
-            out = self.experts(flat[sorted_tokens], counts.tolist())
-            dropped = torch.zeros((), device=x.device)
             keep_tokens = sorted_tokens
+            kept = counts
+            dropped = torch.zeros((), device=x.device)
         else:
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(k * n, device=x.device) - starts[sorted_experts]
             keep = rank < capacity
-            slots = (sorted_experts * capacity + rank)[keep]
             keep_tokens = sorted_tokens[keep]
+            sorted_weights = sorted_weights[keep]
+            kept = counts.clamp(max=capacity)
+            dropped = (~keep).sum()
+        if self.ep_group is not None:
+            out = self._exchange(flat[keep_tokens], kept)
+        elif capacity is None:
+            out = self.experts(flat[sorted_tokens], counts.tolist())
+        else:
+            slots = (sorted_experts * capacity + rank)[keep]
             buffer = flat.new_zeros(e * capacity, shape[-1])
             buffer[slots] = flat[keep_tokens]
             out = self.experts(buffer.view(e, capacity, -1)).view(e * capacity, -1)[slots]
-            sorted_weights = sorted_weights[keep]
-            dropped = (~keep).sum()
         weighted = (out * sorted_weights.to(out.dtype)).to(flat.dtype)
         combined = torch.zeros_like(flat).index_add_(0, keep_tokens, weighted)
         for shared in self.shared:
@@ -204,6 +253,24 @@ class MoEFeedForward(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.last = self._routing_step(logits, counts, dropped, n)
         return combined.view(shape)
+
+    def _exchange(self, tokens: Tensor, counts: Tensor) -> Tensor:
+        """Expert parallelism: (M, C) assignments sorted by global expert, `counts[e]` for
+        expert e -> the experts' outputs, in the same order. Two all-to-alls (tokens out,
+        outputs back) plus one of the counts."""
+        world, local = self.ep_world, self.n_experts // self.ep_world
+        send_counts = counts.view(world, local)  # to rank j, for its local experts
+        recv_counts = torch.empty_like(send_counts)  # from rank j, for my local experts
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.ep_group)
+        send = send_counts.sum(1).tolist()
+        recv = recv_counts.sum(1).tolist()
+        received = AllToAll.apply(tokens, send, recv, self.ep_group)  # by source, then expert
+        expert_of = torch.arange(local, device=tokens.device).repeat(world)
+        expert_of = expert_of.repeat_interleave(recv_counts.flatten())
+        order = torch.argsort(expert_of, stable=True)  # by local expert, then source
+        out = self.experts(received[order], recv_counts.sum(0).tolist())
+        out = out[torch.argsort(order)]  # back to source order
+        return AllToAll.apply(out, recv, send, self.ep_group)
 
     def _routing_step(self, logits: Tensor, counts: Tensor, dropped: Tensor, n: int) -> RoutingStep:
         if self.sigmoid:
@@ -297,6 +364,68 @@ def take_step_loss(model: nn.Module) -> float:
             total += float(layer.stats.step_loss)
             layer.stats.step_loss = None
     return total
+
+
+def enable_expert_parallel(model: nn.Module, group: object | None = None) -> list[str]:
+    """Shard every MoE layer's experts over the ranks of `group` (default: all ranks), rank r
+    keeping the r-th contiguous W-th; returns the names of the now rank-local parameters
+    (for DDP to leave out of its all-reduce). Call on identical replicas (same seed), before
+    the optimizer is built. Each expert gradient is divided by W as it arrives, matching the
+    mean DDP takes over the ranks for the replicated parameters."""
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, MoEFeedForward):
+            continue
+        if module.n_experts % world:
+            raise ValueError(
+                f"model.moe.expert_parallel: model.moe.n_experts={module.n_experts} is not a "
+                f"multiple of the {world} expert-parallel ranks"
+            )
+        module.ep_group, module.ep_world = group, world
+        module.experts.shard(rank, world)
+        for pname, param in module.experts.named_parameters():
+            param.register_hook(lambda grad, w=world: grad / w)
+            names.append(f"{name}.experts.{pname}" if name else f"experts.{pname}")
+    return names
+
+
+def expert_parallel_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
+    """(state-dict prefix, layer) of every expert-parallel layer. The prefix leaves out the
+    activation-checkpointing wrapper's name part, which its state dict leaves out too."""
+    return [(name.replace("_checkpoint_wrapped_module.", ""), m)
+            for name, m in model.named_modules()
+            if isinstance(m, MoEFeedForward) and m.ep_group is not None]  # fmt: skip
+
+
+def gather_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` (the model's own state dict) with every rank-local expert tensor replaced by
+    the whole layer's, gathered from the expert-parallel ranks (collective)."""
+    state = dict(state)
+    for name, layer in expert_parallel_layers(model):
+        for pname, param in layer.experts.named_parameters():
+            pieces = [torch.empty_like(param) for _ in range(layer.ep_world)]
+            dist.all_gather(pieces, param.detach().contiguous(), group=layer.ep_group)
+            state[f"{name}.experts.{pname}"] = torch.cat(pieces)
+    return state
+
+
+def local_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A whole-model `state` cut down to this rank's experts (the inverse of `gather_experts`)."""
+    state = dict(state)
+    for name, layer in expert_parallel_layers(model):
+        local = layer.n_experts // layer.ep_world
+        for pname, _ in layer.experts.named_parameters():
+            key = f"{name}.experts.{pname}"
+            full = state[key]
+            if full.shape[0] != layer.n_experts:
+                raise ValueError(
+                    f"{key}: {full.shape[0]} experts saved, {layer.n_experts} expected"
+                )
+            state[key] = full[layer.experts.first : layer.experts.first + local]
+    return state
 
 
 def build_feed_forward(cfg: ModelConfig, index: int) -> nn.Module:

@@ -32,6 +32,8 @@ MODEL_FAMILY = {
     "t5_base": EncoderDecoderConfig,
     "tiny_encoder": EncoderConfig,
     "tiny_encoder_decoder": EncoderDecoderConfig,
+    "tiny_moe_encoder": EncoderConfig,
+    "tiny_moe_t5": EncoderDecoderConfig,
 }
 
 
@@ -125,6 +127,14 @@ def test_experiment_overlays_apply_to_every_subcommand() -> None:
     assert cfg.data.seq_len == 64 and cfg.engine.kind == "fsdp"
 
 
+def test_long_context_experiment() -> None:
+    cfg = compose_config("train", ["experiment=long_context"])
+    model = cfg.model
+    assert isinstance(model, DecoderConfig) and model.rope_scaling.kind == "yarn"
+    assert (model.attention_window, model.global_every, model.global_tokens) == (256, 2, 4)
+    assert cfg.data.seq_len == 1024 and cfg.data.seq_len_warmup_steps == 100
+
+
 def test_misspelled_key_names_the_key() -> None:
     with pytest.raises(ConfigCompositionException) as info:
         compose_config("plan", ["model.d_modle=3"])
@@ -171,6 +181,16 @@ def test_wrong_type_names_the_key() -> None:
             "data.global_batch_tokens=40960 / data.seq_len=1024 = 40 sequences is not a multiple of data.micro_batch_size=16",
         ),
         (["optim.schedule=linear"], "optim.schedule='linear' is not one of"),
+        (
+            ["model.rope_scaling.kind=yarn", "model.rope_scaling.factor=0.5"],
+            "model.rope_scaling.factor=0.5 must be >= 1",
+        ),
+        (["model.global_every=2"], "model.global_every=2 needs model.attention_window"),
+        (
+            ["model=tiny_encoder_decoder", "objective=span", "model.attention_window=64"],
+            "model.attention_window=64: encoder-decoders attend to the whole sequence",
+        ),
+        (["model.position=alibi", "model.rope_scaling.kind=linear"], "needs model.position='rope'"),
         (
             ["corpus=stdlib_mix", "corpus.sources.1.name=library"],
             "corpus.sources has repeated names",

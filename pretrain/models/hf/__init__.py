@@ -13,6 +13,7 @@ One module per transformers architecture, each with the same four names:
 `architectures` on import); `hf_module_for(cfg)` picks the module for one of our configs:
 
     decoder, position=rope      LLaMA  (RMSNorm, RoPE, gated MLP)    -> LlamaForCausalLM
+    decoder, rope, MoE          Mixtral (LLaMA with sparse experts)  -> MixtralForCausalLM
     decoder, position=learned   GPT-2  (LayerNorm, learned, GELU)    -> GPT2LMHeadModel
     encoder                     BERT                                 -> BertForMaskedLM
     encoder_decoder             T5                                   -> T5ForConditionalGeneration
@@ -49,6 +50,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "pretrain.models.hf.llama",
+    "MixtralForCausalLM": "pretrain.models.hf.mixtral",
     "GPT2LMHeadModel": "pretrain.models.hf.gpt2",
     "BertForMaskedLM": "pretrain.models.hf.bert",
     "T5ForConditionalGeneration": "pretrain.models.hf.t5",
@@ -80,7 +82,7 @@ def hf_module_for(cfg: ModelConfig) -> ModuleType:
     """The interop module for `cfg`'s family and layout (raises NoEquivalentError)."""
     if isinstance(cfg, DecoderConfig):
         if cfg.position == "rope":
-            return _load("LlamaForCausalLM")
+            return _load("MixtralForCausalLM" if cfg.moe.n_experts else "LlamaForCausalLM")
         if cfg.position == "learned":
             return _load("GPT2LMHeadModel")
         raise NoEquivalentError(

@@ -3,8 +3,11 @@
 Covers RMSNorm + RoPE + gated MLP decoders: SwiGLU (`hidden_act="silu"`) or GeGLU (`"gelu"`,
 the exact erf form, as ours), grouped-query attention, an explicit head dim, biases
 (`attention_bias`/`mlp_bias`), tied or untied embeddings, `rope_theta`, and rope scaling
-"linear" (`rope_parameters={"rope_type": "linear", "factor": f}`) and "ntk" (a static change
-of base, exported as plain RoPE with the scaled theta, so it imports back as kind "none").
+"linear" (`rope_parameters={"rope_type": "linear", "factor": f}`), "yarn" (`rope_type: yarn`
+with `original_max_position_embeddings`, `beta_fast`, `beta_slow`, `attention_factor`,
+`truncate`; DeepSeek's `mscale`/`mscale_all_dim` import as the attention factor they give) and
+"ntk" (a static change of base, exported as plain RoPE with the scaled theta, so it imports
+back as kind "none"; transformers' "dynamic" NTK depends on the input length and is refused).
 
 Our RoPE uses the "rotate half" layout, as transformers' LLaMA does, so q/k need no
 permutation; weights are renamed only. `dropout` is a training option and is not carried.
@@ -66,10 +69,6 @@ def _problems(cfg: ModelConfig) -> list[str]:
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads} "
             "(LlamaConfig requires it even with an explicit model.head_dim)"
         )
-    if cfg.rope_scaling.kind not in ("none", "linear", "ntk"):
-        problems.append(
-            f"model.rope_scaling.kind={cfg.rope_scaling.kind!r} (needs 'none', 'linear' or 'ntk')"
-        )
     return problems
 
 
@@ -88,6 +87,20 @@ def hf_config(cfg: ModelConfig) -> LlamaConfig:
                 "factor": float(scaling.factor)}  # fmt: skip
     elif scaling.kind == "ntk":  # our NTK-aware scaling is a fixed, larger base
         rope["rope_theta"] = float(cfg.rope_theta * scaling.factor ** (head_dim / (head_dim - 2)))
+    elif scaling.kind == "yarn":
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": float(cfg.rope_theta),
+            "factor": float(scaling.factor),
+            "original_max_position_embeddings": int(
+                scaling.original_max_seq_len or max(1, round(cfg.max_seq_len / scaling.factor))
+            ),
+            "beta_fast": float(scaling.beta_fast),
+            "beta_slow": float(scaling.beta_slow),
+            "truncate": bool(scaling.truncate),
+        }
+        if scaling.attention_factor is not None:  # else theirs is ours: 0.1 ln(factor) + 1
+            rope["attention_factor"] = float(scaling.attention_factor)
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -108,6 +121,29 @@ def hf_config(cfg: ModelConfig) -> LlamaConfig:
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
+    )
+
+
+def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScalingConfig:
+    """Our YaRN settings from transformers' `rope_parameters` (their defaults where absent)."""
+    import math
+
+    original = int(rope.get("original_max_position_embeddings") or max_position_embeddings)
+    factor = rope.get("factor") or max_position_embeddings / original
+    attention = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim and factor > 1:
+        attention = (0.1 * mscale * math.log(factor) + 1) / (
+            0.1 * mscale_all_dim * math.log(factor) + 1
+        )
+    return RopeScalingConfig(
+        kind="yarn",
+        factor=float(factor),
+        original_max_seq_len=original,
+        beta_fast=float(rope.get("beta_fast") or 32.0),
+        beta_slow=float(rope.get("beta_slow") or 1.0),
+        attention_factor=None if attention is None else float(attention),
+        truncate=bool(rope.get("truncate", True)),
     )
 
 
@@ -146,8 +182,10 @@ def from_hf(hf_config: LlamaConfig, state_dict: dict[str, Tensor]) -> tuple[Deco
         )
     rope = dict(hf_config.rope_parameters or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        problems.append(f"rope_parameters.rope_type={rope_type!r} (needs 'default' or 'linear')")
+    if rope_type not in ("default", "linear", "yarn"):
+        problems.append(
+            f"rope_parameters.rope_type={rope_type!r} (needs 'default', 'linear' or 'yarn')"
+        )
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (needs 1.0)")
     if problems:
@@ -158,6 +196,8 @@ def from_hf(hf_config: LlamaConfig, state_dict: dict[str, Tensor]) -> tuple[Deco
     scaling = RopeScalingConfig()
     if rope_type == "linear":
         scaling = RopeScalingConfig(kind="linear", factor=float(rope["factor"]))
+    elif rope_type == "yarn":
+        scaling = _yarn_from_hf(rope, hf_config.max_position_embeddings)
     name = Path(getattr(hf_config, "_name_or_path", "") or "llama").name or "llama"
     cfg = DecoderConfig(
         name=name,

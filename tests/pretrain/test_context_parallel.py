@@ -1,0 +1,77 @@
+"""Context parallelism on 2 CPU ranks (gloo): a decoder whose rows are split across the ranks
+gives the logits and gradients of the unsplit model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain.config import DecoderConfig
+from pretrain.models import build_model
+
+WORLD = 2
+CASES = {
+    "rope_documents": {},
+    "alibi_local_global": {"position": "alibi", "attention_window": 6, "global_every": 2,
+                           "global_tokens": 2},
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_process(rank: int, port: int, result: str) -> None:
+    from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    errors = {}
+    for name, changes in CASES.items():
+        cfg = DecoderConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            d_ff=64, max_seq_len=64, **changes)  # fmt: skip
+        torch.manual_seed(0)
+        full = build_model(cfg)
+        split = build_model(cfg)
+        split.load_state_dict(full.state_dict())
+        apply_context_parallel(split)
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 64, (2, 33), generator=generator)
+        documents = (torch.rand(2, 32, generator=generator) < 0.1).long().cumsum(1)
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "document_ids": documents,
+                 "position_ids": torch.arange(32).expand(2, 32)}  # fmt: skip
+        logits = full(batch["input_ids"], document_ids=documents)
+        F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).backward()
+        part = shard_sequence(batch, rank, WORLD)
+        ours = split(part["input_ids"], document_ids=part["document_ids"],
+                     position_ids=part["position_ids"])  # fmt: skip
+        # each rank's share of the mean over all tokens; gradients summed over the ranks
+        loss = F.cross_entropy(ours.flatten(0, 1), part["labels"].flatten(), reduction="sum")
+        (loss / batch["labels"].numel()).backward()
+        for param in split.parameters():
+            dist.all_reduce(param.grad)
+        mine = logits.chunk(WORLD, dim=1)[rank]
+        grads = [(a.grad - b.grad).abs().max().item()
+                 for a, b in zip(full.parameters(), split.parameters(), strict=True)]  # fmt: skip
+        errors[name] = {"logits": (ours - mine).abs().max().item(), "grads": max(grads)}
+    Path(f"{result}.{rank}").write_text(json.dumps(errors))
+    dist.destroy_process_group()
+
+
+def test_context_parallel_equals_the_unsplit_model(tmp_path: Path) -> None:
+    result = str(tmp_path / "errors")
+    mp.spawn(rank_process, args=(free_port(), result), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        errors = json.loads(Path(f"{result}.{rank}").read_text())
+        for name, error in errors.items():
+            assert error["logits"] < 1e-5 and error["grads"] < 1e-6, (rank, name, error)
