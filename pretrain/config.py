@@ -235,6 +235,9 @@ class DDPEngineConfig(EngineConfig):
     kind: ClassVar[str] = "ddp"
 
     bucket_cap_mb: int = 25
+    # ranks that split each sequence (context parallelism, decoders): the keys and values are
+    # all-gathered in every attention layer; data parallelism runs over ranks / this
+    context_parallel: int = 1
 
 
 @dataclass
@@ -916,6 +919,27 @@ def _validate_expert_parallel(cfg: KilnConfig) -> None:
         )
 
 
+def _validate_context_parallel(cfg: KilnConfig, cp: int, ranks: int) -> None:
+    _check_positive("engine.context_parallel", cp)
+    if ranks % cp:
+        raise ConfigError(
+            f"engine.context_parallel={cp} must divide the {ranks} ranks of the cluster"
+        )
+    if cfg.model.family != "decoder":
+        raise ConfigError(
+            f"engine.context_parallel={cp}: context parallelism splits decoder sequences; "
+            f"model={cfg.model.name} is {cfg.model.family}"
+        )
+    if cfg.data.seq_len % cp:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is not a multiple of engine.context_parallel={cp}"
+        )
+    if cfg.model.moe.n_experts and cfg.model.moe.expert_parallel:
+        raise ConfigError("engine.context_parallel > 1 with model.moe.expert_parallel=true")
+    if cfg.data.seq_len_warmup_steps:
+        raise ConfigError("engine.context_parallel > 1 with data.seq_len_warmup_steps > 0")
+
+
 def validate_config(cfg: KilnConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises `ConfigError`."""
     validate_model(cfg.model)
@@ -958,6 +982,10 @@ def validate_config(cfg: KilnConfig) -> None:
     _check_choice("data.verify", data.verify, ("none", "shard", "sample"))
     _check_choice("data.on_bad_shard", data.on_bad_shard, ("error", "skip"))
     ranks = cluster.nodes * cluster.gpus_per_node
+    cp = getattr(engine, "context_parallel", 1)
+    if cp != 1:
+        _validate_context_parallel(cfg, cp, ranks)
+        ranks //= cp  # data-parallel ranks
     if data.global_batch_size % (data.micro_batch_size * ranks):
         given = (
             f"data.global_batch_tokens={data.global_batch_tokens} / data.seq_len={data.seq_len}"

@@ -120,9 +120,18 @@ def train(cfg: Any, context: Any) -> int:
     rank, world = rank_and_world()
     data, trainer = cfg.data, cfg.trainer
     run_dir = Path(trainer.run_dir)
-    accumulation = data.global_batch_size // (data.micro_batch_size * world)
+    # context parallelism: groups of `cp` consecutive ranks share each sample, one slice of the
+    # sequence each; the data-parallel rank (what the loader and accumulation count) is the group
+    cp = getattr(cfg.engine, "context_parallel", 1)
+    cp_rank, dp_rank, dp_world = rank % cp, rank // cp, world // cp
+    accumulation = data.global_batch_size // (data.micro_batch_size * dp_world)
     torch.manual_seed(trainer.seed)
     model = build_model(cfg.model).to(context.device)
+    if cp > 1:
+        from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
+
+        groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp_world)]
+        apply_context_parallel(model, groups[dp_rank])
     has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
                           device=context.device)  # fmt: skip
@@ -137,7 +146,8 @@ def train(cfg: Any, context: Any) -> int:
     # source gave in samples of the new length (context extension; see LoaderState.seq_len)
     saved_seq_len = loader_state.seq_len if loader_state is not None else None
     remaining = max(0, trainer.max_steps - state.step)
-    loader = build_run_loader(cfg, rank=rank, world=world, state=loader_state, num_steps=remaining)
+    loader = build_run_loader(cfg, rank=dp_rank, world=dp_world, state=loader_state,
+                              num_steps=remaining)  # fmt: skip
     cuda = context.device.type == "cuda"
     peak_tflops, peak_source = resolve_peak_tflops(
         trainer.peak_tflops,
@@ -148,6 +158,7 @@ def train(cfg: Any, context: Any) -> int:
     if logger is not None:
         state.wandb_run_id = logger.run_id
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
+                    "data_parallel": dp_world, "context_parallel": cp,
                     "resumed_from": str(resume_from) if resume_from else None,
                     "seq_len": data.seq_len, "checkpoint_seq_len": saved_seq_len,
                     "peak_tflops": peak_tflops, "peak_tflops_from": peak_source})  # fmt: skip
@@ -173,6 +184,8 @@ def train(cfg: Any, context: Any) -> int:
         for micro in range(accumulation):
             fetched = time.perf_counter()
             batch = next(batches)
+            if cp > 1:
+                batch = shard_sequence(batch, cp_rank, cp)
             wait += time.perf_counter() - fetched
             last = micro == accumulation - 1
             poison = (  # fault injection (tests)
@@ -219,7 +232,7 @@ def train(cfg: Any, context: Any) -> int:
             exit_code = 3
             break
         if trainer.eval_every and state.step % trainer.eval_every == 0:
-            _evaluate(cfg, engine, state, logger, rank, world)
+            _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp)
         timed = trainer.checkpoint_minutes > 0 and rank == 0
         due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
         signalled, due = stop.any_rank(due)
@@ -291,7 +304,10 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     logger.log({"kind": "event", "step": state.step, "event": "sample", "text": text})
 
 
-def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int) -> None:
+def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int,
+              cp_rank: int = 0, cp: int = 1) -> None:  # fmt: skip
+    """Eval loss on the held-out split; `rank`/`world` are data-parallel (context-parallel
+    ranks share samples and take their slice of each)."""
     from pretrain.data.loader import DataError, build_run_loader
 
     try:
@@ -299,7 +315,13 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
                                   split="val")  # fmt: skip
     except DataError:
         return  # no validation split
-    losses = [float(engine.eval_loss(batch)) for batch in loader.loader]
+    if cp > 1:
+        from pretrain.engine.context_parallel import shard_sequence
+
+        batches = (shard_sequence(batch, cp_rank, cp) for batch in loader.loader)
+    else:
+        batches = iter(loader.loader)
+    losses = [float(engine.eval_loss(batch)) for batch in batches]
     loss = mean_across_ranks(sum(losses) / max(1, len(losses)))
     if logger is not None:
         logger.log({"kind": "eval", "step": state.step, "eval_loss": loss,

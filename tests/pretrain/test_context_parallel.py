@@ -75,3 +75,42 @@ def test_context_parallel_equals_the_unsplit_model(tmp_path: Path) -> None:
         errors = json.loads(Path(f"{result}.{rank}").read_text())
         for name, error in errors.items():
             assert error["logits"] < 1e-5 and error["grads"] < 1e-6, (rank, name, error)
+
+
+def test_kiln_train_with_context_parallelism_matches_one_rank(tmp_path: Path) -> None:
+    """`engine.context_parallel=2` on 2 ranks: each sample's sequence is split between the
+    ranks (one data-parallel group), and the per-step losses equal a 1-rank run of the same
+    global batch to float tolerance."""
+    import subprocess
+    import sys
+
+    from test_loader import write_corpus
+
+    corpus = tmp_path / "shards"
+    write_corpus(corpus, {"web": [200, 150]}, {"web": 1.0})
+    kiln = Path(sys.executable).parent / "kiln"
+
+    def train(run_dir: Path, *extra: str) -> dict[int, float]:
+        args = [
+            "model=tiny_decoder", "objective=clm", "engine=ddp", "cluster=local_cpu",
+            "data=small", f"data.path={corpus}", "data.seq_len=64", "data.global_batch_size=4",
+            "data.micro_batch_size=2", "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}",
+            "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.eval_every=0",
+            "optim.lr=3e-3", "optim.warmup_steps=1", "logger=none", "logger.log_every=1", *extra,
+        ]  # fmt: skip
+        result = subprocess.run([str(kiln), "train", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = [
+            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        start = next(r for r in records if r.get("event") == "start")
+        assert start["data_parallel"] == 1  # both ranks of the split run read the same samples
+        return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+    split = train(tmp_path / "cp", "cluster.gpus_per_node=2", "engine.context_parallel=2")
+    whole = train(tmp_path / "one", "cluster.gpus_per_node=1")
+    assert sorted(split) == sorted(whole) == list(range(1, 7))
+    for step, loss in whole.items():
+        assert abs(split[step] - loss) <= 1e-4 * abs(loss), (step, split[step], loss)
+    assert split[6] < split[1]
