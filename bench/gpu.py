@@ -1,0 +1,752 @@
+"""Issue #9's GPU script: one short run on one H100/H200 through the full `kiln train` stack,
+against a plain PyTorch loop over the same model, nanoGPT's figure and the device's own peak.
+
+Stages, each timed, inside one wall-clock budget (`--budget`, default 480 s; a stage that no
+longer fits is skipped and says so):
+
+1. `env`: the device, torch, CUDA.
+2. `matmul`: an 8192^3 bf16 matrix product (3 warm-up, 10 timed): the device's real peak.
+3. `data`: shards on local disk built by `kiln data` (the Python standard library; or `--data
+   DIR`, a `kiln data` output built earlier, e.g. where Ray is not installed).
+4. `gpt2_124m`: `kiln train model=gpt2_124m objective=clm engine=fsdp` on 1 GPU, batch 16 x 1024,
+   bf16 (FSDP2's mixed-precision policy), `engine.compile=true`, `logger.log_every=1`: shards ->
+   loader -> engine -> metrics.jsonl. Step time = median `step_time` after the warm-up steps
+   (compilation is in the first ones); loader wait = median `data_wait`; peak memory = the last
+   record's `memory_gib` (`torch.cuda.max_memory_allocated`).
+5. `plain_124m`: a plain PyTorch loop (`--plain-worker`, its own process) over the same model
+   built from the trainer run's resolved config: `build_model`, `torch.compile(model)`, bf16
+   autocast, fp32 cross-entropy, fused AdamW, `clip_grad_norm_`, random tokens already on the
+   GPU; the same batch and the same step timing (a host sync per step, as the trainer's
+   `float(loss)`).
+6. `gpt2_350m`: the trainer at gpt2_350m, same settings.
+7. `moe`: the trainer on the `tiny_moe` preset widened to GPT-2-small shape (`MOE_SHAPE`:
+   12 layers, d 768, 8 experts top-2) at 16 x 1024.
+
+For every trainer run, `kiln plan` with the same overrides gives the FSDP memory estimate
+(weights + gradients + optimizer + buffers + activations); ratio = measured / plan.
+
+Targets (issue #9): 124M full stack >= 1.2 x nanoGPT's 478,600 tokens/s (H200,
+../shared/REFERENCE.md); full stack >= 0.95 x the plain loop; MFU >= 50% at 350M (against
+989 TFLOP/s); plan's memory within 15% of the measured peak. Each is printed with PASS/FAIL
+(FAIL keeps the exit code 0; a crashed stage gives exit code 1). MFU is also given against
+the measured matmul peak.
+
+Writes bench/results/gpu.json (`--results`) and the `gpu` section of BENCHMARKS.md
+(`--markdown`); `--render JSON` rewrites the section from a results file (e.g. one fetched from
+the GPU machine).
+
+`--smoke` runs the same stages on the CPU in seconds (tiny models, a few steps, no compile, a
+256^3 fp32 matmul): figures are meaningless there, the point is that every stage still runs;
+it writes only `--results` when given. tests/bench/test_gpu_smoke.py runs it in CI.
+
+    python bench/gpu.py [--data DIR] [--budget 480] [--steps 40] [--skip moe,...]
+    python bench/gpu.py --smoke --results /tmp/gpu-smoke.json
+    python bench/gpu.py --render bench/results/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Run as a script, Python puts bench/ first on sys.path, where bench/data_pipeline.py would
+# shadow the `data_pipeline` package: drop bench/ and put the repository first.
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]
+sys.path.insert(0, str(REPO))
+
+from bench.common import git_commit, machine, marks, write_markdown  # noqa: E402
+
+SECTION = "gpu"
+START_MARK, END_MARK = marks(SECTION)
+PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM datasheet (the MFU denominator of kiln plan)
+NANOGPT_TOKENS_PER_S = 478_600  # nanoGPT bench.py, 124M, 16 x 1024, compile, H200 (REFERENCE.md)
+TARGET_VS_NANOGPT = 1.2
+TARGET_VS_PLAIN = 0.95
+TARGET_MFU_350M = 0.50
+TARGET_MEMORY = 0.15  # |measured / plan - 1|
+DEFAULT_BUDGET = 480.0  # seconds, the whole script (issue #9: at most 8 minutes)
+DEFAULT_STEPS, DEFAULT_WARMUP = 40, 10
+SMOKE_STEPS, SMOKE_WARMUP = 6, 2
+BATCH, SEQ = 16, 1024
+SMOKE_BATCH, SMOKE_SEQ = 4, 64
+SMOKE_DATA = ["corpus.sources.0.paths=[stdlib/json]", "tokenizer.vocab_size=1000"]
+# The MoE preset (tiny_moe: 4 experts top-2, d 64) widened to GPT-2-small shape for one GPU.
+MOE_SHAPE = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.n_kv_heads=4",
+             "model.d_ff=1536", "model.vocab_size=50304", "model.max_seq_len=1024",
+             "model.moe.n_experts=8", "model.moe.top_k=2"]  # fmt: skip
+# Smoke: every preset shrunk to a few hundred thousand parameters, the tokenizer's vocabulary.
+SMOKE_SHAPE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=256",
+               "model.max_seq_len=64"]  # fmt: skip
+SMOKE_MOE_SHAPE = ["model.max_seq_len=64"]
+# The earliest a stage may start: its rough cost on an H200 (start-up + compile + steps); a
+# stage that would not fit in what is left of the budget is skipped, not cut short.
+MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_docmask": 50,
+               "plain_124m_docmask": 45, "moe": 60}  # fmt: skip
+MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
+
+
+class Budget:
+    """The script's wall-clock budget."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - self.start)
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def run_logged(command: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+               ) -> float:  # fmt: skip
+    """Run `command` in the repository, output to `log`; wall seconds. Raises StageError with
+    the log's tail on a non-zero exit or a timeout."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        try:
+            code = subprocess.call(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, timeout=max(1.0, timeout))  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = None
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        why = f"timed out after {timeout:.0f} s" if code is None else f"exited with {code}"
+        raise StageError(f"`{' '.join(command[:4])} ...` {why}; log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the subprocesses: the repository importable (a fresh clone without
+    `pip install -e .` works too), unbuffered output."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{path}" if path else str(REPO),
+                PYTHONUNBUFFERED="1")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_env(smoke: bool) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "device": torch.cuda.get_device_name(0),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+        }
+    elif not smoke:
+        raise StageError(
+            "no CUDA device visible to torch (torch.cuda.is_available() is False); "
+            "use --smoke to run the CPU smoke mode"
+        )
+    else:
+        info["device"] = "cpu"
+    for module in ("hydra", "omegaconf"):
+        try:
+            __import__(module)
+        except ImportError as error:
+            raise StageError(f"{module} is not importable ({error}): run `make install`, or put "
+                             "hydra-core, omegaconf and antlr4-python3-runtime on PYTHONPATH") from error  # fmt: skip
+    return info
+
+
+def stage_matmul(smoke: bool) -> dict[str, Any]:
+    """TFLOP/s of a square matrix product: bf16 8192^3 on CUDA, fp32 256^3 on the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not smoke
+    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (256, torch.float32, "cpu")
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(n, n, dtype=dtype, device=device, generator=generator)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    iterations = 10
+    start = time.perf_counter()
+    for _ in range(iterations):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / iterations
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "tflops": 2 * n**3 / seconds / 1e12}  # fmt: skip
+
+
+def stage_data(args: argparse.Namespace, work: Path, budget: Budget) -> dict[str, Any]:
+    """The shards: `--data DIR`, or the stdlib built now by `kiln data`."""
+    if args.data:
+        out, seconds, built = args.data.resolve(), 0.0, False
+    else:
+        try:
+            import ray  # noqa: F401
+        except ImportError as error:
+            raise StageError("`kiln data` needs Ray, which is not installed here: build the shards "
+                             "where it is (`kiln data output_dir=DIR`) and pass --data DIR") from error  # fmt: skip
+        out = work / "data"
+        overrides = [f"output_dir={out}", "overwrite=true", *(SMOKE_DATA if args.smoke else [])]
+        command = [sys.executable, "-m", "launch.cli", "data", *overrides]
+        seconds = run_logged(command, work / "kiln-data.log", budget.left(), child_env())
+        built = True
+    from data_pipeline.shards import read_manifest
+
+    try:
+        manifest = read_manifest(out)
+    except Exception as error:  # noqa: BLE001 - reported as the stage's failure
+        raise StageError(f"{out}: not a `kiln data` output ({error})") from error
+    return {
+        "path": str(out),
+        "built_seconds": seconds,
+        "built_here": built,
+        "vocab_size": manifest.tokenizer.vocab_size,
+        "manifest": "manifest.json",
+    }
+
+
+NO_MASK = ["data.document_masking=false", "data.reset_position_ids=false"]
+# name -> (model, extra overrides). Without document masking the work is nanoGPT's (causal
+# attention over the packed row, SDPA's flash kernel); `_docmask` is kiln's default
+# (no attention across documents: an explicit mask, so SDPA cannot take its causal fast path).
+TRAINER_RUNS: dict[str, tuple[str, list[str]]] = {
+    "gpt2_124m": ("gpt2_124m", NO_MASK),
+    "gpt2_350m": ("gpt2_350m", NO_MASK),
+    "gpt2_124m_docmask": ("gpt2_124m", []),
+    "moe": ("moe", []),
+}
+PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
+ORDER = ["gpt2_124m", "plain_124m", "gpt2_350m", "gpt2_124m_docmask", "plain_124m_docmask", "moe"]
+
+
+def run_spec(name: str, smoke: bool, vocab: int) -> tuple[list[str], int, int]:
+    """(model and data overrides, batch, seq) of a trainer run."""
+    preset, extra = TRAINER_RUNS[name]
+    if preset == "moe":
+        model = ["model=tiny_moe", *(SMOKE_MOE_SHAPE if smoke else MOE_SHAPE)]
+    else:
+        model = [f"model={preset}", *(SMOKE_SHAPE if smoke else [])]
+    if smoke:
+        model.append(f"model.vocab_size={vocab}")
+    return [*model, *extra], (SMOKE_BATCH if smoke else BATCH), (SMOKE_SEQ if smoke else SEQ)
+
+
+def train_overrides(model: list[str], batch: int, seq: int, data_dir: Path, run_dir: Path,
+                    steps: int, smoke: bool, engine: str) -> list[str]:  # fmt: skip
+    cluster = ["cluster=local_cpu"] if smoke else ["cluster=local", "engine.precision=bf16"]
+    return [
+        *model, "objective=clm", f"engine={engine}", *cluster, "cluster.gpus_per_node=1",
+        f"engine.compile={'false' if smoke else 'true'}", f"data.path={data_dir}",
+        f"data.seq_len={seq}", f"data.global_batch_size={batch}", f"data.micro_batch_size={batch}",
+        "logger=none", "logger.log_every=1", f"trainer.max_steps={steps}",
+        f"trainer.checkpoint_every={steps + 1}", "trainer.eval_every=0", "trainer.resume=none",
+        "trainer.sample_tokens=8", f"trainer.run_dir={run_dir}",
+    ]  # fmt: skip
+
+
+def plan_memory(overrides: list[str], work: Path, name: str, strategy: str, timeout: float
+                ) -> dict[str, Any]:  # fmt: skip
+    """`kiln plan` for the same overrides: the strategy's per-GPU estimate, in bytes."""
+    out = work / f"plan-{name}.json"
+    plan_args = [o for o in overrides if not o.startswith("trainer.")]
+    command = [sys.executable, "-m", "launch.cli", "plan", *plan_args, "plan.format=json",
+               f"plan.output={out}"]  # fmt: skip
+    run_logged(command, work / f"plan-{name}.log", timeout, child_env())
+    plan = json.loads(out.read_text())
+    memory = plan["memory"][strategy]
+    return {
+        "strategy": strategy,
+        "total_bytes": memory["total"],
+        "model_states_bytes": memory["model_states"],
+        "buffers_bytes": memory["buffers"],
+        "activations_bytes": memory["activations"],
+        "params_total": plan["model"]["params_total"],
+        "params_active": plan["model"]["params_active"],
+        "flops_per_token": plan["flops"]["per_token"],
+    }
+
+
+def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], work: Path,
+                  budget: Budget) -> dict[str, Any]:  # fmt: skip
+    """`kiln train` for one model: step figures from metrics.jsonl, plan's memory estimate."""
+    model, batch, seq = run_spec(name, args.smoke, data["vocab_size"])
+    run_dir = work / f"run-{name}"
+    overrides = train_overrides(model, batch, seq, Path(data["path"]), run_dir, args.steps,
+                                args.smoke, args.engine)  # fmt: skip
+    strategy = "fsdp" if args.engine == "fsdp" else args.engine.removesuffix("_offload")
+    plan = plan_memory(overrides, work, name, strategy, min(120.0, budget.left()))
+    command = [sys.executable, "-m", "launch.cli", "train", *overrides]
+    timeout = min(budget.left(), MAX_STAGE_SECONDS)
+    wall = run_logged(command, work / f"train-{name}.log", timeout, child_env())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
+    if len(train) < args.steps:
+        raise StageError(f"{run_dir}/metrics.jsonl: {len(train)} train records, {args.steps} asked")
+    timed = train[args.warmup :]
+    step_s = statistics.median(r["step_time"] for r in timed)
+    wait_s = statistics.median(r["data_wait"] for r in timed)
+    interval = (train[-1]["time"] - train[args.warmup - 1]["time"]) / (len(train) - args.warmup)
+    tokens = batch * seq
+    start = next((r for r in records if r.get("event") == "start"), {})
+    peak_tflops = start.get("peak_tflops", PEAK_TFLOPS)
+    measured_gib = train[-1]["memory_gib"]
+    return {
+        "name": name,
+        "overrides": overrides,
+        "batch": batch,
+        "seq": seq,
+        "steps": len(train),
+        "warmup": args.warmup,
+        "wall_seconds": wall,
+        "first_step_seconds": train[0]["step_time"],
+        "step_ms": 1e3 * step_s,
+        "step_ms_mean": 1e3 * statistics.fmean(r["step_time"] for r in timed),
+        "interval_ms": 1e3 * interval,
+        "tokens_per_s": tokens / step_s,
+        "tokens_per_s_between_steps": tokens / interval,
+        "data_wait_ms": 1e3 * wait_s,
+        "data_wait_fraction": wait_s / step_s,
+        "mfu_logged": statistics.median(r["mfu"] for r in timed),
+        "peak_tflops_logged": peak_tflops,
+        "peak_memory_gib": measured_gib,
+        "loss_first": train[0]["loss"],
+        "loss_last": train[-1]["loss"],
+        "plan": plan,
+        "config": str(run_dir / "config.pkl"),
+    }
+
+
+def stage_plain(name: str, trainer: dict[str, Any], args: argparse.Namespace, work: Path,
+                budget: Budget) -> dict[str, Any]:  # fmt: skip
+    """The plain loop (`--plain-worker`) in its own process, on the trainer run's model."""
+    out = work / f"plain-{trainer['name']}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--plain-worker", trainer["config"],
+               "--steps", str(args.steps), "--out", str(out)]  # fmt: skip
+    if args.smoke:
+        command.append("--smoke")
+    timeout = min(budget.left(), MAX_STAGE_SECONDS)
+    wall = run_logged(command, work / f"plain-{trainer['name']}.log", timeout, child_env())
+    result = json.loads(out.read_text())
+    timed = result["step_times"][args.warmup :]
+    step_s = statistics.median(timed)
+    tokens = trainer["batch"] * trainer["seq"]
+    return {
+        "name": name,
+        "of": trainer["name"],
+        "steps": len(result["step_times"]),
+        "warmup": args.warmup,
+        "wall_seconds": wall,
+        "first_step_seconds": result["step_times"][0],
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens / step_s,
+        "peak_memory_gib": result["peak_memory_gib"],
+        "loss_first": result["losses"][0],
+        "loss_last": result["losses"][-1],
+        "compile": result["compile"],
+        "fused_adamw": result["fused_adamw"],
+        "batch_keys": result["batch_keys"],
+    }
+
+
+def plain_worker(config_path: Path, steps: int, out: Path, smoke: bool) -> int:
+    """A plain PyTorch loop over the trainer run's model: what a user would write."""
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.models import build_model
+
+    cfg = pickle.loads(config_path.read_bytes())  # noqa: S301 - written by our kiln train run
+    cuda = torch.cuda.is_available() and not smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg.model).to(device)
+    optim = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                  eps=optim.eps, weight_decay=optim.weight_decay, fused=cuda)  # fmt: skip
+    compiled = torch.compile(model) if cuda else model
+    # one real micro-batch of the trainer's loader (the same keys: input ids, labels and, with
+    # document masking, position and document ids), on the device once and reused every step
+    from pretrain.data.loader import build_run_loader
+
+    loader = build_run_loader(cfg, rank=0, world=1, num_steps=1)
+    batch = {k: v.to(device) for k, v in next(iter(loader.loader)).items() if k != "index"}
+    labels = batch.pop("labels")
+    inputs = batch
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
+    step_times, losses = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with autocast:
+            logits = compiled(**inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))  # the host sync, as the trainer's float(loss)
+        step_times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    out.write_text(json.dumps({"step_times": step_times, "losses": losses, "compile": cuda,
+                               "fused_adamw": cuda, "peak_memory_gib": peak,
+                               "batch_keys": sorted(inputs)}) + "\n")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# figures and targets
+
+
+def derive(results: dict[str, Any]) -> None:
+    """MFU of every run (against 989 TFLOP/s and the measured matmul peak), memory ratios, and
+    the targets' verdicts, into `results`."""
+    matmul = results["stages"].get("matmul", {}).get("result")
+    measured_peak = matmul["tflops"] if matmul else None
+    runs = results["runs"]
+    for run in runs.values():
+        flops = run.get("flops_per_token") or runs.get(run.get("of", ""), {}).get("plan", {}).get(
+            "flops_per_token"
+        )
+        if "plan" in run:
+            flops = run["plan"]["flops_per_token"]
+            plan_gib = run["plan"]["total_bytes"] / 2**30
+            run["plan_memory_gib"] = plan_gib
+            run["memory_ratio"] = run["peak_memory_gib"] / plan_gib if plan_gib else None
+        if flops:
+            run["flops_per_token"] = flops
+            achieved = run["tokens_per_s"] * flops / 1e12
+            run["tflops"] = achieved
+            run["mfu_989"] = achieved / PEAK_TFLOPS
+            run["mfu_measured_peak"] = achieved / measured_peak if measured_peak else None
+    checks = []
+
+    def check(label: str, value: float | None, target: str, ok: bool | None) -> None:
+        verdict = "n/a" if value is None or ok is None else ("PASS" if ok else "FAIL")
+        checks.append({"label": label, "value": value, "target": target, "verdict": verdict})
+
+    for name, label, target in (
+        ("gpt2_124m", "no document masking, nanoGPT's work", TARGET_VS_NANOGPT),
+        ("gpt2_124m_docmask", "document masking, kiln's default; no target", None),
+    ):
+        run = runs.get(name)
+        value = run["tokens_per_s"] / NANOGPT_TOKENS_PER_S if run else None
+        ok = None if value is None or target is None else value >= target
+        shown = f">= {target:.2f}x" if target else "none"
+        check(f"{name} full stack / nanoGPT's 478,600 tokens/s ({label})", value, shown, ok)
+    for plain_name, trainer_name in PLAIN_RUNS.items():
+        trainer, plain = runs.get(trainer_name), runs.get(plain_name)
+        value = trainer["tokens_per_s"] / plain["tokens_per_s"] if trainer and plain else None
+        check(f"{trainer_name} full stack / {plain_name} plain PyTorch loop (same batch)", value,
+              f">= {TARGET_VS_PLAIN:.2f}x", None if value is None else value >= TARGET_VS_PLAIN)  # fmt: skip
+    t350 = runs.get("gpt2_350m")
+    value = t350["mfu_989"] if t350 else None
+    check("gpt2_350m full stack MFU vs 989 TFLOP/s", value, f">= {TARGET_MFU_350M:.0%}",
+          None if value is None else value >= TARGET_MFU_350M)  # fmt: skip
+    for name in TRAINER_RUNS:
+        run = runs.get(name)
+        ratio = run.get("memory_ratio") if run else None
+        # on the CPU the trainer logs the process's peak RSS (interpreter included): no target
+        ok = None if ratio is None or results["smoke"] else abs(ratio - 1) <= TARGET_MEMORY
+        check(f"{name} peak memory / kiln plan's estimate", ratio,
+              f"within {TARGET_MEMORY:.0%} (0.85x-1.15x)", ok)  # fmt: skip
+    results["checks"] = checks
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = [("run", "step ms", "tokens/s", "MFU vs 989", "MFU vs measured peak",
+             "loader wait ms (% of step)", "peak memory GiB", "plan GiB", "measured / plan",
+             "first step s", "loss first -> last")]  # fmt: skip
+    for run in results["runs"].values():
+        wait = (
+            f"{run['data_wait_ms']:.2f} ({run['data_wait_fraction']:.1%})"
+            if "data_wait_ms" in run
+            else "- (one batch kept on the GPU)"
+        )
+        rows.append(
+            (
+                run["name"],
+                f"{run['step_ms']:.2f}",
+                f"{run['tokens_per_s']:,.0f}",
+                fmt(run.get("mfu_989"), ".1%"),
+                fmt(run.get("mfu_measured_peak"), ".1%"),
+                wait,
+                f"{run['peak_memory_gib']:.2f}",
+                fmt(run.get("plan_memory_gib"), ".2f"),
+                fmt(run.get("memory_ratio"), ".3f"),
+                f"{run['first_step_seconds']:.1f}",
+                f"{run['loss_first']:.2f} -> {run['loss_last']:.2f}",
+            )
+        )
+    return rows
+
+
+def check_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in results["checks"]:
+        value = c["value"]
+        shown = (
+            "-" if value is None else (f"{value:.1%}" if "MFU" in c["label"] else f"{value:.3f}x")
+        )
+        lines.append(f"{c['label']}: {shown}, target {c['target']}: {c['verdict']}")
+    return lines
+
+
+def stage_lines(results: dict[str, Any]) -> list[str]:
+    parts = []
+    for name, stage in results["stages"].items():
+        text = f"{name} {stage['seconds']:.1f} s"
+        if stage["status"] != "ok":
+            text += f" ({stage['status']}{': ' + stage['error'].splitlines()[0] if stage.get('error') else ''})"
+        parts.append(text)
+    return [f"stages: {'; '.join(parts)}; total {results['runtime_seconds']:.0f} s of a "
+            f"{results['budget_seconds']:.0f} s budget"]  # fmt: skip
+
+
+def print_report(results: dict[str, Any]) -> None:
+    rows = table_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    print()
+    for line in [*check_lines(results), *stage_lines(results)]:
+        print(line)
+
+
+def markdown_section(results: dict[str, Any]) -> str:
+    env = results["stages"]["env"].get("result", {})
+    matmul = results["stages"].get("matmul", {}).get("result")
+    m = results["machine"]
+    device = env.get("device", "?")
+    if "memory_gib" in env:
+        device += f" ({env['memory_gib']} GiB, compute capability {env['capability']})"
+    body = [
+        START_MARK,
+        "## GPU: the full stack vs a plain PyTorch loop, nanoGPT and the device's peak",
+        "",
+        f"`{results['command']}`, {results['date']}, commit {results['commit']}, "
+        f"{results['runtime_seconds']:.0f} s (budget {results['budget_seconds']:.0f} s).",
+        "",
+        f"- Device: {device}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '-')}; host "
+        f"{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}.",
+        f"- Measured peak: {matmul['n']}^3 {matmul['dtype']} matmul, "
+        f"{matmul['tflops']:.0f} TFLOP/s (mean of 10 after 3 warm-ups)"
+        if matmul
+        else "- Measured peak: not measured",
+        f"- Full stack: `kiln train ... objective=clm engine={results['engine']} "
+        "cluster=local cluster.gpus_per_node=1 engine.precision=bf16 engine.compile=true "
+        f"data.seq_len={SEQ} data.global_batch_size={BATCH} data.micro_batch_size={BATCH} "
+        "logger.log_every=1`, with `data.document_masking=false data.reset_position_ids=false` "
+        "(nanoGPT's work) except `gpt2_124m_docmask` and `moe` (kiln's default, document "
+        "masking), shards built by `kiln data` (the Python stdlib) on local disk -> "
+        "loader -> engine -> metrics.jsonl; step time = median `step_time` over steps "
+        f"{results['warmup'] + 1}-{results['steps']}; loader wait = median `data_wait`; peak "
+        "memory = `torch.cuda.max_memory_allocated` as the trainer logs it; plan = `kiln plan` "
+        f"with the same overrides ({results['engine']} total: weights, gradients, optimizer, "
+        "buffers, activations). MoE: `model=tiny_moe` widened to "
+        f"{' '.join(MOE_SHAPE)}.",
+        "- Plain loop: `bench/gpu.py --plain-worker` on the trainer run's config: `build_model`, "
+        "`torch.compile(model)`, bf16 autocast, fp32 cross-entropy, fused AdamW, "
+        "`clip_grad_norm_`, one real micro-batch of the trainer's loader (the same keys: with "
+        "document masking, position and document ids too) kept on the GPU, a host sync per "
+        "step; same steps.",
+        "- MFU = tokens/s x `kiln plan`'s FLOPs/token (6N + 12LHQT, no causal halving) / peak.",
+        "",
+    ]
+    rows = table_rows(results)
+    body.append("| " + " | ".join(rows[0]) + " |")
+    body.append("|" + "|".join("---" for _ in rows[0]) + "|")
+    body += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    body.append("")
+    body += [f"- {line}" for line in check_lines(results)]
+    body += [f"- {line}" for line in stage_lines(results)]
+    body += ["", END_MARK]
+    return "\n".join(body) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, help="a `kiln data` output directory to use")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for everything")
+    p.add_argument("--steps", type=int, default=0, help=f"steps per run (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--warmup", type=int, default=0, help=f"untimed steps (default {DEFAULT_WARMUP})"
+    )
+    p.add_argument("--engine", default="fsdp", help="engine of the trainer runs (fsdp, zero1, ...)")
+    p.add_argument("--skip", default="", help="stages to skip: plain_124m,gpt2_350m,moe")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
+    p.add_argument("--results", type=Path, help="results JSON (default bench/results/gpu.json)")
+    p.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="file to update")
+    p.add_argument("--render", type=Path, help="rewrite the markdown section from a results JSON")
+    p.add_argument("--commit", help="the commit to report (default: asked of git here)")
+    p.add_argument("--plain-worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.plain_worker:
+        return plain_worker(args.plain_worker, args.steps, args.out, args.smoke)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_markdown(args.markdown, markdown_section(results), SECTION)
+        print(f"wrote the {SECTION} section of {args.markdown} from {args.render}")
+        return 0
+    args.steps = args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS)
+    args.warmup = args.warmup or (SMOKE_WARMUP if args.smoke else DEFAULT_WARMUP)
+    if args.steps <= args.warmup:
+        parser().error("--steps must be above --warmup")
+    budget = Budget(args.budget)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    work = args.work or Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = "bench/gpu.py" + (" --smoke" if args.smoke else "")
+    command += f" --engine {args.engine}" if args.engine != "fsdp" else ""
+    command += f" --skip {args.skip}" if skip else ""
+    command += f" --steps {args.steps}" if args.steps != DEFAULT_STEPS and not args.smoke else ""
+    results: dict[str, Any] = {
+        "benchmark": SECTION,
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "commit": args.commit or git_commit(),
+        "command": command,
+        "smoke": args.smoke,
+        "engine": args.engine,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "budget_seconds": args.budget,
+        "machine": machine(("torch",)),
+        "targets": {
+            "vs_nanogpt": TARGET_VS_NANOGPT,
+            "vs_plain": TARGET_VS_PLAIN,
+            "mfu_350m": TARGET_MFU_350M,
+            "memory": TARGET_MEMORY,
+            "nanogpt_tokens_per_s": NANOGPT_TOKENS_PER_S,
+            "peak_tflops": PEAK_TFLOPS,
+        },  # fmt: skip
+        "stages": {},
+        "runs": {},
+    }
+    failed = False
+
+    def stage(name: str, fn: Any, *fn_args: Any, needs: float = 0.0) -> Any:
+        nonlocal failed
+        if name in skip:
+            results["stages"][name] = {"status": "skipped (--skip)", "seconds": 0.0}
+            return None
+        if not args.smoke and budget.left() < needs:
+            results["stages"][name] = {
+                "status": f"skipped (budget: {budget.left():.0f} s left, needs ~{needs:.0f} s)",
+                "seconds": 0.0,
+            }
+            print(f"[gpu] {name}: skipped, {budget.left():.0f} s of the budget left", flush=True)
+            return None
+        print(f"[gpu] {name} ... ({budget.left():.0f} s of the budget left)", flush=True)
+        start = time.perf_counter()
+        try:
+            result = fn(*fn_args)
+        except Exception as error:  # noqa: BLE001 - every stage reports, the next ones still run
+            failed = True
+            seconds = time.perf_counter() - start
+            message = str(error) if isinstance(error, StageError) else traceback.format_exc()
+            results["stages"][name] = {"status": "failed", "seconds": seconds, "error": message}
+            print(f"[gpu] {name}: FAILED after {seconds:.1f} s\n{message}", flush=True)
+            return None
+        seconds = time.perf_counter() - start
+        results["stages"][name] = {"status": "ok", "seconds": seconds, "result": result}
+        print(f"[gpu] {name}: {seconds:.1f} s", flush=True)
+        return result
+
+    try:
+        env = stage("env", stage_env, args.smoke)
+        if env is None:
+            return finish(results, args, budget, failed=True)
+        stage("matmul", stage_matmul, args.smoke)
+        data = stage("data", stage_data, args, work, budget)
+        if data is not None:
+            for name in ORDER:
+                if name in PLAIN_RUNS:
+                    trainer = results["runs"].get(PLAIN_RUNS[name])
+                    if trainer is None:
+                        continue
+                    run = stage(name, stage_plain, name, trainer, args, work, budget,
+                                needs=MIN_SECONDS[name])  # fmt: skip
+                else:
+                    run = stage(name, stage_trainer, name, args, data, work, budget,
+                                needs=MIN_SECONDS[name])  # fmt: skip
+                if run is not None:
+                    results["runs"][name] = run
+                    wait = (
+                        f", loader wait {run['data_wait_ms']:.2f} ms"
+                        if "data_wait_ms" in run
+                        else ""
+                    )
+                    print(f"[gpu]   {name}: {run['tokens_per_s']:,.0f} tokens/s, step "
+                          f"{run['step_ms']:.2f} ms{wait}, peak {run['peak_memory_gib']:.2f} GiB",
+                          flush=True)  # fmt: skip
+        return finish(results, args, budget, failed)
+    finally:
+        if args.keep or args.work:
+            print(f"[gpu] kept {work}")
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def finish(results: dict[str, Any], args: argparse.Namespace, budget: Budget, failed: bool
+           ) -> int:  # fmt: skip
+    results["runtime_seconds"] = budget.seconds - budget.left()
+    results["failed"] = failed
+    derive(results)
+    print()
+    print_report(results)
+    path = args.results or (None if args.smoke else REPO / "bench" / "results" / "gpu.json")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        print(f"wrote {path}")
+    if not args.smoke:
+        write_markdown(args.markdown, markdown_section(results), SECTION)
+        print(f"wrote the {SECTION} section of {args.markdown}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""bench/gpu.py's CPU smoke mode (issue #9): every stage of the GPU script still runs, on the
+CPU, through the real `kiln data`, `kiln train`, `kiln plan` and the plain loop, and its JSON
+holds the figures the GPU run reports, so the script cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe"}
+PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
+
+
+def positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
+    results_path = tmp_path / "gpu.json"
+    markdown = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads(results_path.read_text())
+    assert results["smoke"] is True and results["failed"] is False
+
+    # every stage ran and was timed
+    stages = results["stages"]
+    assert set(stages) == {"env", "matmul", "data", *TRAINER_RUNS, *PLAIN_RUNS}
+    for name, stage in stages.items():
+        assert stage["status"] == "ok", (name, stage)
+        assert stage["seconds"] >= 0
+    assert stages["env"]["result"]["device"] == "cpu"
+    assert positive(stages["matmul"]["result"]["tflops"])
+    assert stages["data"]["result"]["built_here"] is True  # `kiln data` built the shards
+    assert stages["data"]["result"]["vocab_size"] == 1000
+    assert results["runtime_seconds"] <= results["budget_seconds"]
+
+    runs = results["runs"]
+    assert set(runs) == TRAINER_RUNS | set(PLAIN_RUNS)
+    for name in TRAINER_RUNS:
+        run = runs[name]
+        assert run["steps"] == results["steps"] == 6
+        for key in ("step_ms", "tokens_per_s", "tflops", "mfu_989", "mfu_measured_peak",
+                    "peak_memory_gib", "plan_memory_gib", "memory_ratio"):  # fmt: skip
+            assert positive(run[key]), (name, key, run[key])
+        assert run["tokens_per_s"] == pytest.approx(
+            run["batch"] * run["seq"] / (run["step_ms"] / 1e3)
+        )
+        assert run["data_wait_ms"] >= 0 and 0 <= run["data_wait_fraction"] < 1
+        assert run["plan"]["strategy"] == "fsdp"
+        assert run["plan"]["total_bytes"] > run["plan"]["model_states_bytes"] > 0
+        assert run["mfu_989"] == pytest.approx(run["tflops"] / 989.0)
+        assert math.isfinite(run["loss_first"]) and math.isfinite(run["loss_last"])
+    # the MoE run is the MoE preset: more parameters than are active per token
+    assert runs["moe"]["plan"]["params_total"] > runs["moe"]["plan"]["params_active"]
+    # the nanoGPT-shaped runs turn document masking off, the _docmask run keeps kiln's default
+    assert "data.document_masking=false" in runs["gpt2_124m"]["overrides"]
+    assert "data.document_masking=false" not in runs["gpt2_124m_docmask"]["overrides"]
+    for plain_name, trainer_name in PLAIN_RUNS.items():
+        plain, trainer = runs[plain_name], runs[trainer_name]
+        assert plain["of"] == trainer_name and plain["steps"] == trainer["steps"]
+        assert positive(plain["tokens_per_s"]) and positive(plain["mfu_989"])
+        assert plain["flops_per_token"] == trainer["flops_per_token"]
+        assert math.isfinite(plain["loss_last"])
+    assert "document_ids" in runs["plain_124m_docmask"]["batch_keys"]  # the loader's own keys
+    assert "document_ids" not in runs["plain_124m"]["batch_keys"]
+
+    # every target is reported with its value and a verdict; memory has none on the CPU
+    checks = {c["label"]: c for c in results["checks"]}
+    assert len(checks) == 2 + 2 + 1 + 4
+    for check in checks.values():
+        assert check["verdict"] in ("PASS", "FAIL", "n/a") and check["value"] is not None
+    assert all(c["verdict"] == "n/a" for label, c in checks.items() if "memory" in label)
+    vs_plain = [c for label, c in checks.items() if "plain PyTorch loop" in label]
+    assert len(vs_plain) == 2 and all(c["verdict"] in ("PASS", "FAIL") for c in vs_plain)
+
+    # the markdown section renders from the JSON
+    rendered = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--render", str(results_path), "--markdown", str(markdown)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    text = markdown.read_text()
+    assert "<!-- bench:gpu:start -->" in text and "<!-- bench:gpu:end -->" in text
+    assert "| gpt2_124m |" in text and "target >= 0.95x" in text
