@@ -16,6 +16,7 @@ trainer), the same decision on every rank because the norm is computed after the
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,17 @@ class Engine(abc.ABC):
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The whole model's state dict on rank 0 (None elsewhere), for export (collective)."""
 
+    def compute_context(self) -> Any:
+        """The context forward passes run in (autocast for engines that need it)."""
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, Tensor]) -> Tensor:
         was_training = self.model.training
         self.model.eval()
         try:
-            return compute_loss(self.model, self.to_device(batch)).detach()
+            with self.compute_context():
+                return compute_loss(self.model, self.to_device(batch)).detach()
         finally:
             self.model.train(was_training)
 

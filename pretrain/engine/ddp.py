@@ -50,6 +50,14 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(self.module, cfg.optim, device_type=device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
         self.grad_clip = cfg.optim.grad_clip
+        from pretrain.engine.deepspeed_engine import uses_bf16
+
+        self.bf16 = uses_bf16(cfg.engine.precision, device.type)
+
+    def compute_context(self) -> Any:
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward_backward(
         self, batch: dict[str, Tensor], last: bool, poison: bool = False
@@ -58,7 +66,8 @@ class DDPEngine(Engine):
         if isinstance(self.model, DistributedDataParallel) and not last:
             sync = self.model.no_sync()  # all-reduce once per step, on the last micro-batch
         with sync:
-            loss = compute_loss(self.model, self.to_device(batch))
+            with self.compute_context():
+                loss = compute_loss(self.model, self.to_device(batch))
             if poison:
                 loss = loss * float("nan")
             (loss / self.accumulation).backward()
