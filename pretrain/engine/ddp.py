@@ -52,7 +52,7 @@ class DDPEngine(Engine):
         self.grad_clip = cfg.optim.grad_clip
         from pretrain.engine.deepspeed_engine import uses_bf16
 
-        self.bf16 = uses_bf16(cfg.engine.precision, device.type)
+        self.bf16 = uses_bf16(getattr(cfg.engine, "precision", "auto"), device.type)
 
     def compute_context(self) -> Any:
         if self.bf16:
