@@ -132,3 +132,16 @@ def test_timed_checkpoints(corpus: Path, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saved = [r["step"] for r in records if r.get("event") == "checkpoint"]
     assert saved == list(range(1, 13))
+
+
+def test_watchdog_dumps_the_stacks_of_a_stalled_step(corpus: Path, tmp_path: Path) -> None:
+    """A step that stalls longer than trainer.watchdog_seconds gets every thread's stack
+    dumped to stderr (faulthandler), and the run carries on."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, KILN_FAULT_HANG_STEPS="5", KILN_FAULT_HANG_SECONDS="4")
+    args = train_args(corpus, run_dir, "trainer.max_steps=6", "trainer.watchdog_seconds=2")
+    result = kiln_train(args, tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Timeout (0:00:02)!" in result.stderr
+    assert "in train" in result.stderr and "pretrain/trainer.py" in result.stderr
+    assert sorted(losses(run_dir)) == list(range(1, 7))
