@@ -8,8 +8,9 @@ longer fits is skipped and says so):
 2. `matmul`: an 8192^3 bf16 matrix product (3 warm-up, 10 timed): the device's real peak.
 3. `data`: shards on local disk built by `kiln data` (the Python standard library; or `--data
    DIR`, a `kiln data` output built earlier, e.g. where Ray is not installed).
-4. `gpt2_124m`: `kiln train model=gpt2_124m objective=clm engine=fsdp` on 1 GPU, batch 16 x 1024,
-   bf16 (FSDP2's mixed-precision policy), `engine.compile=true`, `logger.log_every=1`: shards ->
+4. `gpt2_124m`: `kiln train model=gpt2_124m objective=clm engine=ddp` on 1 GPU (`--engine`; the
+   recorded H200 run used fsdp, before the DDP engine had bf16), batch 16 x 1024, bf16 autocast
+   (FSDP2: its mixed-precision policy), `engine.compile=true`, `logger.log_every=1`: shards ->
    loader -> engine -> metrics.jsonl. Step time = median `step_time` after the warm-up steps
    (compilation is in the first ones); loader wait = median `data_wait`; peak memory = the last
    record's `memory_gib` (`torch.cuda.max_memory_allocated`).
@@ -294,7 +295,10 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     run_dir = work / f"run-{name}"
     overrides = train_overrides(model, batch, seq, Path(data["path"]), run_dir, args.steps,
                                 args.smoke, args.engine)  # fmt: skip
-    strategy = "fsdp" if args.engine == "fsdp" else args.engine.removesuffix("_offload")
+    # plan's keys: zero0 (plain data parallel: DDP) .. zero3, fsdp
+    strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(
+        args.engine, args.engine.removesuffix("_offload")
+    )
     plan = plan_memory(overrides, work, name, strategy, min(120.0, budget.left()))
     command = [sys.executable, "-m", "launch.cli", "train", *overrides]
     timeout = min(budget.left(), MAX_STAGE_SECONDS)
@@ -606,7 +610,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=int, default=0, help=f"untimed steps (default {DEFAULT_WARMUP})"
     )
-    p.add_argument("--engine", default="fsdp", help="engine of the trainer runs (fsdp, zero1, ...)")
+    p.add_argument(
+        "--engine", default="ddp", help="engine of the trainer runs (ddp, fsdp, zero1, ...)"
+    )
     p.add_argument("--skip", default="", help="stages to skip: plain_124m,gpt2_350m,moe")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -638,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     command = "bench/gpu.py" + (" --smoke" if args.smoke else "")
-    command += f" --engine {args.engine}" if args.engine != "fsdp" else ""
+    command += f" --engine {args.engine}" if args.engine != "ddp" else ""
     command += f" --skip {args.skip}" if skip else ""
     command += f" --steps {args.steps}" if args.steps != DEFAULT_STEPS and not args.smoke else ""
     results: dict[str, Any] = {
