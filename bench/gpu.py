@@ -22,6 +22,9 @@ longer fits is skipped and says so):
 6. `gpt2_350m`: the trainer at gpt2_350m, same settings.
 7. `moe`: the trainer on the `tiny_moe` preset widened to GPT-2-small shape (`MOE_SHAPE`:
    12 layers, d 768, 8 experts top-2) at 16 x 1024.
+8. `gpt2_124m_blocks` (engine=ddp only): `gpt2_124m` again with `engine.compile_scope=blocks`
+   (each block compiled, the cross-entropy eager over fp32 logits: the earlier default), the
+   "before" of compiling the forward with the loss (`compile_scope=loss`, DDP's default).
 
 For every trainer run, `kiln plan` with the same overrides gives the FSDP memory estimate
 (weights + gradients + optimizer + buffers + activations); ratio = measured / plan.
@@ -95,7 +98,7 @@ SMOKE_MOE_SHAPE = ["model.max_seq_len=64"]
 # The earliest a stage may start: its rough cost on an H200 (start-up + compile + steps); a
 # stage that would not fit in what is left of the budget is skipped, not cut short.
 MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_docmask": 50,
-               "plain_124m_docmask": 45, "moe": 60}  # fmt: skip
+               "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 
 
@@ -236,9 +239,15 @@ TRAINER_RUNS: dict[str, tuple[str, list[str]]] = {
     "gpt2_350m": ("gpt2_350m", NO_MASK),
     "gpt2_124m_docmask": ("gpt2_124m", []),
     "moe": ("moe", []),
+    # the speed-up's "before", in the same run: each block compiled on its own, the
+    # cross-entropy eager over fp32 logits (what engine.compile did up to commit dea7119)
+    "gpt2_124m_blocks": ("gpt2_124m", [*NO_MASK, "engine.compile_scope=blocks"]),
 }
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
-ORDER = ["gpt2_124m", "plain_124m", "gpt2_350m", "gpt2_124m_docmask", "plain_124m_docmask", "moe"]
+ORDER = ["gpt2_124m", "plain_124m", "gpt2_350m", "gpt2_124m_docmask", "plain_124m_docmask", "moe",
+         "gpt2_124m_blocks"]  # fmt: skip
+# stages that only mean something with the DDP engine (the others compile blocks anyway)
+DDP_ONLY = {"gpt2_124m_blocks"}
 
 
 def run_spec(name: str, smoke: bool, vocab: int) -> tuple[list[str], int, int]:
@@ -463,6 +472,11 @@ def derive(results: dict[str, Any]) -> None:
         value = trainer["tokens_per_s"] / plain["tokens_per_s"] if trainer and plain else None
         check(f"{trainer_name} full stack / {plain_name} plain PyTorch loop (same batch)", value,
               f">= {TARGET_VS_PLAIN:.2f}x", None if value is None else value >= TARGET_VS_PLAIN)  # fmt: skip
+    after, before = runs.get("gpt2_124m"), runs.get("gpt2_124m_blocks")
+    value = after["tokens_per_s"] / before["tokens_per_s"] if after and before else None
+    check("gpt2_124m: forward + cross-entropy compiled together (engine.compile_scope=loss, "
+          "the default) / each block compiled (gpt2_124m_blocks, the earlier default)", value,
+          "none (the speed-up's after / before)", None)  # fmt: skip
     t350 = runs.get("gpt2_350m")
     value = t350["mfu_989"] if t350 else None
     check("gpt2_350m full stack MFU vs 989 TFLOP/s", value, f">= {TARGET_MFU_350M:.0%}",
@@ -572,7 +586,9 @@ def markdown_section(results: dict[str, Any]) -> str:
         f"data.seq_len={SEQ} data.global_batch_size={BATCH} data.micro_batch_size={BATCH} "
         "logger.log_every=1`, with `data.document_masking=false data.reset_position_ids=false` "
         "(nanoGPT's work) except `gpt2_124m_docmask` and `moe` (kiln's default, document "
-        "masking), shards built by `kiln data` (the Python stdlib) on local disk -> "
+        "masking); `engine.compile_scope=auto` (DDP: the forward and the cross-entropy compiled "
+        "as one function; FSDP2 and DeepSpeed: each block) except `gpt2_124m_blocks` (each "
+        "block, with DDP too); shards built by `kiln data` (the Python stdlib) on local disk -> "
         "loader -> engine -> metrics.jsonl; step time = median `step_time` over steps "
         f"{results['warmup'] + 1}-{results['steps']}; loader wait = median `data_wait`; peak "
         "memory = `torch.cuda.max_memory_allocated` as the trainer logs it; plan = `kiln plan` "
@@ -707,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         data = stage("data", stage_data, args, work, budget)
         if data is not None:
             for name in ORDER:
+                if name in DDP_ONLY and args.engine != "ddp":
+                    continue
                 if name in PLAIN_RUNS:
                     trainer = results["runs"].get(PLAIN_RUNS[name])
                     if trainer is None:

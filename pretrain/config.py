@@ -224,7 +224,10 @@ class EngineConfig:
 
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each block in the backward pass
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile (what: compile_scope)
+    # auto | loss (forward + cross-entropy as one compiled function; engine=ddp without context
+    # parallelism) | blocks (each transformer block). auto: loss where allowed, else blocks
+    compile_scope: str = "auto"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
@@ -573,7 +576,7 @@ class TrainerConfig:
     run_dir: str = "runs/${run_name}"
     eval_every: int = 200
     eval_steps: int = 20
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # steps between checkpoints (0: only the last step and timed ones)
     # also checkpoint when this many minutes passed since the last one (0 = off); on Slurm,
     # 0 becomes a quarter of the time limit, so a slice always leaves progress behind
     checkpoint_minutes: float = 0.0
@@ -587,6 +590,10 @@ class TrainerConfig:
     # MFU denominator per device (dense bf16 TFLOP/s); 0 = auto: the known figure for the GPU
     # in use (pretrain/hardware.py), else cluster.peak_tflops
     peak_tflops: float = 0.0
+    # Python's garbage collector in the loop: 0 = automatic; N = automatic collection off, the
+    # young generations collected every N steps (the same steps on every rank) and everything
+    # after each checkpoint and eval. Start-up's objects are frozen either way.
+    gc_every: int = 50
     sample_prompt: str = "def "  # decoders: a sample printed at the end of the run
     sample_tokens: int = 48
 
@@ -960,6 +967,15 @@ def validate_config(cfg: KilnConfig) -> None:
             raise ConfigError("engine.offload_params=true needs engine.zero_stage=3")
     if isinstance(engine, FSDPEngineConfig):
         _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
+    _check_choice("engine.compile_scope", engine.compile_scope, ("auto", "loss", "blocks"))
+    if engine.compile_scope == "loss" and (
+        not isinstance(engine, DDPEngineConfig) or engine.context_parallel != 1
+    ):
+        raise ConfigError(
+            f"engine.compile_scope=loss compiles the whole forward, which engine.kind="
+            f"{engine.kind!r}{' with context parallelism' if engine.kind == 'ddp' else ''} "
+            "hooks block by block; use engine.compile_scope=blocks (or auto)"
+        )
     if cfg.model.moe.expert_parallel:
         _validate_expert_parallel(cfg)
     cluster = cfg.cluster
@@ -1003,6 +1019,8 @@ def validate_config(cfg: KilnConfig) -> None:
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
             "(learned position table)"
         )
+    for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
+        _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)
     optim = cfg.optim
     _check_positive("optim.lr", optim.lr)
     _check_choice("optim.schedule", optim.schedule, ("cosine", "wsd", "constant"))

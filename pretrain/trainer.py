@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import faulthandler
+import gc
 import json
 import math
 import os
@@ -102,6 +103,40 @@ def means_across_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+class GarbageCollector:
+    """Python's garbage collector during the loop.
+
+    Start-up leaves hundreds of thousands of objects (torch, DeepSpeed, Hydra, W&B, ...) that a
+    full collection walks every time: 100-200 ms on these CPUs, landing on whichever step
+    happens to allocate past the threshold, on each rank at its own moment. So: everything
+    alive at the start is frozen (`gc.freeze`: never scanned again), and with `every > 0`
+    automatic collection is off and the loop collects the young generations every `every`
+    steps (the same steps on every rank, so no rank waits on another's pause) and everything
+    after a checkpoint or an eval. `every = 0` keeps automatic collection (frozen start-up
+    still). `stop` restores the collector as it was."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.was_enabled = gc.isenabled()
+        gc.collect()
+        gc.freeze()
+        if every > 0:
+            gc.disable()
+
+    def step(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            gc.collect(1)
+
+    def full(self) -> None:
+        if self.every > 0:
+            gc.collect()
+
+    def stop(self) -> None:
+        gc.unfreeze()
+        if self.was_enabled:
+            gc.enable()
+
+
 def fault_steps(name: str) -> set[int]:
     """Steps at which a test asks for a fault (`KILN_FAULT_NAN_STEPS=3,4`)."""
     value = os.environ.get(name, "")
@@ -177,91 +212,98 @@ def train(cfg: Any, context: Any) -> int:
     spikes = SpikeDetector(trainer.spike_window, trainer.spike_zscore)
     last_save = time.monotonic()  # for trainer.checkpoint_minutes
     armed_at = -math.inf  # when the hang watchdog was last armed
-    while state.step < trainer.max_steps:
-        # The hang watchdog: faulthandler's own thread dumps every stack when it is not re-armed
-        # in time. Re-arming starts an OS thread, so it happens at most every quarter of the
-        # timeout (measured: every step cost 3 ms of a 75 ms CPU step): the dump comes after
-        # 3/4 to 1 times `watchdog_seconds` without a finished step.
-        now = time.monotonic()
-        if trainer.watchdog_seconds > 0 and now - armed_at >= trainer.watchdog_seconds / 4:
-            faulthandler.dump_traceback_later(trainer.watchdog_seconds, repeat=True)
-            armed_at = now
-        started = time.perf_counter()
-        wait = 0.0
-        losses = []
-        for micro in range(accumulation):
-            fetched = time.perf_counter()
-            batch = next(batches)
-            if cp > 1:
-                batch = shard_sequence(batch, cp_rank, cp)
-            wait += time.perf_counter() - fetched
-            last = micro == accumulation - 1
-            poison = (  # fault injection (tests)
-                state.step + 1 in nan_steps
-                and nan_micro in ("", str(micro))
-                and nan_rank in ("", str(rank))
-            )
-            if micro == 0 and state.step + 1 in hang_steps:
-                time.sleep(float(os.environ.get("KILN_FAULT_HANG_SECONDS", "3")))
-            loss = engine.forward_backward(batch, last, poison=poison)
-            losses.append(float(loss))
-        grad_norm, skipped = engine.optimizer_step()
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        if skipped:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
-        else:
-            state.nonfinite_in_a_row = 0
-        step_time = time.perf_counter() - started
-        log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
-        moe: dict[str, float] = {}
-        if has_moe:  # the logged loss is the LM loss; the MoE losses added to it are logged apart
-            aux = take_step_loss(model) / accumulation
-            loss, aux = means_across_ranks([sum(losses) / len(losses) - aux, aux])
-            moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
-        else:
-            loss = mean_across_ranks(sum(losses) / len(losses))
-        if logger is not None and log_now:
-            tokens_per_s = tokens_per_step / step_time
-            logger.log({
-                "kind": "train", "step": state.step, "loss": loss, "lr": engine.lr(),
-                "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
-                "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
-                "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
-            } | moe)  # fmt: skip
-        zscore = spikes.add(loss) if not skipped else None
-        if zscore is not None and logger is not None:
-            logger.log({"kind": "event", "step": state.step, "event": "loss_spike",
-                        "loss": loss, "zscore": zscore})  # fmt: skip
-        if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-            if logger is not None:
-                logger.log({"kind": "event", "step": state.step, "event": "stopped",
-                            "reason": f"{state.nonfinite_in_a_row} non-finite steps in a row"})  # fmt: skip
-            exit_code = 3
-            break
-        if trainer.eval_every and state.step % trainer.eval_every == 0:
-            _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp)
-        timed = trainer.checkpoint_minutes > 0 and rank == 0
-        due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
-        signalled, due = stop.any_rank(due)
-        if (
-            signalled
-            or due
-            or state.step % trainer.checkpoint_every == 0
-            or state.step == trainer.max_steps
-        ):
-            state.loader = loader.state_after(state.step - start_step).to_dict()
-            path = checkpoints.save(engine, vars(state) | {}, state.step)
-            last_save = time.monotonic()
-            if logger is not None:
-                logger.log(
-                    {"kind": "event", "step": state.step, "event": "checkpoint", "path": str(path)}
+    collector = GarbageCollector(trainer.gc_every)
+    try:
+        while state.step < trainer.max_steps:
+            # The hang watchdog: faulthandler's own thread dumps every stack when it is not
+            # re-armed in time. Re-arming starts an OS thread, so it happens at most every quarter
+            # of the timeout (measured: every step cost 3 ms of a 75 ms CPU step): the dump
+            # comes after 3/4 to 1 times `watchdog_seconds` without a finished step.
+            now = time.monotonic()
+            if trainer.watchdog_seconds > 0 and now - armed_at >= trainer.watchdog_seconds / 4:
+                faulthandler.dump_traceback_later(trainer.watchdog_seconds, repeat=True)
+                armed_at = now
+            started = time.perf_counter()
+            wait = 0.0
+            losses = []
+            for micro in range(accumulation):
+                fetched = time.perf_counter()
+                batch = next(batches)
+                if cp > 1:
+                    batch = shard_sequence(batch, cp_rank, cp)
+                wait += time.perf_counter() - fetched
+                last = micro == accumulation - 1
+                poison = (  # fault injection (tests)
+                    state.step + 1 in nan_steps
+                    and nan_micro in ("", str(micro))
+                    and nan_rank in ("", str(rank))
                 )
-        if signalled:
-            exit_code = REQUEUE_EXIT_CODE
-            break
+                if micro == 0 and state.step + 1 in hang_steps:
+                    time.sleep(float(os.environ.get("KILN_FAULT_HANG_SECONDS", "3")))
+                loss = engine.forward_backward(batch, last, poison=poison)
+                losses.append(float(loss))
+            grad_norm, skipped = engine.optimizer_step()
+            state.step += 1
+            collector.step(state.step)
+            state.tokens_seen += tokens_per_step
+            if skipped:
+                state.nonfinite_steps += 1
+                state.nonfinite_in_a_row += 1
+            else:
+                state.nonfinite_in_a_row = 0
+            step_time = time.perf_counter() - started
+            log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
+            moe: dict[str, float] = {}
+            # the logged loss is the LM loss; the MoE losses added to it are logged apart
+            if has_moe:
+                aux = take_step_loss(model) / accumulation
+                loss, aux = means_across_ranks([sum(losses) / len(losses) - aux, aux])
+                moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
+            else:
+                loss = mean_across_ranks(sum(losses) / len(losses))
+            if logger is not None and log_now:
+                tokens_per_s = tokens_per_step / step_time
+                logger.log({
+                    "kind": "train", "step": state.step, "loss": loss, "lr": engine.lr(),
+                    "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
+                    "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
+                    "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
+                } | moe)  # fmt: skip
+            zscore = spikes.add(loss) if not skipped else None
+            if zscore is not None and logger is not None:
+                logger.log({"kind": "event", "step": state.step, "event": "loss_spike",
+                            "loss": loss, "zscore": zscore})  # fmt: skip
+            if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                if logger is not None:
+                    logger.log({"kind": "event", "step": state.step, "event": "stopped",
+                                "reason": f"{state.nonfinite_in_a_row} non-finite steps in a row"})  # fmt: skip
+                exit_code = 3
+                break
+            if trainer.eval_every and state.step % trainer.eval_every == 0:
+                _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp)
+                collector.full()
+            timed = trainer.checkpoint_minutes > 0 and rank == 0
+            due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
+            signalled, due = stop.any_rank(due)
+            if (
+                signalled
+                or due
+                or (trainer.checkpoint_every and state.step % trainer.checkpoint_every == 0)
+                or state.step == trainer.max_steps
+            ):
+                state.loader = loader.state_after(state.step - start_step).to_dict()
+                path = checkpoints.save(engine, vars(state) | {}, state.step)
+                collector.full()
+                last_save = time.monotonic()
+                if logger is not None:
+                    logger.log({"kind": "event", "step": state.step, "event": "checkpoint",
+                                "path": str(path)})  # fmt: skip
+            if signalled:
+                exit_code = REQUEUE_EXIT_CODE
+                break
+    finally:
+        collector.stop()
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
         _finish_run(cfg, engine, loader, run_dir, logger, state)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.engine import Engine, compute_loss, finite
+from pretrain.engine import Engine, finite
 
 EXPERT_PARALLEL = "expert_parallel.json"
 
@@ -67,7 +67,7 @@ class DDPEngine(Engine):
             sync = self.model.no_sync()  # all-reduce once per step, on the last micro-batch
         with sync:
             with self.compute_context():
-                loss = compute_loss(self.model, self.to_device(batch))
+                loss = self.loss(self.to_device(batch))
             if poison:
                 loss = loss * float("nan")
             (loss / self.accumulation).backward()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pretrain.engine import Engine, compute_loss, finite
+from pretrain.engine import Engine, finite
 
 SHARDS = "fsdp"  # DCP directory inside a checkpoint
 SCHEDULER = "scheduler.pt"
@@ -95,7 +95,7 @@ class FSDPEngine(Engine):
         self, batch: dict[str, Tensor], last: bool, poison: bool = False
     ) -> Tensor:
         self.model.set_requires_gradient_sync(last)  # reduce-scatter once, on the last one
-        loss = compute_loss(self.model, self.to_device(batch))
+        loss = self.loss(self.to_device(batch))
         if poison:
             loss = loss * float("nan")
         (loss / self.accumulation).backward()

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe"}
+TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks"}
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -67,6 +67,11 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     # the nanoGPT-shaped runs turn document masking off, the _docmask run keeps kiln's default
     assert "data.document_masking=false" in runs["gpt2_124m"]["overrides"]
     assert "data.document_masking=false" not in runs["gpt2_124m_docmask"]["overrides"]
+    # the speed-up's "before": the same run with each block compiled on its own
+    after, before = (set(runs[name]["overrides"]) for name in ("gpt2_124m", "gpt2_124m_blocks"))
+    assert {o for o in before ^ after if not o.startswith("trainer.run_dir=")} == {
+        "engine.compile_scope=blocks"
+    }
     for plain_name, trainer_name in PLAIN_RUNS.items():
         plain, trainer = runs[plain_name], runs[trainer_name]
         assert plain["of"] == trainer_name and plain["steps"] == trainer["steps"]
@@ -78,7 +83,9 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 4
+    assert len(checks) == 2 + 2 + 1 + 1 + 5
+    speedup = next(c for label, c in checks.items() if "compile_scope=loss" in label)
+    assert speedup["verdict"] == "n/a" and positive(speedup["value"])
     for check in checks.values():
         assert check["verdict"] in ("PASS", "FAIL", "n/a") and check["value"] is not None
     assert all(c["verdict"] == "n/a" for label, c in checks.items() if "memory" in label)

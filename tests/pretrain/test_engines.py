@@ -293,3 +293,73 @@ def test_injected_nan_is_skipped_counted_and_leaves_the_weights(
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # skipped: not touched
     assert not all(torch.equal(after[k], next_step[k]) for k in after)  # step 5 trained
+
+
+def test_compile_scope(train_config) -> None:
+    from pretrain.config import ConfigError
+    from pretrain.engine import compile_scope
+
+    assert compile_scope(train_config("engine=ddp").engine) == "loss"
+    assert compile_scope(train_config("engine=fsdp").engine) == "blocks"
+    assert compile_scope(train_config("engine=zero3").engine) == "blocks"
+    cp = train_config("engine=ddp", "engine.context_parallel=2", "cluster.gpus_per_node=2",
+                      "cluster=local_cpu")  # fmt: skip
+    assert compile_scope(cp.engine) == "blocks"
+    assert compile_scope(train_config("engine=ddp", "engine.compile_scope=blocks").engine) == (
+        "blocks"
+    )
+    with pytest.raises(ConfigError, match="engine.compile_scope=loss .*engine.kind='fsdp'"):
+        train_config("engine=fsdp", "engine.compile_scope=loss")
+    with pytest.raises(ConfigError, match="engine.compile_scope"):
+        train_config("engine=ddp", "engine.compile_scope=everything")
+    with pytest.raises(ConfigError, match="trainer.checkpoint_every=-1 must be >= 0"):
+        train_config("trainer.checkpoint_every=-1")
+
+
+def corpus_with_val(out: Path) -> Path:
+    """The `corpus` fixture's kind of shards plus a held-out split, for eval records."""
+    import numpy as np
+    from test_loader import VOCAB
+
+    from data_pipeline.shards import Manifest, TokenizerRecord, write_manifest, write_shard
+
+    rng = np.random.default_rng(1)
+    records = []
+    for split, n_docs in (("train", 300), ("val", 60)):
+        docs = [rng.integers(5, VOCAB, rng.integers(3, 60)) for _ in range(n_docs)]
+        blocks = [docs[i : i + 7] for i in range(0, n_docs, 7)]
+        records.append(write_shard(out, "web", split, 0, blocks, VOCAB))
+    tokenizer = TokenizerRecord("tokenizer.model", "ab" * 32, VOCAB, "bpe",
+                                {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}, [])  # fmt: skip
+    write_manifest(out, Manifest("e" * 64, tokenizer, records, {"web": 1.0}))
+    return out
+
+
+@slow
+def test_compiled_loss_on_two_ranks_matches_eager(tmp_path: Path) -> None:
+    """`engine=ddp engine.compile=true`: the forward and the cross-entropy compiled as one
+    function (DDP's compiled graph split at its buckets) trains to eager's losses and eval
+    losses. `trainer.checkpoint_every=0` leaves only the last step's checkpoint."""
+    corpus = corpus_with_val(tmp_path / "shards")
+    runs = {}
+    for compiled in ("false", "true"):
+        run_dir = tmp_path / f"compile_{compiled}"
+        args = train_args(corpus, run_dir, "ddp", "cluster.gpus_per_node=2",
+                          f"engine.compile={compiled}", "trainer.max_steps=6",
+                          "trainer.checkpoint_every=0", "trainer.eval_every=3",
+                          "trainer.eval_steps=2")  # fmt: skip
+        result = kiln_train(args, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[compiled] = run_dir
+    eager, compiled = (losses(runs[c]) for c in ("false", "true"))
+    assert sorted(eager) == sorted(compiled) == list(range(1, 7))
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-5)
+    assert eager[6] < eager[1]
+    evals = [{s: r["eval_loss"] for s, r in records(runs[c], "eval").items()} for c in runs]
+    assert sorted(evals[0]) == [3, 6]
+    for step in evals[0]:
+        assert evals[1][step] == pytest.approx(evals[0][step], rel=1e-5)
+    for run_dir in runs.values():
+        saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+        assert saved == ["step_00000006"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pretrain.trainer import SpikeDetector
+import gc
+
+from pretrain.trainer import GarbageCollector, SpikeDetector
 
 
 def test_spike_detector_flags_only_outliers() -> None:
@@ -37,3 +39,40 @@ def test_peak_tflops_is_detected_for_known_gpus() -> None:
         "detected NVIDIA H100 PCIe",
     )
     assert resolve_peak_tflops(0.0, 0.1, None) == (0.1, "cluster.peak_tflops")  # CPU
+
+
+def test_garbage_collector_freezes_start_up_and_collects_on_schedule() -> None:
+    collections: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.callbacks.append(seen)
+    try:
+        collector = GarbageCollector(every=3)
+        assert not gc.isenabled() and gc.get_freeze_count() > 1000  # torch and friends frozen
+        collections.clear()
+        for step in (1, 2, 4, 5):
+            collector.step(step)
+        assert collections == []
+        collector.step(6)
+        assert collections == [1]  # the young generations only
+        collector.full()
+        assert collections == [1, 2]
+        collector.stop()
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+
+        automatic = GarbageCollector(every=0)  # Python's own schedule, start-up still frozen
+        assert gc.isenabled() and gc.get_freeze_count() > 1000
+        collections.clear()
+        automatic.step(50)
+        automatic.full()
+        assert collections == []
+        automatic.stop()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.callbacks.remove(seen)
+        gc.enable()
+        gc.unfreeze()
