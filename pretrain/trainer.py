@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -212,6 +213,7 @@ def train(cfg: Any, context: Any) -> int:
     spikes = SpikeDetector(trainer.spike_window, trainer.spike_zscore)
     last_save = time.monotonic()  # for trainer.checkpoint_minutes
     armed_at = -math.inf  # when the hang watchdog was last armed
+    eval_every = trainer.eval_every
     collector = GarbageCollector(trainer.gc_every)
     try:
         while state.step < trainer.max_steps:
@@ -280,8 +282,9 @@ def train(cfg: Any, context: Any) -> int:
                                 "reason": f"{state.nonfinite_in_a_row} non-finite steps in a row"})  # fmt: skip
                 exit_code = 3
                 break
-            if trainer.eval_every and state.step % trainer.eval_every == 0:
-                _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp)
+            if eval_every and state.step % eval_every == 0:
+                if not _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp):
+                    eval_every = 0  # no held-out split: said once, not retried
                 collector.full()
             timed = trainer.checkpoint_minutes > 0 and rank == 0
             due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
@@ -357,16 +360,21 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
 
 
 def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int,
-              cp_rank: int = 0, cp: int = 1) -> None:  # fmt: skip
+              cp_rank: int = 0, cp: int = 1) -> bool:  # fmt: skip
     """Eval loss on the held-out split; `rank`/`world` are data-parallel (context-parallel
-    ranks share samples and take their slice of each)."""
+    ranks share samples and take their slice of each). False when the shards have no
+    held-out split (said once, as an event and on stderr)."""
     from pretrain.data.loader import DataError, build_run_loader
 
     try:
         loader = build_run_loader(cfg, rank=rank, world=world, num_steps=cfg.trainer.eval_steps,
                                   split="val")  # fmt: skip
-    except DataError:
-        return  # no validation split
+    except DataError as error:
+        if logger is not None:
+            why = f"no evaluation: {error} (set trainer.eval_every=0 to silence this)"
+            print(f"kiln train: {why}", file=sys.stderr, flush=True)
+            logger.log({"kind": "event", "step": state.step, "event": "no_eval", "reason": why})
+        return False
     if cp > 1:
         from pretrain.engine.context_parallel import shard_sequence
 
@@ -378,6 +386,7 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
     if logger is not None:
         logger.log({"kind": "eval", "step": state.step, "eval_loss": loss,
                     "eval_ppl": math.exp(min(loss, 50.0))})  # fmt: skip
+    return True
 
 
 def _flops_per_token(cfg: Any) -> float:

@@ -363,3 +363,17 @@ def test_compiled_loss_on_two_ranks_matches_eager(tmp_path: Path) -> None:
     for run_dir in runs.values():
         saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
         assert saved == ["step_00000006"]
+
+
+@slow
+def test_eval_without_a_held_out_split_is_reported_once(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "no_val"
+    args = train_args(corpus, run_dir, "ddp", "trainer.max_steps=3", "trainer.eval_every=1")
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("kiln train: no evaluation:") == 1
+    assert "has no usable val shards" in result.stderr
+    events = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if r.get("event") == "no_eval"]  # fmt: skip
+    assert [e["step"] for e in events] == [1] and "trainer.eval_every=0" in events[0]["reason"]
+    assert not records(run_dir, "eval") and sorted(losses(run_dir)) == [1, 2, 3]
