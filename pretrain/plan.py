@@ -5,19 +5,30 @@ tokens (and compute-optimal size for a budget), per-GPU memory for DeepSpeed ZeR
 FSDP2 split into weights, gradients, optimizer state, working buffers and activations (with and
 without activation checkpointing), whether each fits, and the wall time at an assumed MFU.
 
-Memory model (bytes per parameter, Psi parameters, N data-parallel ranks):
+Memory model (bytes per parameter, Psi parameters, N data-parallel ranks), checked against the
+live tensor bytes of real runs (bench/memory.py):
 
 * bf16 mixed precision (the GPU default): 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master,
   Adam m and v) = 16, as in the ZeRO paper. ZeRO-1 shards the 12, ZeRO-2 also the grads,
   ZeRO-3 everything. FSDP2 keeps sharded fp32 parameters (4), sharded fp32 gradients (4) and
-  Adam m and v (8): also 16 / N. fp32 training (CPU): 4 + 4 + 8.
-* Working buffers: DeepSpeed ZeRO-1/2 reduce and all-gather buckets (x4.5 with overlap_comm, as
-  DeepSpeed documents); ZeRO-3 and FSDP gather the largest unit in bf16 for the running and the
-  prefetched unit, and hold its unsharded gradient.
+  Adam m and v (8): also 16 / N. fp32 training (CPU): 4 + 4 + 8, except that DeepSpeed keeps
+  its fp32 master partition as a copy even of fp32 weights (optimizer 12 / N).
+* Working buffers, from what the engines allocate (DeepSpeed 0.19.8, torch FSDP2): ZeRO-1/2
+  hold one reduce bucket (two with overlap_comm) and, on more than one rank, a flat copy of the
+  bucket for the all-reduce; the step then flattens the gradient partition to fp32. ZeRO-3
+  holds one reduce bucket for the whole run and, on more than one rank, keeps gathered every
+  parameter it will use again within `stage3_max_reuse_distance` (a whole model below 500M
+  parameters) plus one prefetch bucket's flat all-gather output. FSDP gathers the largest unit
+  in the compute dtype for the running and the prefetched unit, and holds its unsharded
+  gradient. A non-fused AdamW (CPU) makes two temporaries of each tensor it steps: DeepSpeed's
+  flat partition.
 * Activations (Korthikanti et al. 2022, re-derived per tensor so GQA, gated MLPs, MoE and
   cross-attention are counted): SDPA's fused kernels keep no attention-score matrix. With full
   activation checkpointing only each block's input is kept, plus one block's activations during
-  its recompute. The loss keeps fp32 log-probabilities and their gradient (8 bytes per logit).
+  its recompute. The loss holds 12 bytes per logit at its peak (fp32 log-probabilities and, in
+  the backward pass, two fp32 gradients of the same size).
+* Start-up: every rank builds the whole model in fp32 before the engine shards or casts it, so
+  4 Psi (plus the engine's first copy of the weights) is a peak of its own; `fits` checks it.
 * Sizes are printed in GiB (2^30 bytes); JSON carries bytes.
 """
 
@@ -43,9 +54,16 @@ from pretrain.models.accounting import (
     training_flops,
 )
 from pretrain.objectives import encoder_decoder_lengths
+from pretrain.optim import use_fused
 
 GIB = 2**30
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "fsdp")
+DEEPSPEED = ("zero1", "zero2", "zero3")
+# DeepSpeed ZeRO-3 defaults that kiln's DeepSpeed config leaves alone, in elements
+# (deepspeed/runtime/zero/config.py: stage3_prefetch_bucket_size, stage3_max_reuse_distance).
+ZERO3_PREFETCH_BUCKET = 50_000_000
+ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+LOSS_BYTES_PER_LOGIT = 12  # fp32 log-probabilities + two fp32 gradients in the loss's backward
 
 
 @dataclass
@@ -59,9 +77,10 @@ class MemoryEstimate:
     buffers: int
     activations: int
     activations_checkpointed: int
+    startup: int = 0  # before the engine shards or casts the model every rank built whole
     total: int = 0
     total_checkpointed: int = 0
-    fits: bool = False
+    fits: bool = False  # max(total, startup) within the device's budget
     fits_checkpointed: bool = False
 
     @property
@@ -90,14 +109,34 @@ def precision_bytes(cfg: KilnConfig) -> PrecisionBytes:
 
 
 def model_state_memory(
-    strategy: str, params: int, ranks: int, precision: PrecisionBytes
+    strategy: str,
+    params: int,
+    ranks: int,
+    precision: PrecisionBytes,
+    *,
+    zero1_reduces_in_backward: bool = False,
 ) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer) bytes per GPU for a strategy."""
+    """(weights, gradients, optimizer) bytes per GPU for a strategy.
+
+    Args:
+        strategy: one of `STRATEGIES`.
+        params: parameters (Psi).
+        ranks: data-parallel ranks (N).
+        precision: bytes per parameter of the run's precision.
+        zero1_reduces_in_backward: ZeRO-1 reduces each gradient bucket during the backward pass
+            and keeps only its own partition (DeepSpeed does with overlap_comm on the last
+            micro-batch of a step, i.e. on every one without gradient accumulation); False:
+            full gradients, as the ZeRO paper counts them.
+    """
     w, g, o = precision.weights * params, precision.gradients * params, precision.optimizer * params
+    if strategy in DEEPSPEED and precision.name == "fp32":
+        # DeepSpeed clones an fp32 master partition even from fp32 weights and steps that copy
+        # (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py `_create_fp32_partitions`)
+        o = 12 * params
     if strategy == "zero0":
         return w, g, o
     if strategy == "zero1":
-        return w, g, o // ranks
+        return w, g // ranks if zero1_reduces_in_backward else g, o // ranks
     if strategy == "zero2":
         return w, g // ranks, o // ranks
     if strategy == "zero3":
@@ -110,24 +149,115 @@ def model_state_memory(
     raise ValueError(f"unknown strategy {strategy}")
 
 
+def ranks_of(cfg: KilnConfig) -> int:
+    return cfg.cluster.nodes * cfg.cluster.gpus_per_node
+
+
+def deepspeed_engine(cfg: KilnConfig) -> DeepSpeedEngineConfig:
+    """The run's DeepSpeed settings, or DeepSpeed's as kiln configures it by default (the
+    ZeRO rows of a plan for another engine)."""
+    if isinstance(cfg.engine, DeepSpeedEngineConfig):
+        return cfg.engine
+    return DeepSpeedEngineConfig()
+
+
+def zero1_reduces_in_backward(cfg: KilnConfig) -> bool:
+    """Whether ZeRO-1 reduces gradients bucket by bucket during the backward pass and keeps
+    only its partition: DeepSpeed does with overlap_comm on a step's last micro-batch
+    (`process_gradients`), so on every micro-batch without gradient accumulation; earlier
+    micro-batches keep whole gradients."""
+    ranks = ranks_of(cfg)
+    accumulation = cfg.data.global_batch_size // (cfg.data.micro_batch_size * ranks)
+    return deepspeed_engine(cfg).overlap_comm and accumulation <= 1
+
+
+def optimizer_step_bytes(partition: int, fused: bool) -> int:
+    """Transient bytes of a DeepSpeed optimizer step over a flat partition of `partition`
+    elements: the gradient partition flattened to fp32 (stage_1_and_2.py `step`, stage3.py
+    `_prepare_fp32_grad_for_sub_group`), and without the fused kernel AdamW's two temporaries
+    of the tensor it steps (`exp_avg_sq.sqrt()` and its division by the bias correction, in
+    torch's `_single_tensor_adam`). Per-parameter optimizers (DDP, FSDP) make temporaries of one
+    parameter at a time: not counted."""
+    return 4 * partition + (0 if fused else 8 * partition)
+
+
 def buffer_memory(
     strategy: str, counts: ParamCounts, cfg: KilnConfig, precision: PrecisionBytes
 ) -> int:
-    """Working buffers the strategy allocates on top of the model states."""
-    half = 2 if precision.name == "bf16" else 4
-    engine = (
-        cfg.engine if isinstance(cfg.engine, DeepSpeedEngineConfig) else DeepSpeedEngineConfig()
-    )
+    """Working buffers the strategy allocates on top of the model states (the largest of what
+    it holds in the backward pass and in the optimizer step)."""
+    half = precision.weights  # bytes of the compute dtype: gathered weights, buckets
+    psi, ranks = counts.total, ranks_of(cfg)
+    partition = math.ceil(psi / ranks)
+    engine = deepspeed_engine(cfg)
+    device = "cuda" if cfg.cluster.accelerator == "cuda" else "cpu"
+    step = optimizer_step_bytes(partition, use_fused(cfg.optim, device))
+    # kiln caps DeepSpeed's buckets at the model's size (engine/deepspeed_engine.py)
+    bucket = min(engine.reduce_bucket_size, psi)
     if strategy in ("zero1", "zero2"):
-        buckets = min(engine.reduce_bucket_size, counts.total) + min(
-            engine.allgather_bucket_size, counts.total
-        )
-        return int(buckets * half * (4.5 if engine.overlap_comm else 1.0))
+        # Gradients are copied into a contiguous reduce bucket (`setup_buckets`: a second one
+        # with overlap_comm, so one fills while the other is reduced); on several ranks the
+        # bucket is all-reduced through a flat copy (`allreduce_bucket`). The all-gather after
+        # the step writes into the flat weights in place: no allgather bucket is allocated.
+        copy = bucket * half if ranks > 1 else 0
+        partitioned = strategy == "zero2" or zero1_reduces_in_backward(cfg)
+        if partitioned and bucket >= psi:
+            # One bucket holds every gradient: the rank's partition of them (counted with the
+            # model states) is copied out of it (`copy_grads_in_partition`) only after the
+            # all-reduce's flat copy is freed, so the two are not held at once.
+            copy = max(0, copy - half * partition)
+        backward = (2 if engine.overlap_comm else 1) * bucket * half + copy
+        return max(backward, step)
     if strategy == "zero3":
-        return 2 * half * counts.largest_unit + half * min(engine.reduce_bucket_size, counts.total)
+        # One reduce bucket for the whole run (`_setup_for_real_optimizer`). A parameter is
+        # released after its module only if its next use lies beyond stage3_max_reuse_distance
+        # elements of the trace; its next use is in the backward pass, twice the rest of the
+        # forward away, so the last max_reuse_distance / 2 elements stay gathered, plus the
+        # flat all-gather output of one prefetch bucket (each parameter's tensor is a copy cut
+        # from it: `AllGatherCoalescedHandle.wait`). A single rank gathers nothing.
+        gathered = 0
+        if ranks > 1:
+            gathered = half * (
+                min(psi, ZERO3_MAX_REUSE_DISTANCE // 2) + min(psi, ZERO3_PREFETCH_BUCKET)
+            )
+        return bucket * half + max(gathered, step)
     if strategy == "fsdp":
         return 2 * half * counts.largest_unit + 4 * counts.largest_unit
     return 0
+
+
+def startup_memory(
+    strategy: str, counts: ParamCounts, cfg: KilnConfig, precision: PrecisionBytes
+) -> int:
+    """Peak bytes per GPU while the engine takes the model over. Every rank builds the whole
+    model in fp32 (`build_model`, then `.to(device)`: 4 Psi), then:
+
+    * FSDP2 shards it one unit at a time (`fully_shard` copies each parameter's shard and
+      drops the full tensor): 4 Psi plus the shards of one unit.
+    * DeepSpeed ZeRO-1/2 casts it to the compute dtype and copies it into one flat buffer
+      (`flatten_dense_tensors_aligned`), then clones the fp32 master partition and, to set up
+      the optimizer, a zero-filled fp32 gradient of the same size
+      (`initialize_optimizer_states`).
+    * DeepSpeed ZeRO-3 copies each parameter's partition out of the full tensor, then holds
+      the partitions, the fp32 master partition, the flat gradient partition and the reduce
+      bucket (`_setup_for_real_optimizer`); Adam's moments come with the first step.
+    * DDP (zero0) keeps the model as it is.
+
+    The figure matters when it exceeds the running total: sharded over many ranks, the whole
+    fp32 model can be larger than a rank's share of everything else.
+    """
+    psi, ranks = counts.total, ranks_of(cfg)
+    partition = math.ceil(psi / ranks)
+    half = precision.weights
+    built = 4 * psi
+    if strategy == "fsdp":
+        return built + 4 * math.ceil(counts.largest_unit / ranks)
+    if strategy in ("zero1", "zero2"):
+        return max(built, 2 * half * psi, half * psi + 8 * partition)
+    if strategy == "zero3":
+        bucket = min(deepspeed_engine(cfg).reduce_bucket_size, psi)
+        return max(built + half * partition, 2 * half * partition + 4 * partition + half * bucket)
+    return built
 
 
 def block_activation_bytes(
@@ -165,8 +295,18 @@ def block_activation_bytes(
     return attention + norms + mlp
 
 
-def activation_memory(cfg: KilnConfig, element: int) -> tuple[int, int]:
-    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank."""
+def compiled_loss(cfg: KilnConfig, strategy: str) -> bool:
+    """Whether a run of `strategy` compiles the forward with the cross-entropy: with
+    `engine.compile`, DDP (the zero0 row) under compile_scope auto or loss, unless context
+    parallelism makes auto pick blocks (`pretrain.engine.compile_scope`)."""
+    if strategy != "zero0" or not cfg.engine.compile or cfg.engine.compile_scope == "blocks":
+        return False
+    return getattr(cfg.engine, "context_parallel", 1) == 1
+
+
+def activation_memory(cfg: KilnConfig, element: int, *, compiled: bool = False) -> tuple[int, int]:
+    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank.
+    `compiled`: the cross-entropy is compiled with the forward (`compiled_loss`)."""
     model, batch = cfg.model, cfg.data.micro_batch_size
     d = model.d_model
     if isinstance(model, EncoderDecoderConfig):
@@ -198,7 +338,16 @@ def activation_memory(cfg: KilnConfig, element: int) -> tuple[int, int]:
         block_inputs = model.n_layers * batch * seq * d * element
         logit_tokens = batch * seq
         outside = batch * seq * d * element
-    loss = logit_tokens * model.vocab_size * 8 + logit_tokens * d * element
+    # The loss's peak, at the start of its backward pass: the fp32 log-probabilities that
+    # log_softmax keeps, nll_loss's gradient and log_softmax's input gradient, each B x T x V
+    # fp32 (in bf16 the head's bf16 logits are gone by then and their gradient comes later).
+    # Compiled with the forward, the cross-entropy keeps only the head's logits in the compute
+    # dtype: the cast, log-softmax and its gradient fuse into kernels that write per-row
+    # figures, and the logits' gradient replaces them (measured: 4 bytes per logit on the CPU
+    # in fp32, test_plan.py; 2 in bf16 on an H200, bench/gpu_models.py, 9.1 GiB under the
+    # eager loss at 16 x 1024 x 50304).
+    per_logit = element if compiled else LOSS_BYTES_PER_LOGIT
+    loss = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
     full = sum(blocks) + outside + loss
     checkpointed = block_inputs + max(blocks) + outside + loss
     return full, checkpointed
@@ -206,12 +355,20 @@ def activation_memory(cfg: KilnConfig, element: int) -> tuple[int, int]:
 
 def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate]:
     precision = precision_bytes(cfg)
-    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    activations, checkpointed = activation_memory(cfg, precision.activation)
+    ranks = ranks_of(cfg)
+    eager = activation_memory(cfg, precision.activation)
+    compiled = activation_memory(cfg, precision.activation, compiled=True)
     budget = cfg.cluster.gpu_memory_gib * GIB * (1.0 - cfg.plan.memory_reserve)
     estimates = []
     for strategy in STRATEGIES:
-        weights, gradients, optimizer = model_state_memory(strategy, counts.total, ranks, precision)
+        activations, checkpointed = compiled if compiled_loss(cfg, strategy) else eager
+        weights, gradients, optimizer = model_state_memory(
+            strategy,
+            counts.total,
+            ranks,
+            precision,
+            zero1_reduces_in_backward=zero1_reduces_in_backward(cfg),
+        )
         estimate = MemoryEstimate(
             strategy=strategy,
             weights=weights,
@@ -220,12 +377,13 @@ def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate
             buffers=buffer_memory(strategy, counts, cfg, precision),
             activations=activations,
             activations_checkpointed=checkpointed,
+            startup=startup_memory(strategy, counts, cfg, precision),
         )
         base = estimate.model_states + estimate.buffers
         estimate.total = base + activations
         estimate.total_checkpointed = base + checkpointed
-        estimate.fits = estimate.total <= budget
-        estimate.fits_checkpointed = estimate.total_checkpointed <= budget
+        estimate.fits = max(estimate.total, estimate.startup) <= budget
+        estimate.fits_checkpointed = max(estimate.total_checkpointed, estimate.startup) <= budget
         estimates.append(estimate)
     return estimates
 
@@ -374,7 +532,7 @@ def render_table(plan: Plan) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(record=True, width=110, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(record=True, width=124, file=open("/dev/null", "w"))  # noqa: SIM115
     m, c, b, f, s, t = plan.model, plan.cluster, plan.batch, plan.flops, plan.scaling, plan.training
     summary = Table(
         title=f"kiln plan: {m['name']} ({m['family']})", show_header=False, title_justify="left"
@@ -418,7 +576,9 @@ def render_table(plan: Plan) -> str:
         f"{human(t['tokens_per_second_per_gpu'])} tokens/s/GPU",
     )
     memory = Table(
-        title=f"memory per GPU in GiB (device {c['gpu_memory_gib']:g} GiB; +AC = with activation checkpointing)",
+        title=f"memory per GPU in GiB (device {c['gpu_memory_gib']:g} GiB; +AC = with activation "
+        "checkpointing; start-up = the fp32 model every rank builds whole, before sharding, "
+        "which fits also checks)",
         title_justify="left",
     )
     for column in (
@@ -433,6 +593,7 @@ def render_table(plan: Plan) -> str:
         "acts+AC",
         "total+AC",
         "fits+AC",
+        "start-up",
     ):
         memory.add_column(column, justify="left" if column == "strategy" else "right")
     for e in plan.memory:
@@ -453,6 +614,7 @@ def render_table(plan: Plan) -> str:
             f"{e.activations_checkpointed / GIB:.2f}",
             f"{e.total_checkpointed / GIB:.2f}",
             "yes" if e.fits_checkpointed else "NO",
+            f"{e.startup / GIB:.2f}",
         )
     console.print(summary)
     console.print(memory)

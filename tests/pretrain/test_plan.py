@@ -15,13 +15,23 @@ from pretrain.objectives import span_corruption_lengths
 from pretrain.plan import (
     GIB,
     PrecisionBytes,
+    activation_memory,
+    compiled_loss,
+    buffer_memory,
     build_plan,
     chinchilla_tokens,
     compute_optimal,
     model_state_memory,
+    precision_bytes,
+    startup_memory,
 )
 
 BF16 = PrecisionBytes("bf16", 2, 2, 12, 2)
+FP32 = PrecisionBytes("fp32", 4, 4, 8, 4)
+# bench/memory.py's model: tiny_decoder widened to 27,783,680 parameters
+BENCH_MODEL = ("model=tiny_decoder", "model.d_model=512", "model.n_layers=8", "model.n_heads=8",
+               "model.n_kv_heads=8", "model.d_ff=1536", "model.vocab_size=1000")  # fmt: skip
+BENCH_PSI = 27_783_680
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -235,7 +245,9 @@ def test_llama_8b_on_8_nodes_plan() -> None:
     for m in plan.memory:
         assert m.activations_checkpointed < m.activations
         assert m.total == m.model_states + m.buffers + m.activations
-        assert m.fits == (m.total <= 80 * GIB * 0.9)
+        # every rank first builds the whole model in fp32: 4 bytes per parameter at start-up
+        assert m.startup >= 4 * psi
+        assert m.fits == (max(m.total, m.startup) <= 80 * GIB * 0.9)
     assert not memory["zero0"].fits  # 128 GB of model states alone
     assert memory["zero3"].fits_checkpointed
     assert plan.scaling["chinchilla_tokens"] == pytest.approx(20 * psi)
@@ -256,3 +268,152 @@ def test_cpu_cluster_plans_fp32() -> None:
     zero0 = {m.strategy: m for m in plan.memory}["zero0"]
     params = plan.model["params_total"]
     assert (zero0.weights, zero0.gradients, zero0.optimizer) == (4 * params, 4 * params, 8 * params)
+
+
+def test_deepspeed_keeps_an_fp32_master_copy_of_fp32_weights() -> None:
+    """fp32 (CPU) runs: DeepSpeed clones its fp32 master partition even from fp32 weights, so
+    ZeRO's optimizer holds 12 bytes per parameter (master, Adam m and v), DDP and FSDP 8."""
+    psi, ranks = 1_000_000, 2
+    assert model_state_memory("zero0", psi, ranks, FP32) == (4 * psi, 4 * psi, 8 * psi)
+    assert model_state_memory("fsdp", psi, ranks, FP32) == (2 * psi, 2 * psi, 4 * psi)
+    assert model_state_memory("zero1", psi, ranks, FP32) == (4 * psi, 4 * psi, 6 * psi)
+    assert model_state_memory("zero2", psi, ranks, FP32) == (4 * psi, 2 * psi, 6 * psi)
+    assert model_state_memory("zero3", psi, ranks, FP32) == (2 * psi, 2 * psi, 6 * psi)
+    # ZeRO-1 reducing in the backward pass (overlap_comm, no accumulation) keeps its partition
+    assert model_state_memory("zero1", psi, ranks, BF16, zero1_reduces_in_backward=True) == (
+        2 * psi,
+        psi,
+        6 * psi,
+    )
+
+
+def test_zero1_gradients_are_full_only_with_accumulation() -> None:
+    memory = {m.strategy: m for m in build_plan(config(*BENCH_MODEL, "cluster=local_cpu",
+                                                      "data.global_batch_size=4",
+                                                      "data.micro_batch_size=2")).memory}  # fmt: skip
+    assert memory["zero1"].gradients == memory["zero2"].gradients == 4 * BENCH_PSI // 2
+    accumulating = {m.strategy: m for m in build_plan(config(*BENCH_MODEL, "cluster=local_cpu",
+                                                            "data.global_batch_size=8",
+                                                            "data.micro_batch_size=2")).memory}  # fmt: skip
+    assert accumulating["zero1"].gradients == 4 * BENCH_PSI
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_cpu_buffers_follow_what_the_engines_allocate(ranks: int) -> None:
+    """bench/memory.py's runs (fp32, non-fused AdamW, buckets capped at the model's size, no
+    gradient accumulation at 2 ranks)."""
+    cfg = config(*BENCH_MODEL, "cluster=local_cpu", f"cluster.gpus_per_node={ranks}",
+                 "data.global_batch_size=4", "data.micro_batch_size=2")  # fmt: skip
+    counts = count_parameters(cfg.model)
+    psi, fp32 = counts.total, precision_bytes(cfg)
+    assert psi == BENCH_PSI
+    step = 4 * psi // ranks + 8 * psi // ranks  # fp32 gradient flatten + AdamW's temporaries
+    # ZeRO-1/2: two reduce buckets (overlap_comm) of the model's size, and on 2 ranks the
+    # all-reduce's flat copy of the bucket, held before the gradient partition (2 Psi of the
+    # model states) is allocated: 2 Psi more than the states count
+    backward = 2 * 4 * psi + (4 * psi - 4 * psi // 2 if ranks > 1 else 0)
+    expected = max(backward, step)
+    assert expected == {1: 12 * psi, 2: 10 * psi}[ranks]  # the step at 1 rank, backward at 2
+    assert buffer_memory("zero1", counts, cfg, fp32) == expected
+    assert buffer_memory("zero2", counts, cfg, fp32) == expected
+    # ZeRO-3: one reduce bucket; on 2 ranks the whole model stays gathered (it is far below
+    # stage3_max_reuse_distance / 2) next to the flat prefetch buffer it was cut from
+    gathered = 2 * 4 * psi if ranks > 1 else 0
+    assert buffer_memory("zero3", counts, cfg, fp32) == 4 * psi + max(gathered, step)
+    assert buffer_memory("fsdp", counts, cfg, fp32) == 3 * 4 * counts.largest_unit
+    assert buffer_memory("zero0", counts, cfg, fp32) == 0
+
+
+def test_gpu_buffers() -> None:
+    """bf16, fused AdamW: no optimizer temporaries; buckets of 2-byte gradients."""
+    cfg = config("model=llama_8b", "cluster.nodes=8", "cluster.gpus_per_node=8")
+    counts = count_parameters(cfg.model)
+    bf16 = precision_bytes(cfg)
+    bucket = 200_000_000  # engine.reduce_bucket_size, below the model's size
+    assert buffer_memory("zero2", counts, cfg, bf16) == 3 * 2 * bucket
+    # stage3_max_reuse_distance / 2 gathered + one 5e7-element prefetch bucket, in bf16
+    assert buffer_memory("zero3", counts, cfg, bf16) == 2 * bucket + 2 * (500_000_000 + 50_000_000)
+    small = config("model=gpt2_124m", "cluster.gpus_per_node=8")
+    psi = count_parameters(small.model).total
+    partition = -(-psi // 8)
+    # buckets capped at the model's size: two, and the all-reduce's copy less the gradient
+    # partition allocated after it; the step's fp32 flatten is smaller
+    assert buffer_memory("zero2", count_parameters(small.model), small, bf16) == (
+        2 * 2 * psi + 2 * psi - 2 * partition
+    )
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_startup_builds_the_whole_fp32_model_on_every_rank(ranks: int) -> None:
+    """bench/memory.py measured these start-up peaks (live tensor bytes up to the first step)."""
+    cfg = config(*BENCH_MODEL, "cluster=local_cpu", f"cluster.gpus_per_node={ranks}")
+    counts = count_parameters(cfg.model)
+    psi, fp32 = counts.total, precision_bytes(cfg)
+    assert startup_memory("zero0", counts, cfg, fp32) == 4 * psi
+    # the fp32 model, then its shards one unit at a time
+    assert startup_memory("fsdp", counts, cfg, fp32) == 4 * psi + 4 * counts.largest_unit // ranks
+    # flat weights + fp32 master partition + its zero-filled gradient: 12 Psi at 1 rank, 8 at 2
+    expected = {1: 12 * psi, 2: 8 * psi}[ranks]
+    assert startup_memory("zero1", counts, cfg, fp32) == expected
+    assert startup_memory("zero2", counts, cfg, fp32) == expected
+    # partitions of weights, master and gradients, and the reduce bucket (the model's size)
+    assert startup_memory("zero3", counts, cfg, fp32) == 3 * 4 * psi // ranks + 4 * psi
+
+
+def test_startup_can_decide_the_fit() -> None:
+    """Sharded over 256 GPUs, an 8B model fits in 24 GiB once running but not while it starts:
+    every rank builds the whole model in fp32 first (32 GB)."""
+    plan = build_plan(config("model=llama_8b", "cluster.nodes=32", "cluster.gpus_per_node=8",
+                             "cluster.gpu_memory_gib=24", "data.micro_batch_size=2"))  # fmt: skip
+    psi = plan.model["params_total"]
+    for m in plan.memory:
+        assert m.startup >= 4 * psi
+    fsdp = {m.strategy: m for m in plan.memory}["fsdp"]
+    assert fsdp.total_checkpointed < 24 * GIB * 0.9 < fsdp.startup
+    assert not fsdp.fits_checkpointed
+
+
+def test_loss_holds_12_bytes_per_logit() -> None:
+    small, large = (config("model=tiny_decoder", f"model.vocab_size={v}", "cluster=local_cpu")
+                    for v in (4096, 8192))  # fmt: skip
+    tokens = small.data.micro_batch_size * small.data.seq_len
+    full = activation_memory(large, 4)[0] - activation_memory(small, 4)[0]
+    checkpointed = activation_memory(large, 4)[1] - activation_memory(small, 4)[1]
+    assert full == checkpointed == tokens * 4096 * 12
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_activation_estimate_matches_a_measured_peak(compiled: bool) -> None:
+    """The live tensor bytes of one forward and backward of tiny_decoder with a large
+    vocabulary on the CPU (fp32) against `activation_memory`: within 10%. Compiled: the
+    forward and the cross-entropy as one `torch.compile`d function (`engine=ddp
+    engine.compile=true`), whose loss keeps only the logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pretrain.engine import lm_loss
+    from pretrain.models import build_model
+
+    overrides = ["engine=ddp", f"engine.compile={str(compiled).lower()}"]
+    cfg = config("model=tiny_decoder", "model.vocab_size=32000", "data.seq_len=256",
+                 "data.micro_batch_size=2", "cluster=local_cpu", *overrides)  # fmt: skip
+    assert compiled_loss(cfg, "zero0") is compiled and not compiled_loss(cfg, "fsdp")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ids = torch.randint(0, 32000, (2, 256))
+    batch = {"input_ids": ids, "labels": ids}
+    loss_fn = torch.compile(lm_loss) if compiled else lm_loss
+    loss_fn(model, batch).backward()  # gradients exist, as in every step after the first
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_fn(model, batch).backward()
+    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
+            peak = max(peak, event.extra_fields.total_allocated)
+    # the transient new gradients of the tied embedding and head (vocab x d, twice)
+    transient = 2 * 4 * 32000 * cfg.model.d_model
+    estimate = activation_memory(cfg, 4, compiled=compiled)[0] + transient
+    assert peak == pytest.approx(estimate, rel=0.10)
+    zero0 = {m.strategy: m for m in build_plan(cfg).memory}["zero0"]
+    assert zero0.activations == activation_memory(cfg, 4, compiled=compiled)[0]
