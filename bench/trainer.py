@@ -23,6 +23,11 @@ One run, one machine, the same model, batch shape and process count on both side
    optimizer step and `zero_grad`. Step time = the median over the steps after the warm-up.
 4. Threads: OMP_NUM_THREADS=1 on both sides for R=2 (what `kiln train` sets for CPU ranks);
    for R=1 both sides get OMP_NUM_THREADS = the usable cores (torch's default; `--threads`).
+5. Memory allocator: both sides run with glibc's mmap and trim thresholds fixed
+   (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`: what `kiln train` gives its CPU ranks,
+   `pretrain.train.malloc_env`). glibc's default threshold moves with each process's
+   allocation history, which made either side 15-40% slower from one run to the next; kiln
+   fixing it for itself alone would make the comparison unfair to the minimal loop.
 
 The target of the issue: trainer step time / minimal step time <= 1.10 at each R. `--repeat K`
 runs K interleaved rounds (trainer and minimal loop, for each R) and keeps each figure's best
@@ -103,7 +108,11 @@ def call(command: list[str], log_path: Path, env: dict[str, str] | None = None) 
 
 
 def threads_env(threads: int) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    """The environment of either side: threads, and the allocator settings kiln's CPU ranks
+    get (so the minimal loop has them too)."""
+    from pretrain.train import malloc_env
+
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **malloc_env())
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +520,9 @@ def markdown_section(results: dict[str, Any]) -> str:
         "trainer's keys (input ids, labels, position ids, document ids), the same "
         "accumulation with `no_sync`, fp32 cross-entropy, `clip_grad_norm_`, step, "
         f"`zero_grad`; median over the same steps. Threads (OMP_NUM_THREADS, both sides): "
-        f"{threads}. Each figure is the {of}.",
+        f"{threads}. Both sides run with glibc's mmap and trim thresholds fixed (what "
+        "`kiln train` gives CPU ranks; glibc's moving default made either side 15-40% slower "
+        f"from run to run). Each figure is the {of}.",
         "",
     ]
     rows = table_rows(results)

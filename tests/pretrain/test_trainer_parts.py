@@ -76,3 +76,21 @@ def test_garbage_collector_freezes_start_up_and_collects_on_schedule() -> None:
         gc.callbacks.remove(seen)
         gc.enable()
         gc.unfreeze()
+
+
+def test_cpu_ranks_get_fixed_malloc_thresholds() -> None:
+    """In-process (`mallopt`) unless the environment already chose, which is how torchrun's
+    ranks get them (`malloc_env`, set by `run_torchrun`)."""
+    import os
+    import subprocess
+    import sys
+
+    from pretrain.train import MALLOC_MMAP_THRESHOLD, malloc_env
+
+    assert malloc_env()["MALLOC_MMAP_THRESHOLD_"] == str(MALLOC_MMAP_THRESHOLD) == "268435456"
+    code = "from pretrain.train import tune_cpu_malloc; print(tune_cpu_malloc())"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for env, expected in ((clean, "True"), (clean | malloc_env(), "False")):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert done.stdout.strip() == expected
