@@ -1,7 +1,7 @@
-"""Per-rank peak memory of DeepSpeed ZeRO-1/2/3 and FSDP2 at 1 and 2 ranks vs `kiln plan`.
+"""Per-rank peak memory of DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 at 1 and 2 ranks vs `kiln plan`.
 
 One run, this machine, CPU ranks over gloo (fp32: `kiln plan`'s CPU convention). For each engine
-E in zero1, zero2, zero3, fsdp and R in 1, 2:
+E in ddp (plan's zero0 row), zero1, zero2, zero3, fsdp and R in 1, 2:
 
 1. The config: the `train` Hydra tree composed with `model=tiny_decoder` widened (`MODEL`,
    about 28M parameters, so weights, gradients and Adam state, about 420 MiB at one rank,
@@ -69,7 +69,7 @@ from bench.common import git_commit, machine, marks, write_markdown  # noqa: E40
 SECTION = "memory"
 START_MARK, END_MARK = marks(SECTION)
 TARGET = 0.15  # |measured / plan - 1|
-ENGINES = ("zero1", "zero2", "zero3", "fsdp")
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 MODEL = ["model=tiny_decoder", "model.d_model=512", "model.n_layers=8", "model.n_heads=8",
          "model.n_kv_heads=8", "model.d_ff=1536", "model.max_seq_len=64"]  # fmt: skip
 SMOKE_MODEL = ["model=tiny_decoder", "model.max_seq_len=64"]
@@ -269,7 +269,7 @@ def run_one(engine: str, ranks: int, data: Path, work: Path, smoke: bool, vocab:
     train = [r for r in records if r.get("kind") == "train"]
     cutoff = max(r["time"] for r in train) + 0.005  # record times are rounded to 1 ms
     started = next(r["time"] for r in records if r.get("event") == "start") + 0.005
-    strategy = "fsdp" if engine == "fsdp" else engine
+    strategy = {"fsdp": "fsdp", "ddp": "zero0"}.get(engine, engine)
     plan = plan_for(overrides, strategy)
     per_rank = []
     for rank in range(ranks):
@@ -335,7 +335,7 @@ def markdown_section(results: dict[str, Any]) -> str:
     params = results["runs"][0]["plan"]["params"] if results["runs"] else 0
     body = [
         START_MARK,
-        "## Memory: per-rank peak of ZeRO-1/2/3 and FSDP2 vs `kiln plan`",
+        "## Memory: per-rank peak of DDP, ZeRO-1/2/3 and FSDP2 vs `kiln plan`",
         "",
         f"`{results['command']}`, {results['date']}, commit {results['commit']}, "
         f"{results['runtime_seconds']:.0f} s.{' PRELIMINARY: ' + results['note'] if results.get('note') else ''}",

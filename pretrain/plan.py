@@ -63,6 +63,7 @@ DEEPSPEED = ("zero1", "zero2", "zero3")
 # (deepspeed/runtime/zero/config.py: stage3_prefetch_bucket_size, stage3_max_reuse_distance).
 ZERO3_PREFETCH_BUCKET = 50_000_000
 ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+DDP_BROADCAST_BUCKET = 250 * 2**20  # bytes, DistributedDataParallel's broadcast_bucket_size
 LOSS_BYTES_PER_LOGIT = 12  # fp32 log-probabilities + two fp32 gradients in the loss's backward
 
 
@@ -241,7 +242,9 @@ def startup_memory(
     * DeepSpeed ZeRO-3 copies each parameter's partition out of the full tensor, then holds
       the partitions, the fp32 master partition, the flat gradient partition and the reduce
       bucket (`_setup_for_real_optimizer`); Adam's moments come with the first step.
-    * DDP (zero0) keeps the model as it is.
+    * DDP (zero0) keeps the model as it is; on several ranks it first broadcasts rank 0's
+      weights through flat copies of up to 250 MiB (`_sync_module_states`,
+      `broadcast_bucket_size`).
 
     The figure matters when it exceeds the running total: sharded over many ranks, the whole
     fp32 model can be larger than a rank's share of everything else.
@@ -257,6 +260,8 @@ def startup_memory(
     if strategy == "zero3":
         bucket = min(deepspeed_engine(cfg).reduce_bucket_size, psi)
         return max(built + half * partition, 2 * half * partition + 4 * partition + half * bucket)
+    if ranks > 1:
+        return built + min(built, DDP_BROADCAST_BUCKET)
     return built
 
 

@@ -45,7 +45,9 @@ class DDPEngine(Engine):
                 model, self.expert_names
             )
         if world > 1:
-            model = DistributedDataParallel(model, bucket_cap_mb=cfg.engine.bucket_cap_mb)
+            # gradients as views into DDP's all-reduce buckets: no second copy of every gradient
+            model = DistributedDataParallel(model, bucket_cap_mb=cfg.engine.bucket_cap_mb,
+                                            gradient_as_bucket_view=True)  # fmt: skip
         super().__init__(model, accumulation, device)
         self.optimizer = build_optimizer(self.module, cfg.optim, device_type=device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
