@@ -243,8 +243,9 @@ def train(cfg: Any, context: Any) -> int:
                 if micro == 0 and state.step + 1 in hang_steps:
                     time.sleep(float(os.environ.get("KILN_FAULT_HANG_SECONDS", "3")))
                 loss = engine.forward_backward(batch, last, poison=poison)
-                losses.append(float(loss))
+                losses.append(loss)  # on the device: one host sync per step, not per micro-batch
             grad_norm, skipped = engine.optimizer_step()
+            losses = torch.stack(losses).float().tolist()
             state.step += 1
             collector.step(state.step)
             state.tokens_seen += tokens_per_step
