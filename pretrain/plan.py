@@ -21,7 +21,7 @@ live tensor bytes of real runs (bench/memory.py):
   parameters) plus one prefetch bucket's flat all-gather output. FSDP gathers the largest unit
   in the compute dtype for the running and the prefetched unit, and holds its unsharded
   gradient. A non-fused AdamW (CPU) makes two temporaries of each tensor it steps: DeepSpeed's
-  flat partition.
+  flat partition. DDP in bf16 (autocast over fp32 weights) keeps a bf16 copy of every weight.
 * Activations (Korthikanti et al. 2022, re-derived per tensor so GQA, gated MLPs, MoE and
   cross-attention are counted): SDPA's fused kernels keep no attention-score matrix. With full
   activation checkpointing only each block's input is kept, plus one block's activations during
@@ -224,6 +224,11 @@ def buffer_memory(
         return bucket * half + max(gathered, step)
     if strategy == "fsdp":
         return 2 * half * counts.largest_unit + 4 * counts.largest_unit
+    if precision.name == "bf16":
+        # DDP trains fp32 weights under autocast, which makes a bf16 copy of every weight for
+        # its matmuls and keeps it for the backward pass (measured under CPU autocast, eager
+        # and compiled: test_plan.py). Gradients are views of DDP's buckets: no second copy.
+        return 2 * psi
     return 0
 
 
