@@ -25,8 +25,12 @@ longer fits is skipped and says so):
 8. `gpt2_124m_blocks` (engine=ddp only): `gpt2_124m` again with `engine.compile_scope=blocks`
    (each block compiled, the cross-entropy eager over fp32 logits: the earlier default), the
    "before" of compiling the forward with the loss (`compile_scope=loss`, DDP's default).
+9. Only when asked (`--extra NAME,...`, after the rest): compile settings to try on a GPU,
+   each reported as its tokens/s over the run it varies (`EXTRA_RUNS`: `gpt2_124m_autotune`
+   and `gpt2_350m_autotune`, `engine.compile_mode=max-autotune-no-cudagraphs`;
+   `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`).
 
-For every trainer run, `kiln plan` with the same overrides gives the FSDP memory estimate
+For every trainer run, `kiln plan` with the same overrides gives the engine's memory estimate
 (weights + gradients + optimizer + buffers + activations); ratio = measured / plan.
 
 Targets (issue #9): 124M full stack >= 1.2 x nanoGPT's 478,600 tokens/s (H200,
@@ -44,6 +48,7 @@ the GPU machine).
 it writes only `--results` when given. tests/bench/test_gpu_smoke.py runs it in CI.
 
     python bench/gpu.py [--data DIR] [--budget 480] [--steps 40] [--skip moe,...]
+    python bench/gpu.py --extra gpt2_124m_autotune,gpt2_124m_cudagraphs --skip moe
     python bench/gpu.py --smoke --results /tmp/gpu-smoke.json
     python bench/gpu.py --render bench/results/gpu.json
 """
@@ -98,7 +103,9 @@ SMOKE_MOE_SHAPE = ["model.max_seq_len=64"]
 # The earliest a stage may start: its rough cost on an H200 (start-up + compile + steps); a
 # stage that would not fit in what is left of the budget is skipped, not cut short.
 MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_docmask": 50,
-               "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50}  # fmt: skip
+               "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50,
+               "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
+               "gpt2_350m_autotune": 150}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 
 
@@ -248,6 +255,21 @@ ORDER = ["gpt2_124m", "plain_124m", "gpt2_350m", "gpt2_124m_docmask", "plain_124
          "gpt2_124m_blocks"]  # fmt: skip
 # stages that only mean something with the DDP engine (the others compile blocks anyway)
 DDP_ONLY = {"gpt2_124m_blocks"}
+# Run only when asked (`--extra a,b`), after the others: compile settings to try on a GPU.
+EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
+    # autotuned matmul and attention kernels (longer compilation)
+    "gpt2_124m_autotune": (
+        "gpt2_124m",
+        [*NO_MASK, "engine.compile_mode=max-autotune-no-cudagraphs"],
+    ),
+    # CUDA graphs: one launch per graph instead of one per kernel
+    "gpt2_124m_cudagraphs": ("gpt2_124m", [*NO_MASK, "engine.compile_mode=reduce-overhead"]),
+    "gpt2_350m_autotune": (
+        "gpt2_350m",
+        [*NO_MASK, "engine.compile_mode=max-autotune-no-cudagraphs"],
+    ),
+}
+TRAINER_RUNS.update(EXTRA_RUNS)
 
 
 def run_spec(name: str, smoke: bool, vocab: int) -> tuple[list[str], int, int]:
@@ -481,7 +503,16 @@ def derive(results: dict[str, Any]) -> None:
     value = t350["mfu_989"] if t350 else None
     check("gpt2_350m full stack MFU vs 989 TFLOP/s", value, f">= {TARGET_MFU_350M:.0%}",
           None if value is None else value >= TARGET_MFU_350M)  # fmt: skip
+    for name, (base, extra_overrides) in EXTRA_RUNS.items():
+        run, before = runs.get(name), runs.get(base)
+        if run is None:
+            continue
+        value = run["tokens_per_s"] / before["tokens_per_s"] if before else None
+        tried = " ".join(o for o in extra_overrides if o not in NO_MASK)
+        check(f"{name} ({tried}) / {base}: tokens/s", value, "none (a setting tried)", None)
     for name in TRAINER_RUNS:
+        if name in EXTRA_RUNS and name not in runs:
+            continue  # not asked for
         run = runs.get(name)
         ratio = run.get("memory_ratio") if run else None
         # on the CPU the trainer logs the process's peak RSS (interpreter included): no target
@@ -630,6 +661,7 @@ def parser() -> argparse.ArgumentParser:
         "--engine", default="ddp", help="engine of the trainer runs (ddp, fsdp, zero1, ...)"
     )
     p.add_argument("--skip", default="", help="stages to skip: plain_124m,gpt2_350m,moe")
+    p.add_argument("--extra", default="", help=f"extra stages to run: {','.join(EXTRA_RUNS)}")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
@@ -657,11 +689,15 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--steps must be above --warmup")
     budget = Budget(args.budget)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    extra = [s.strip() for s in args.extra.split(",") if s.strip()]
+    if unknown := [name for name in extra if name not in EXTRA_RUNS]:
+        parser().error(f"--extra: unknown stage(s) {unknown}; known: {list(EXTRA_RUNS)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     command = "bench/gpu.py" + (" --smoke" if args.smoke else "")
     command += f" --engine {args.engine}" if args.engine != "ddp" else ""
     command += f" --skip {args.skip}" if skip else ""
+    command += f" --extra {args.extra}" if extra else ""
     command += f" --steps {args.steps}" if args.steps != DEFAULT_STEPS and not args.smoke else ""
     results: dict[str, Any] = {
         "benchmark": SECTION,
@@ -722,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("matmul", stage_matmul, args.smoke)
         data = stage("data", stage_data, args, work, budget)
         if data is not None:
-            for name in ORDER:
+            for name in [*ORDER, *extra]:
                 if name in DDP_ONLY and args.engine != "ddp":
                     continue
                 if name in PLAIN_RUNS:

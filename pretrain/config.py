@@ -215,6 +215,9 @@ class UL2Config(ObjectiveConfig):
 # engine/
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class EngineConfig:
     """How the model is distributed across ranks. Applied to a finished model in a fixed
@@ -228,6 +231,9 @@ class EngineConfig:
     # auto | loss (forward + cross-entropy as one compiled function; engine=ddp without context
     # parallelism) | blocks (each transformer block). auto: loss where allowed, else blocks
     compile_scope: str = "auto"
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs (autotuned matmul kernels: longer compiles)
+    compile_mode: str = "default"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
@@ -968,6 +974,7 @@ def validate_config(cfg: KilnConfig) -> None:
     if isinstance(engine, FSDPEngineConfig):
         _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
     _check_choice("engine.compile_scope", engine.compile_scope, ("auto", "loss", "blocks"))
+    _check_choice("engine.compile_mode", engine.compile_mode, COMPILE_MODES)
     if engine.compile_scope == "loss" and (
         not isinstance(engine, DDPEngineConfig) or engine.context_parallel != 1
     ):

@@ -76,12 +76,12 @@ class Engine(abc.ABC):
         self.device = device
         self.lm_loss: LossFn = lm_loss  # replaced by its compiled form under compile_scope=loss
 
-    def compile_loss(self) -> None:
+    def compile_loss(self, mode: str = "default") -> None:
         """Compile the model's forward with the cross-entropy as one function: the fp32 logits
         are then never written out whole (the cast, log-softmax and gather fuse into the head's
         output), which on a GPU is most of the gain of compiling (bench/gpu_models.py: 1.24x
         over compiling the model alone, half the peak memory at gpt2_124m)."""
-        self.lm_loss = torch.compile(lm_loss)
+        self.lm_loss = torch.compile(lm_loss, mode=mode)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The training loss of one micro-batch already on the device (forward only)."""
@@ -150,10 +150,10 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
 
         for blocks in transformer_blocks(model):
             for index, block in enumerate(blocks):
-                blocks[index] = torch.compile(block)
+                blocks[index] = torch.compile(block, mode=cfg.engine.compile_mode)
     engine = _engine(cfg, model, accumulation, max_steps, device)
     if cfg.engine.compile and scope == "loss":
-        engine.compile_loss()
+        engine.compile_loss(cfg.engine.compile_mode)
     return engine
 
 

@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks"}
+TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks",
+                "gpt2_124m_cudagraphs"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -27,7 +28,8 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     results_path = tmp_path / "gpu.json"
     markdown = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path)],
+        [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
+         "--extra", "gpt2_124m_cudagraphs"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -83,7 +85,12 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 1 + 5
+    assert len(checks) == 2 + 2 + 1 + 1 + 1 + 6
+    tried = checks[
+        "gpt2_124m_cudagraphs (engine.compile_mode=reduce-overhead) / gpt2_124m: tokens/s"
+    ]
+    assert tried["verdict"] == "n/a" and positive(tried["value"])
+    assert "engine.compile_mode=reduce-overhead" in runs["gpt2_124m_cudagraphs"]["overrides"]
     speedup = next(c for label, c in checks.items() if "compile_scope=loss" in label)
     assert speedup["verdict"] == "n/a" and positive(speedup["value"])
     for check in checks.values():

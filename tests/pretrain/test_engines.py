@@ -312,6 +312,11 @@ def test_compile_scope(train_config) -> None:
         train_config("engine=fsdp", "engine.compile_scope=loss")
     with pytest.raises(ConfigError, match="engine.compile_scope"):
         train_config("engine=ddp", "engine.compile_scope=everything")
+    with pytest.raises(ConfigError, match="engine.compile_mode"):
+        train_config("engine=ddp", "engine.compile_mode=fastest")
+    assert train_config("engine=fsdp", "engine.compile_mode=max-autotune").engine.compile_mode == (
+        "max-autotune"
+    )
     with pytest.raises(ConfigError, match="trainer.checkpoint_every=-1 must be >= 0"):
         train_config("trainer.checkpoint_every=-1")
 
