@@ -73,7 +73,9 @@ class DDPEngine(Engine):
             if poison:
                 loss = loss * float("nan")
             (loss / self.accumulation).backward()
-        return loss.detach()
+        # a copy: under compile_mode=reduce-overhead the compiled loss lives in a CUDA graph's
+        # output buffer, which the next micro-batch overwrites before the step reads it
+        return loss.detach().clone()
 
     def optimizer_step(self) -> tuple[float, bool]:
         parameters = [p for p in self.module.parameters() if p.grad is not None]
