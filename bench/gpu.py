@@ -30,6 +30,10 @@ longer fits is skipped and says so):
    and `gpt2_350m_autotune`, `engine.compile_mode=max-autotune-no-cudagraphs`;
    `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`).
 
+The runs in `--profile` (default gpt2_124m and gpt2_350m) take 3 more steps after the timed ones
+under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
+and the loop's parts go into the results and the section (`--traces DIR` keeps the traces).
+
 For every trainer run, `kiln plan` with the same overrides gives the engine's memory estimate
 (weights + gradients + optimizer + buffers + activations); ratio = measured / plan.
 
@@ -107,6 +111,8 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
                "gpt2_350m_autotune": 150}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
+DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
+PROFILE_STEPS = 3
 
 
 class Budget:
@@ -324,8 +330,15 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     """`kiln train` for one model: step figures from metrics.jsonl, plan's memory estimate."""
     model, batch, seq = run_spec(name, args.smoke, data["vocab_size"])
     run_dir = work / f"run-{name}"
-    overrides = train_overrides(model, batch, seq, Path(data["path"]), run_dir, args.steps,
+    profiled = name in args.profile_runs
+    # the profiled steps come after the timed ones (and are left out of every figure but the
+    # profile): trainer.profile's warm-up step is the last timed step
+    steps = args.steps + (PROFILE_STEPS if profiled else 0)
+    overrides = train_overrides(model, batch, seq, Path(data["path"]), run_dir, steps,
                                 args.smoke, args.engine)  # fmt: skip
+    if profiled:
+        overrides += [f"trainer.profile.start_step={args.steps + 1}",
+                      f"trainer.profile.steps={PROFILE_STEPS}"]  # fmt: skip
     # plan's keys: zero0 (plain data parallel: DDP) .. zero3, fsdp
     strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(
         args.engine, args.engine.removesuffix("_offload")
@@ -337,6 +350,7 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
+    train = [r for r in train if not r.get("profiled")]
     if len(train) < args.steps:
         raise StageError(f"{run_dir}/metrics.jsonl: {len(train)} train records, {args.steps} asked")
     timed = train[args.warmup :]
@@ -347,6 +361,9 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     start = next((r for r in records if r.get("event") == "start"), {})
     peak_tflops = start.get("peak_tflops", PEAK_TFLOPS)
     measured_gib = train[-1]["memory_gib"]
+    profile = next((r for r in records if r.get("event") == "profile"), None)
+    if profiled and profile is None:
+        raise StageError(f"{run_dir}/metrics.jsonl: no profile event (trainer.profile)")
     return {
         "name": name,
         "overrides": overrides,
@@ -370,6 +387,21 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
         "loss_last": train[-1]["loss"],
         "plan": plan,
         "config": str(run_dir / "config.pkl"),
+        **({"profile": profile_result(profile)} if profile else {}),
+    }
+
+
+def profile_result(event: dict[str, Any]) -> dict[str, Any]:
+    """What `trainer.profile` logged (its `profile` event), with the summary table's text."""
+    summary = Path(event["summary"])
+    return {
+        "steps": f"{event['first_step']}-{event['step']}",
+        "step_ms": event["step_ms"],
+        "device_busy": event.get("device_busy"),
+        "measure": event["profile/measure"],
+        "regions_ms": event["profile/regions_ms"],
+        "top": event["profile/top"],
+        "summary": summary.read_text() if summary.is_file() else None,
     }
 
 
@@ -580,6 +612,35 @@ def stage_lines(results: dict[str, Any]) -> list[str]:
             f"{results['budget_seconds']:.0f} s budget"]  # fmt: skip
 
 
+def profile_lines(results: dict[str, Any]) -> list[str]:
+    """Markdown: where each profiled run's step time went (kernels, device busy, loop parts)."""
+    lines: list[str] = []
+    for run in results["runs"].values():
+        profile = run.get("profile")
+        if not profile:
+            continue
+        busy = profile.get("device_busy")
+        regions = ", ".join(f"`{k}` {v:.2f} ms" for k, v in profile["regions_ms"].items())
+        lines += [
+            "",
+            f"**{run['name']}**, steps {profile['steps']} under `trainer.profile` (after the "
+            f"timed steps): mean step {profile['step_ms']:.2f} ms with the profiler on"
+            + (f"; device busy {busy:.1%} of it" if busy is not None else "")
+            + f"; the loop's parts on the host: {regions}.",
+            "",
+            f"| top by {profile['measure']} | ms per step | calls per step | share |",
+            "|---|---|---|---|",
+        ]
+        for entry in profile["top"]:
+            name = entry["name"].replace("|", "\\|")
+            name = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| `{name}` | {entry['ms_per_step']:.3f} | "
+                         f"{entry['calls_per_step']:.0f} | {entry['share']:.1%} |")  # fmt: skip
+    if lines:
+        lines = ["### Where the step time goes", *lines]
+    return lines
+
+
 def print_report(results: dict[str, Any]) -> None:
     rows = table_rows(results)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -589,6 +650,8 @@ def print_report(results: dict[str, Any]) -> None:
             print("  ".join("-" * width for width in widths))
     print()
     for line in [*check_lines(results), *stage_lines(results)]:
+        print(line)
+    for line in profile_lines(results):
         print(line)
 
 
@@ -641,6 +704,8 @@ def markdown_section(results: dict[str, Any]) -> str:
     body.append("")
     body += [f"- {line}" for line in check_lines(results)]
     body += [f"- {line}" for line in stage_lines(results)]
+    if profiled := profile_lines(results):
+        body += ["", *profiled]
     body += ["", END_MARK]
     return "\n".join(body) + "\n"
 
@@ -662,6 +727,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip", default="", help="stages to skip: plain_124m,gpt2_350m,moe")
     p.add_argument("--extra", default="", help=f"extra stages to run: {','.join(EXTRA_RUNS)}")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"trainer runs to profile after their timed steps (default "
+                        f"{DEFAULT_PROFILE}; '' for none)")  # fmt: skip
+    p.add_argument("--traces", type=Path, help="copy the profiled runs' traces here")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
@@ -692,12 +761,16 @@ def main(argv: list[str] | None = None) -> int:
     extra = [s.strip() for s in args.extra.split(",") if s.strip()]
     if unknown := [name for name in extra if name not in EXTRA_RUNS]:
         parser().error(f"--extra: unknown stage(s) {unknown}; known: {list(EXTRA_RUNS)}")
+    args.profile_runs = {s.strip() for s in args.profile.split(",") if s.strip()}
+    if unknown := sorted(args.profile_runs - set(TRAINER_RUNS)):
+        parser().error(f"--profile: unknown run(s) {unknown}; known: {list(TRAINER_RUNS)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     command = "bench/gpu.py" + (" --smoke" if args.smoke else "")
     command += f" --engine {args.engine}" if args.engine != "ddp" else ""
     command += f" --skip {args.skip}" if skip else ""
     command += f" --extra {args.extra}" if extra else ""
+    command += f" --profile {args.profile}" if args.profile != DEFAULT_PROFILE else ""
     command += f" --steps {args.steps}" if args.steps != DEFAULT_STEPS and not args.smoke else ""
     results: dict[str, Any] = {
         "benchmark": SECTION,
@@ -772,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
                                 needs=MIN_SECONDS[name])  # fmt: skip
                 if run is not None:
                     results["runs"][name] = run
+                    if args.traces and "profile" in run:
+                        copy_traces(work / f"run-{name}" / "profile", args.traces / name)
                     wait = (
                         f", loader wait {run['data_wait_ms']:.2f} ms"
                         if "data_wait_ms" in run
@@ -788,6 +863,14 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
+
+
+def copy_traces(source: Path, target: Path) -> None:
+    import shutil
+
+    for trace in source.glob("*/*.trace.json.gz"):
+        (target / trace.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(trace, target / trace.parent.name / trace.name)
 
 
 def finish(results: dict[str, Any], args: argparse.Namespace, budget: Budget, failed: bool

@@ -573,6 +573,19 @@ class LoggerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """`trainer.profile`: torch.profiler over a window of steps (pretrain/profiling.py)."""
+
+    start_step: int = 0  # the first step recorded (0 = off); the step before it warms up
+    steps: int = 3  # steps recorded
+    ranks: list[int] = field(default_factory=lambda: [0])  # ranks that record ([] = every one)
+    record_shapes: bool = False  # input shapes of each operator
+    profile_memory: bool = False  # tensor allocations and frees
+    with_stack: bool = False  # Python stacks (large traces)
+    row_limit: int = 30  # rows of the summary table
+
+
+@dataclass
 class TrainerConfig:
     """The training loop."""
 
@@ -600,6 +613,8 @@ class TrainerConfig:
     # young generations collected every N steps (the same steps on every rank) and everything
     # after each checkpoint and eval. Start-up's objects are frozen either way.
     gc_every: int = 50
+    # torch.profiler: a Chrome/Perfetto trace and a summary of a few steps (0 steps: off)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     sample_prompt: str = "def "  # decoders: a sample printed at the end of the run
     sample_tokens: int = 48
 
@@ -792,6 +807,17 @@ def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> 
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _validate_profile(profile: ProfileConfig, ranks: int) -> None:
+    _check_positive("trainer.profile.start_step", profile.start_step, allow_zero=True)
+    _check_positive("trainer.profile.steps", profile.steps)
+    _check_positive("trainer.profile.row_limit", profile.row_limit)
+    if outside := [rank for rank in profile.ranks if not 0 <= rank < ranks]:
+        raise ConfigError(
+            f"trainer.profile.ranks={list(profile.ranks)}: rank(s) {outside} not among the "
+            f"{ranks} ranks of the cluster (0..{ranks - 1}; [] = every rank)"
+        )
 
 
 def validate_pipeline(cfg: KilnConfig) -> None:
@@ -1028,6 +1054,7 @@ def validate_config(cfg: KilnConfig) -> None:
         )
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)
+    _validate_profile(cfg.trainer.profile, cluster.nodes * cluster.gpus_per_node)
     optim = cfg.optim
     _check_positive("optim.lr", optim.lr)
     _check_choice("optim.schedule", optim.schedule, ("cosine", "wsd", "constant"))

@@ -87,17 +87,17 @@ def points(records: Sequence[dict[str, Any]], kind: str, field: str) -> tuple[li
 
 
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
-    """The train and eval records of a run directory; `ReportError` when there are none."""
+    """The train and eval records of a run directory, and its `trainer.profile` events;
+    `ReportError` when there are no train or eval records."""
     if not run_dir.is_dir():
         raise ReportError(f"report.run_dir={run_dir} is not a directory")
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ReportError(f"no {METRICS_FILE} in {run_dir} (has the run logged a step yet?)")
     records, _ = read_records(path)
-    records = [r for r in records if r["kind"] in ("train", "eval")]
-    if not records:
+    if not any(r["kind"] in ("train", "eval") for r in records):
         raise ReportError(f"{path} has no train or eval records")
-    return records
+    return [r for r in records if r["kind"] in ("train", "eval") or r.get("event") == "profile"]
 
 
 def plot(records: Sequence[dict[str, Any]], spec: PlotSpec, path: Path, title: str = "") -> bool:
@@ -127,11 +127,15 @@ def plot(records: Sequence[dict[str, Any]], spec: PlotSpec, path: Path, title: s
 
 
 def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(label, value) rows: steps, losses, throughput, MFU, tokens."""
+    """(label, value) rows: steps, losses, throughput, MFU, tokens, profiles.
+
+    Steps recorded under `trainer.profile` (flagged `profiled`) are slowed by the profiler:
+    the speed medians leave them out."""
     rows: list[tuple[str, str]] = []
     train_steps, losses = points(records, "train", "loss")
-    steps = sorted({r["step"] for r in records})
-    rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} ({len(records)} records)"))
+    logged = [r for r in records if r["kind"] in ("train", "eval")]
+    steps = sorted({r["step"] for r in logged})
+    rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} ({len(logged)} records)"))
     if losses:
         rows.append(("train loss", f"{losses[-1]:.4f} at step {train_steps[-1]:,}"))
     eval_steps, eval_losses = points(records, "eval", "eval_loss")
@@ -139,17 +143,28 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     if finite:
         best, at = min(finite)
         rows.append(("best eval loss", f"{best:.4f} at step {at:,} (last {eval_losses[-1]:.4f})"))
+    unprofiled = [r for r in records if not r.get("profiled")]
     for field, label, fmt in (
         ("tokens_per_s", "tokens/s (median)", lambda v: human(v)),
         ("mfu", "MFU (median)", lambda v: f"{v:.1%}"),
         ("step_time", "step time (median)", lambda v: f"{v:.3g} s"),
     ):
-        values = [v for v in points(records, "train", field)[1] if math.isfinite(v)]
+        values = [v for v in points(unprofiled, "train", field)[1] if math.isfinite(v)]
         if values:
             rows.append((label, fmt(statistics.median(values))))
     _, tokens = points(records, "train", "tokens_seen")
     if tokens:
         rows.append(("tokens seen", f"{human(tokens[-1])} ({int(tokens[-1]):,})"))
+    for event in (r for r in records if r.get("kind") == "event" and r.get("event") == "profile"):
+        top = event.get("profile/top") or []
+        parts = [f"{t['name'][:48]} {t['share']:.0%}" for t in top[:3]]
+        busy = event.get("device_busy")
+        rows.append((
+            f"profile, steps {event.get('first_step')}-{event['step']}",
+            (f"device busy {busy:.0%}; " if busy is not None else "")
+            + (f"top: {', '.join(parts)}; " if parts else "")
+            + f"trace {event.get('trace')}",
+        ))  # fmt: skip
     return rows
 
 

@@ -152,6 +152,7 @@ def train(cfg: Any, context: Any) -> int:
     from pretrain.metrics import MetricsLogger
     from pretrain.models import build_model
     from pretrain.models.moe import moe_layers, moe_metrics, take_step_loss
+    from pretrain.profiling import StepProfiler
 
     rank, world = rank_and_world()
     data, trainer = cfg.data, cfg.trainer
@@ -215,8 +216,10 @@ def train(cfg: Any, context: Any) -> int:
     armed_at = -math.inf  # when the hang watchdog was last armed
     eval_every = trainer.eval_every
     collector = GarbageCollector(trainer.gc_every)
+    profiler = StepProfiler(trainer.profile, run_dir, rank, context.device, state.step + 1)
     try:
         while state.step < trainer.max_steps:
+            profiler.before_step(state.step + 1)
             # The hang watchdog: faulthandler's own thread dumps every stack when it is not
             # re-armed in time. Re-arming starts an OS thread, so it happens at most every quarter
             # of the timeout (measured: every step cost 3 ms of a 75 ms CPU step): the dump
@@ -230,7 +233,8 @@ def train(cfg: Any, context: Any) -> int:
             losses = []
             for micro in range(accumulation):
                 fetched = time.perf_counter()
-                batch = next(batches)
+                with profiler.region("data"):
+                    batch = next(batches)
                 if cp > 1:
                     batch = shard_sequence(batch, cp_rank, cp)
                 wait += time.perf_counter() - fetched
@@ -242,9 +246,11 @@ def train(cfg: Any, context: Any) -> int:
                 )
                 if micro == 0 and state.step + 1 in hang_steps:
                     time.sleep(float(os.environ.get("KILN_FAULT_HANG_SECONDS", "3")))
-                loss = engine.forward_backward(batch, last, poison=poison)
+                with profiler.region("forward_backward"):
+                    loss = engine.forward_backward(batch, last, poison=poison)
                 losses.append(loss)  # on the device: one host sync per step, not per micro-batch
-            grad_norm, skipped = engine.optimizer_step()
+            with profiler.region("optimizer_step"):
+                grad_norm, skipped = engine.optimizer_step()
             losses = torch.stack(losses).float().tolist()
             state.step += 1
             collector.step(state.step)
@@ -255,6 +261,8 @@ def train(cfg: Any, context: Any) -> int:
             else:
                 state.nonfinite_in_a_row = 0
             step_time = time.perf_counter() - started
+            profiled = profiler.in_window(state.step)
+            profile = profiler.after_step(state.step, step_time)
             log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
             moe: dict[str, float] = {}
             # the logged loss is the LM loss; the MoE losses added to it are logged apart
@@ -272,7 +280,15 @@ def train(cfg: Any, context: Any) -> int:
                     "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                     "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
                     "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
-                } | moe)  # fmt: skip
+                } | moe | ({"profiled": True} if profiled else {}))  # fmt: skip
+            if profile is not None and logger is not None:
+                # the lists go to metrics.jsonl only (keys with "/" stay off the console line)
+                logger.log({"kind": "event", "step": state.step, "event": "profile",
+                            "first_step": profiler.start, "step_ms": profile["step_ms"]}
+                           | ({"device_busy": profile["device_busy"]} if "device_busy" in profile else {})
+                           | {"trace": profile["trace"], "summary": profile["summary"],
+                              "profile/regions_ms": profile["regions"], "profile/top": profile["top"],
+                              "profile/measure": profile["measure"]})  # fmt: skip
             zscore = spikes.add(loss) if not skipped else None
             if zscore is not None and logger is not None:
                 logger.log({"kind": "event", "step": state.step, "event": "loss_spike",
@@ -307,6 +323,7 @@ def train(cfg: Any, context: Any) -> int:
                 exit_code = REQUEUE_EXIT_CODE
                 break
     finally:
+        profiler.close()
         collector.stop()
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:

@@ -196,6 +196,11 @@ def test_wrong_type_names_the_key() -> None:
             "corpus.sources has repeated names",
         ),
         (["corpus.sources.0.name=my.source"], r"corpus.sources\[0\].name='my.source'"),
+        (["trainer.profile.steps=0"], "trainer.profile.steps=0 must be > 0"),
+        (
+            ["cluster.gpus_per_node=2", "trainer.profile.ranks=[0,2]"],
+            r"trainer.profile.ranks=\[0, 2\]: rank.s. \[2\] not among the 2 ranks of the cluster",
+        ),
     ],
 )
 def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:

@@ -213,3 +213,27 @@ def test_kiln_report_end_to_end_writes_only_the_plots(tmp_path: Path) -> None:
         == f"kiln report: report.run_dir={tmp_path / 'absent'} is not a directory"
     )
     assert list(work.iterdir()) == []
+
+
+def test_profiled_steps_stay_out_of_the_medians_and_the_profile_is_summarized() -> None:
+    from pretrain.report import summarize_run
+
+    records = [
+        {"step": s, "kind": "train", "loss": 3.0, "tokens_per_s": 100.0, "step_time": 0.1}
+        for s in range(1, 6)
+    ] + [
+        {"step": s, "kind": "train", "loss": 3.0, "tokens_per_s": 10.0, "step_time": 1.0,
+         "profiled": True}
+        for s in range(6, 12)
+    ] + [
+        {"step": 11, "kind": "event", "event": "profile", "first_step": 6, "device_busy": 0.75,
+         "trace": "runs/x/profile/step6-11/rank0.trace.json.gz",
+         "profile/top": [{"name": "sm90_gemm", "share": 0.4}, {"name": "triton_red", "share": 0.1}]}
+    ]  # fmt: skip
+    rows = dict(summarize_run(records))
+    assert rows["steps"] == "1 .. 11 (11 records)"
+    assert rows["tokens/s (median)"] == "100" and rows["step time (median)"] == "0.1 s"
+    assert rows["profile, steps 6-11"] == (
+        "device busy 75%; top: sm90_gemm 40%, triton_red 10%; "
+        "trace runs/x/profile/step6-11/rank0.trace.json.gz"
+    )

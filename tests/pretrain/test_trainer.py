@@ -145,3 +145,46 @@ def test_watchdog_dumps_the_stacks_of_a_stalled_step(corpus: Path, tmp_path: Pat
     assert "Timeout (0:00:02)!" in result.stderr
     assert "in train" in result.stderr and "pretrain/trainer.py" in result.stderr
     assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_profiler_writes_a_trace_and_a_summary_per_rank(corpus: Path, tmp_path: Path) -> None:
+    """trainer.profile: steps 4-5 recorded on both ranks (step 3 warms the profiler up); each
+    rank writes a Chrome trace and a summary, rank 0 logs where the step time went, and only
+    the window's train records are flagged."""
+    import gzip
+
+    run_dir = tmp_path / "run"
+    args = train_args(corpus, run_dir, "trainer.max_steps=6", "trainer.profile.start_step=4",
+                      "trainer.profile.steps=2", "trainer.profile.ranks=[]")  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    window = run_dir / "profile" / "step4-5"
+    assert sorted(p.name for p in window.iterdir()) == [
+        "rank0.summary.txt", "rank0.trace.json.gz", "rank1.summary.txt", "rank1.trace.json.gz"
+    ]  # fmt: skip
+    for rank in (0, 1):
+        trace = json.loads(gzip.decompress((window / f"rank{rank}.trace.json.gz").read_bytes()))
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert {"data", "forward_backward", "optimizer_step"} <= names
+        steps = sorted(n for n in names if str(n).startswith("ProfilerStep#"))
+        assert len(steps) == 2  # the two recorded steps, not the warm-up one
+        assert "aten::mm" in names or "aten::addmm" in names
+        summary = (window / f"rank{rank}.summary.txt").read_text()
+        assert summary.startswith(f"kiln trainer.profile: rank {rank}, steps 4-5 (2 recorded)")
+        assert "Self CPU" in summary and "forward_backward" in summary
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    flagged = [r["step"] for r in records if r.get("kind") == "train" and r.get("profiled")]
+    assert flagged == [4, 5]
+    (event,) = [r for r in records if r.get("event") == "profile"]
+    assert event["step"] == 5 and event["first_step"] == 4
+    assert event["trace"] == str(window / "rank0.trace.json.gz")
+    regions = event["profile/regions_ms"]
+    assert set(regions) == {"data", "forward_backward", "optimizer_step"}
+    assert regions["forward_backward"] > 0 and regions["optimizer_step"] > 0
+    # the loop's parts take most, not more, of the mean step the trainer measured
+    assert sum(regions.values()) < event["step_ms"]
+    top = event["profile/top"]
+    assert 1 <= len(top) <= 10 and all(t["ms_per_step"] > 0 for t in top)
+    assert [t["ms_per_step"] for t in top] == sorted((t["ms_per_step"] for t in top), reverse=True)
+    assert 0 < sum(t["share"] for t in top) <= 1.0 + 1e-9
+    assert sorted(losses(run_dir)) == list(range(1, 7))
