@@ -28,7 +28,8 @@ longer fits is skipped and says so):
 9. Only when asked (`--extra NAME,...`, after the rest): compile settings to try on a GPU,
    each reported as its tokens/s over the run it varies (`EXTRA_RUNS`: `gpt2_124m_autotune`
    and `gpt2_350m_autotune`, `engine.compile_mode=max-autotune-no-cudagraphs`;
-   `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`).
+   `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`; `gpt2_124m_cudnn` and
+   `gpt2_124m_docmask_cudnn`, `engine.attention_backends=[cudnn,flash,efficient,math]`).
 
 The runs in `--profile` (default gpt2_124m and gpt2_350m) take 3 more steps after the timed ones
 under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
@@ -109,7 +110,8 @@ SMOKE_MOE_SHAPE = ["model.max_seq_len=64"]
 MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_docmask": 50,
                "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50,
                "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
-               "gpt2_350m_autotune": 150}  # fmt: skip
+               "gpt2_350m_autotune": 150, "gpt2_124m_cudnn": 50,
+               "gpt2_124m_docmask_cudnn": 50}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -244,6 +246,7 @@ def stage_data(args: argparse.Namespace, work: Path, budget: Budget) -> dict[str
 
 
 NO_MASK = ["data.document_masking=false", "data.reset_position_ids=false"]
+CUDNN_FIRST = "[cudnn,flash,efficient,math]"
 # name -> (model, extra overrides). Without document masking the work is nanoGPT's (causal
 # attention over the packed row, SDPA's flash kernel); `_docmask` is kiln's default
 # (no attention across documents: an explicit mask, so SDPA cannot take its causal fast path).
@@ -274,7 +277,12 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
         "gpt2_350m",
         [*NO_MASK, "engine.compile_mode=max-autotune-no-cudagraphs"],
     ),
+    # cuDNN's attention first (Hopper), then torch's usual order
+    "gpt2_124m_cudnn": ("gpt2_124m", [*NO_MASK, f"engine.attention_backends={CUDNN_FIRST}"]),
+    "gpt2_124m_docmask_cudnn": ("gpt2_124m", [f"engine.attention_backends={CUDNN_FIRST}"]),
 }
+# the run each extra one is compared with (default: its model's run)
+EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask"}
 TRAINER_RUNS.update(EXTRA_RUNS)
 
 
@@ -536,6 +544,7 @@ def derive(results: dict[str, Any]) -> None:
     check("gpt2_350m full stack MFU vs 989 TFLOP/s", value, f">= {TARGET_MFU_350M:.0%}",
           None if value is None else value >= TARGET_MFU_350M)  # fmt: skip
     for name, (base, extra_overrides) in EXTRA_RUNS.items():
+        base = EXTRA_VERSUS.get(name, base)
         run, before = runs.get(name), runs.get(base)
         if run is None:
             continue

@@ -216,6 +216,8 @@ class UL2Config(ObjectiveConfig):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# scaled_dot_product_attention's kernels, as engine.attention_backends names them
+ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 
 @dataclass
@@ -234,6 +236,9 @@ class EngineConfig:
     # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune |
     # max-autotune-no-cudagraphs (autotuned matmul kernels: longer compiles)
     compile_mode: str = "default"
+    # the kernels scaled_dot_product_attention may use, in this order of preference: flash |
+    # cudnn | efficient | math ([] = all of them, in torch's order); e.g. [cudnn,flash,math]
+    attention_backends: list[str] = field(default_factory=list)
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
@@ -1001,6 +1006,12 @@ def validate_config(cfg: KilnConfig) -> None:
         _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
     _check_choice("engine.compile_scope", engine.compile_scope, ("auto", "loss", "blocks"))
     _check_choice("engine.compile_mode", engine.compile_mode, COMPILE_MODES)
+    for backend in engine.attention_backends:
+        _check_choice("engine.attention_backends", backend, ATTENTION_BACKENDS)
+    if len(set(engine.attention_backends)) != len(engine.attention_backends):
+        raise ConfigError(
+            f"engine.attention_backends={list(engine.attention_backends)} names a backend twice"
+        )
     if engine.compile_scope == "loss" and (
         not isinstance(engine, DDPEngineConfig) or engine.context_parallel != 1
     ):

@@ -28,6 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+# engine.attention_backends: the names of torch's scaled_dot_product_attention backends
+ATTENTION_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -75,6 +82,7 @@ class Engine(abc.ABC):
         self.accumulation = accumulation
         self.device = device
         self.lm_loss: LossFn = lm_loss  # replaced by its compiled form under compile_scope=loss
+        self.attention_backends: list[str] = []  # engine.attention_backends ([]: torch's choice)
 
     def compile_loss(self, mode: str = "default") -> None:
         """Compile the model's forward with the cross-entropy as one function: the fp32 logits
@@ -85,7 +93,20 @@ class Engine(abc.ABC):
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The training loss of one micro-batch already on the device (forward only)."""
-        return compute_loss(self.model, batch, self.lm_loss)
+        with self.attention_context():
+            return compute_loss(self.model, batch, self.lm_loss)
+
+    def attention_context(self) -> Any:
+        """The forward pass's choice of attention kernels (`engine.attention_backends`): the
+        backends `scaled_dot_product_attention` may use, in this order of preference. Entered
+        outside any compiled region (a compiled forward picks its kernel when it is traced);
+        the backward pass follows the forward's kernel."""
+        if not self.attention_backends:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [getattr(SDPBackend, ATTENTION_BACKENDS[n]) for n in self.attention_backends]
+        return sdpa_kernel(backends, set_priority=True)
 
     @abc.abstractmethod
     def forward_backward(
@@ -152,6 +173,7 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
             for index, block in enumerate(blocks):
                 blocks[index] = torch.compile(block, mode=cfg.engine.compile_mode)
     engine = _engine(cfg, model, accumulation, max_steps, device)
+    engine.attention_backends = list(cfg.engine.attention_backends)
     if cfg.engine.compile and scope == "loss":
         engine.compile_loss(cfg.engine.compile_mode)
     return engine

@@ -242,7 +242,8 @@ class DeepSpeedEngine(Engine):
                 f"DeepSpeed's accumulation boundary ({boundary}) disagrees with the trainer's "
                 f"last micro-batch ({last}): gradient_accumulation_steps != {self.accumulation}?"
             )
-        loss = compute_loss(self.ds, self.to_device(batch), self.lm_loss)
+        with self.attention_context():
+            loss = compute_loss(self.ds, self.to_device(batch), self.lm_loss)
         if poison:
             loss = loss * float("nan")
         if not self._finite_everywhere(loss):

@@ -197,6 +197,8 @@ def test_wrong_type_names_the_key() -> None:
         ),
         (["corpus.sources.0.name=my.source"], r"corpus.sources\[0\].name='my.source'"),
         (["trainer.profile.steps=0"], "trainer.profile.steps=0 must be > 0"),
+        (["engine.attention_backends=[fa3]"], "engine.attention_backends='fa3' is not one of"),
+        (["engine.attention_backends=[math,math]"], "names a backend twice"),
         (
             ["cluster.gpus_per_node=2", "trainer.profile.ranks=[0,2]"],
             r"trainer.profile.ranks=\[0, 2\]: rank.s. \[2\] not among the 2 ranks of the cluster",

@@ -3,6 +3,7 @@ resumes bitwise, injected NaNs are skipped and counted, SIGTERM saves and asks f
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -151,8 +152,6 @@ def test_profiler_writes_a_trace_and_a_summary_per_rank(corpus: Path, tmp_path: 
     """trainer.profile: steps 4-5 recorded on both ranks (step 3 warms the profiler up); each
     rank writes a Chrome trace and a summary, rank 0 logs where the step time went, and only
     the window's train records are flagged."""
-    import gzip
-
     run_dir = tmp_path / "run"
     args = train_args(corpus, run_dir, "trainer.max_steps=6", "trainer.profile.start_step=4",
                       "trainer.profile.steps=2", "trainer.profile.ranks=[]")  # fmt: skip
@@ -188,3 +187,27 @@ def test_profiler_writes_a_trace_and_a_summary_per_rank(corpus: Path, tmp_path: 
     assert [t["ms_per_step"] for t in top] == sorted((t["ms_per_step"] for t in top), reverse=True)
     assert 0 < sum(t["share"] for t in top) <= 1.0 + 1e-9
     assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_attention_backends_pick_the_kernel(corpus: Path, tmp_path: Path) -> None:
+    """engine.attention_backends: a profiled step shows the attention kernel asked for (on the
+    CPU: SDPA's math path, or its flash kernel), and both train the same."""
+    kernels = {"[math]": "aten::_scaled_dot_product_attention_math",
+               "[flash,math]": "aten::_scaled_dot_product_flash_attention_for_cpu"}  # fmt: skip
+    first = {}
+    for backends, kernel in kernels.items():
+        run_dir = tmp_path / backends.strip("[]").replace(",", "-")
+        args = train_args(corpus, run_dir, "cluster.gpus_per_node=1", "trainer.max_steps=3",
+                          f"engine.attention_backends={backends}", "trainer.checkpoint_every=0",
+                          "trainer.profile.start_step=3", "trainer.profile.steps=1")  # fmt: skip
+        result = kiln_train(args, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        trace = run_dir / "profile" / "step3-3" / "rank0.trace.json.gz"
+        names = {
+            e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+        }
+        (other,) = set(kernels.values()) - {kernel}
+        assert kernel in names and other not in names
+        first[backends] = losses(run_dir)
+    assert first["[math]"][1] == pytest.approx(first["[flash,math]"][1], rel=1e-5)
+    assert first["[math]"][3] == pytest.approx(first["[flash,math]"][3], rel=1e-4)
