@@ -29,7 +29,9 @@ longer fits is skipped and says so):
    each reported as its tokens/s over the run it varies (`EXTRA_RUNS`: `gpt2_124m_autotune`
    and `gpt2_350m_autotune`, `engine.compile_mode=max-autotune-no-cudagraphs`;
    `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`; `gpt2_124m_cudnn` and
-   `gpt2_124m_docmask_cudnn`, `engine.attention_backends=[cudnn,flash,efficient,math]`).
+   `gpt2_124m_docmask_cudnn`, `engine.attention_backends=[cudnn,flash,efficient,math]`;
+   `moe_loop`, `model.moe.grouped_gemm=false`: the experts as a loop, the grouped GEMM's
+   before).
 
 The runs in `--profile` (default gpt2_124m and gpt2_350m) take 3 more steps after the timed ones
 under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
@@ -111,7 +113,7 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50,
                "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
                "gpt2_350m_autotune": 150, "gpt2_124m_cudnn": 50,
-               "gpt2_124m_docmask_cudnn": 50}  # fmt: skip
+               "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -280,6 +282,8 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
     # cuDNN's attention first (Hopper), then torch's usual order
     "gpt2_124m_cudnn": ("gpt2_124m", [*NO_MASK, f"engine.attention_backends={CUDNN_FIRST}"]),
     "gpt2_124m_docmask_cudnn": ("gpt2_124m", [f"engine.attention_backends={CUDNN_FIRST}"]),
+    # the MoE experts as a loop over experts (host sync per layer): the grouped GEMM's before
+    "moe_loop": ("moe", ["model.moe.grouped_gemm=false"]),
 }
 # the run each extra one is compared with (default: its model's run)
 EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask"}

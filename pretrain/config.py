@@ -58,6 +58,9 @@ class MoEConfig:
     # renormalise the top-k weights to sum to 1 (Mixtral); sigmoid routers always do
     normalize_top_k: bool = True
     capacity_factor: float | None = None  # None = dropless; else tokens above capacity drop
+    # dropless experts without biases as one grouped GEMM per weight (torch._grouped_mm: bf16
+    # on Hopper GPUs, the CPU outside torch.compile), no host sync; else a loop over experts
+    grouped_gemm: bool = True
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 0.001  # router z-loss weight
     # split each layer's experts over the data-parallel ranks (tokens exchanged by all-to-all);

@@ -32,8 +32,10 @@ get from DDP's all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,11 +78,20 @@ class Experts(nn.Module):
         g = matmul(x, gate) + (gate_b.unsqueeze(-2) if gate_b is not None else 0)
         return self.act(g) * h
 
-    def forward(self, x: Tensor, counts: list[int] | None = None) -> Tensor:
-        """`padded(x)` without counts, else `grouped(x, counts)`. Called as a module (not the
-        methods directly) so that engines' hooks (ZeRO-3 gathers parameters in a forward
-        pre-hook) see the experts run."""
-        return self.padded(x) if counts is None else self.grouped(x, counts)
+    def forward(self, x: Tensor, counts: list[int] | Tensor | None = None) -> Tensor:
+        """`padded(x)` without counts, `grouped(x, counts)` with counts in a list,
+        `grouped_gemm(x, counts)` with counts in a tensor. Called as a module (not the methods
+        directly) so that engines' hooks (ZeRO-3 gathers parameters in a forward pre-hook) see
+        the experts run."""
+        if counts is None:
+            return self.padded(x)
+        if isinstance(counts, Tensor):
+            return self.grouped_gemm(x, counts)
+        return self.grouped(x, counts)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.up_bias is not None
 
     def padded(self, x: Tensor) -> Tensor:
         """(n, capacity, C) -> (n, capacity, C): every expert on its slice, batched."""
@@ -106,6 +117,24 @@ class Experts(nn.Module):
         # must run the backward of the exchange that follows, received tokens or not)
         return torch.cat(outputs) if outputs else x * 0
 
+    def grouped_gemm(self, x: Tensor, counts: Tensor) -> Tensor:
+        """(M, C) tokens sorted by expert and `counts` (E,) on the device -> (M, C), through
+        one grouped GEMM per weight (`torch._grouped_mm`): no host sync and no shape that
+        depends on the routing, so a compiled forward stays one graph (the loop of `grouped`
+        reads the counts on the host and is traced again for every new split). Experts
+        without biases only (a per-row bias's gradient would be a scatter-add, rounded at
+        every step in bf16). Under autocast the operands are cast to its dtype, as it would
+        cast a matmul's."""
+        dtype = compute_dtype(x)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+
+        def mm(a: Tensor, w: Tensor) -> Tensor:
+            return torch._grouped_mm(a.to(dtype), w.to(dtype), offs=offs)
+
+        h = mm(x, self.up)
+        h = self.act(mm(x, self.gate)) * h if self.gate is not None else self.act(h)
+        return mm(h, self.down)
+
     def shard(self, rank: int, world: int) -> None:
         """Keep only experts [rank n / world, (rank + 1) n / world) (expert parallelism)."""
         n = self.up.shape[0]
@@ -114,6 +143,43 @@ class Experts(nn.Module):
         for name, param in list(self.named_parameters(recurse=False)):
             piece = param.detach()[self.first : self.first + local].clone()
             setattr(self, name, nn.Parameter(piece, requires_grad=param.requires_grad))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` runs in: autocast's when it is on, else `x`'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_gemm_supported(x: Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs for `x` here: in bf16 on a Hopper (or newer) GPU; on
+    the CPU in bf16, or in any dtype outside torch.compile (whose CPU form wants bf16)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    dtype = compute_dtype(x)
+    if x.device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if x.device.type == "cpu":
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return False
+
+
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
+                      **kwargs: Any) -> int:  # fmt: skip
+    """FLOPs of `torch._grouped_mm` for `FlopCounterMode` (torch counts none): two per
+    multiply-add. Two 2-D operands contract over the jagged rows (the weights' gradient);
+    otherwise the output's elements times the contracted width."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    from torch.utils.flop_counter import register_flop_formula
+
+    with contextlib.suppress(RuntimeError):  # already registered (a torch that counts it)
+        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 
 class AllToAll(torch.autograd.Function):
@@ -187,6 +253,7 @@ class MoEFeedForward(nn.Module):
         self.sigmoid = moe.router == "sigmoid"
         self.normalize = moe.normalize_top_k
         self.capacity_factor = moe.capacity_factor
+        self.grouped_gemm = moe.grouped_gemm
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
         d_expert = moe.d_expert or cfg.d_ff
         self.router = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
@@ -239,6 +306,13 @@ class MoEFeedForward(nn.Module):
             dropped = (~keep).sum()
         if self.ep_group is not None:
             out = self._exchange(flat[keep_tokens], kept)
+        elif (
+            capacity is None
+            and self.grouped_gemm
+            and not self.experts.has_bias
+            and grouped_gemm_supported(flat)
+        ):
+            out = self.experts(flat[sorted_tokens], counts)
         elif capacity is None:
             out = self.experts(flat[sorted_tokens], counts.tolist())
         else:

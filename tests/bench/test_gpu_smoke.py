@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks",
-                "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn"}  # fmt: skip
+                "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -29,7 +29,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
-         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn"],
+         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -101,11 +101,12 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 1 + 2 + 7
+    assert len(checks) == 2 + 2 + 1 + 1 + 3 + 8
     tried = checks[
         "gpt2_124m_cudagraphs (engine.compile_mode=reduce-overhead) / gpt2_124m: tokens/s"
     ]
     assert tried["verdict"] == "n/a" and positive(tried["value"])
+    assert positive(checks["moe_loop (model.moe.grouped_gemm=false) / moe: tokens/s"]["value"])
     assert "engine.compile_mode=reduce-overhead" in runs["gpt2_124m_cudagraphs"]["overrides"]
     # an extra run is compared with the run it varies: the cuDNN-first docmask one with docmask
     tried = checks[
