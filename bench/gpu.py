@@ -30,6 +30,7 @@ longer fits is skipped and says so):
    and `gpt2_350m_autotune`, `engine.compile_mode=max-autotune-no-cudagraphs`;
    `gpt2_124m_cudagraphs`, `engine.compile_mode=reduce-overhead`; `gpt2_124m_cudnn` and
    `gpt2_124m_docmask_cudnn`, `engine.attention_backends=[cudnn,flash,efficient,math]`;
+   `gpt2_124m_max`, max-autotune (CUDA graphs included) with cuDNN's attention first;
    `moe_loop`, `model.moe.grouped_gemm=false`: the experts as a loop, the grouped GEMM's
    before).
 
@@ -113,7 +114,7 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "plain_124m_docmask": 45, "moe": 60, "gpt2_124m_blocks": 50,
                "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
                "gpt2_350m_autotune": 150, "gpt2_124m_cudnn": 50,
-               "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90}  # fmt: skip
+               "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90, "gpt2_124m_max": 120}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -282,6 +283,11 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
     # cuDNN's attention first (Hopper), then torch's usual order
     "gpt2_124m_cudnn": ("gpt2_124m", [*NO_MASK, f"engine.attention_backends={CUDNN_FIRST}"]),
     "gpt2_124m_docmask_cudnn": ("gpt2_124m", [f"engine.attention_backends={CUDNN_FIRST}"]),
+    # everything above at once: autotuned kernels, CUDA graphs, cuDNN's attention first
+    "gpt2_124m_max": (
+        "gpt2_124m",
+        [*NO_MASK, "engine.compile_mode=max-autotune", f"engine.attention_backends={CUDNN_FIRST}"],
+    ),
     # the MoE experts as a loop over experts (host sync per layer): the grouped GEMM's before
     "moe_loop": ("moe", ["model.moe.grouped_gemm=false"]),
 }
