@@ -234,7 +234,8 @@ class EngineConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     compile: bool = False  # torch.compile (what: compile_scope)
     # auto | loss (forward + cross-entropy as one compiled function; engine=ddp without context
-    # parallelism) | blocks (each transformer block). auto: loss where allowed, else blocks
+    # parallelism) | blocks (each transformer block's forward, and the cross-entropy apart;
+    # ZeRO-3: the cross-entropy only). auto: loss where allowed, else blocks
     compile_scope: str = "auto"
     # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune |
     # max-autotune-no-cudagraphs (autotuned matmul kernels: longer compiles)

@@ -314,9 +314,18 @@ def compiled_loss(cfg: KilnConfig, strategy: str) -> bool:
     return getattr(cfg.engine, "context_parallel", 1) == 1
 
 
-def activation_memory(cfg: KilnConfig, element: int, *, compiled: bool = False) -> tuple[int, int]:
+def loss_compilation(cfg: KilnConfig, strategy: str) -> str:
+    """How a run of `strategy` computes its cross-entropy: "eager"; "forward", compiled with
+    the forward (`compiled_loss`); or "cross_entropy", compiled on its own over the logits
+    (`engine.compile` with compile_scope blocks: FSDP2, DeepSpeed, context parallelism)."""
+    if not cfg.engine.compile:
+        return "eager"
+    return "forward" if compiled_loss(cfg, strategy) else "cross_entropy"
+
+
+def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> tuple[int, int]:
     """(without, with) full activation checkpointing: bytes for one micro-batch on one rank.
-    `compiled`: the cross-entropy is compiled with the forward (`compiled_loss`)."""
+    `loss`: how the cross-entropy is computed (`loss_compilation`)."""
     model, batch = cfg.model, cfg.data.micro_batch_size
     d = model.d_model
     if isinstance(model, EncoderDecoderConfig):
@@ -355,23 +364,26 @@ def activation_memory(cfg: KilnConfig, element: int, *, compiled: bool = False) 
     # dtype: the cast, log-softmax and its gradient fuse into kernels that write per-row
     # figures, and the logits' gradient replaces them (measured: 4 bytes per logit on the CPU
     # in fp32, test_plan.py; 2 in bf16 on an H200, bench/gpu_models.py, 9.1 GiB under the
-    # eager loss at 16 x 1024 x 50304).
-    per_logit = element if compiled else LOSS_BYTES_PER_LOGIT
-    loss = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
-    full = sum(blocks) + outside + loss
-    checkpointed = block_inputs + max(blocks) + outside + loss
+    # eager loss at 16 x 1024 x 50304). Compiled on its own, it keeps the logits it was given
+    # and writes their gradient: two elements per logit (measured on the CPU: 7.1 bytes in
+    # fp32, 4.2 in bf16 under autocast; test_plan.py).
+    per_logit = {"eager": LOSS_BYTES_PER_LOGIT, "forward": element,
+                 "cross_entropy": 2 * element}[loss]  # fmt: skip
+    loss_bytes = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
+    full = sum(blocks) + outside + loss_bytes
+    checkpointed = block_inputs + max(blocks) + outside + loss_bytes
     return full, checkpointed
 
 
 def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate]:
     precision = precision_bytes(cfg)
     ranks = ranks_of(cfg)
-    eager = activation_memory(cfg, precision.activation)
-    compiled = activation_memory(cfg, precision.activation, compiled=True)
+    by_loss = {kind: activation_memory(cfg, precision.activation, loss=kind)
+               for kind in ("eager", "forward", "cross_entropy")}  # fmt: skip
     budget = cfg.cluster.gpu_memory_gib * GIB * (1.0 - cfg.plan.memory_reserve)
     estimates = []
     for strategy in STRATEGIES:
-        activations, checkpointed = compiled if compiled_loss(cfg, strategy) else eager
+        activations, checkpointed = by_loss[loss_compilation(cfg, strategy)]
         weights, gradients, optimizer = model_state_memory(
             strategy,
             counts.total,

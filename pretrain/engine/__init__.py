@@ -2,9 +2,9 @@
 
 This package is the one place that applies parallelism (and builds a DeepSpeed config). Every
 engine is applied to a model built by `pretrain.models.build_model`, in a fixed order:
-activation checkpointing, then `torch.compile` of each block, then sharding or replication; or,
-with `compile_scope` "loss", the engine compiles the forward together with the cross-entropy. The trainer
-drives all of them through `Engine`:
+activation checkpointing, then `torch.compile` of each block (and of the cross-entropy), then
+sharding or replication; or, with `compile_scope` "loss", the engine compiles the forward together
+with the cross-entropy. The trainer drives all of them through `Engine`:
 
     loss = engine.forward_backward(batch, last_micro_batch)   # for each micro-batch
     grad_norm, skipped = engine.optimizer_step()               # once per step
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,19 @@ ATTENTION_BACKENDS = {
 }
 
 
-def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean cross-entropy of the model's logits against `labels` (-100 ignored), in fp32."""
-    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
-    logits = model(**inputs)
-    labels = batch["labels"]
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of (B, T, V) logits against (B, T) labels (-100 ignored), in fp32."""
     return F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Tensor],
+            loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> Tensor:  # fmt: skip
+    """`loss` (the fp32 cross-entropy; compiled under compile_scope=blocks) of the model's
+    logits against `labels`."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+    return loss(model(**inputs), batch["labels"])
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -90,6 +97,14 @@ class Engine(abc.ABC):
         output), which on a GPU is most of the gain of compiling (bench/gpu_models.py: 1.24x
         over compiling the model alone, half the peak memory at gpt2_124m)."""
         self.lm_loss = torch.compile(lm_loss, mode=mode)
+
+    def compile_cross_entropy(self, mode: str = "default") -> None:
+        """Compile the cross-entropy over the model's logits (compile_scope=blocks, where the
+        forward cannot be compiled whole): the fp32 cast, log-softmax and their gradient fuse
+        into kernels that keep only the logits and their gradient (2 elements per logit, not
+        the eager loss's 12 bytes), as torchtitan compiles its loss."""
+        compiled = torch.compile(cross_entropy, mode=mode)
+        self.lm_loss = functools.partial(lm_loss, loss=compiled)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The training loss of one micro-batch already on the device (forward only)."""
@@ -166,16 +181,30 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model)
     scope = compile_scope(cfg.engine)
-    if cfg.engine.compile and scope == "blocks":
+    if cfg.engine.compile and scope == "blocks" and getattr(cfg.engine, "zero_stage", 0) == 3:
+        # ZeRO-3 hooks every submodule (to gather its parameters): a compiled block would be
+        # cut at each of them and traced again as the gathered state changes
+        from pretrain.checkpoint import rank_and_world
+
+        if rank_and_world()[0] == 0:
+            print("kiln train: engine.compile with ZeRO-3 compiles the cross-entropy only; "
+                  "the blocks stay eager (DeepSpeed hooks every submodule)", file=sys.stderr)  # fmt: skip
+    elif cfg.engine.compile and scope == "blocks":
         from pretrain.models import transformer_blocks
 
         for blocks in transformer_blocks(model):
-            for index, block in enumerate(blocks):
-                blocks[index] = torch.compile(block, mode=cfg.engine.compile_mode)
+            for block in blocks:
+                # the block's forward, in place: not wrapped in an OptimizedModule, so the
+                # parameter names (which checkpoints and exports carry) stay the model's own,
+                # and not its `__call__`, so an engine's hooks on the block (FSDP2's
+                # all-gathers) stay outside the compiled code
+                block.forward = torch.compile(block.forward, mode=cfg.engine.compile_mode)
     engine = _engine(cfg, model, accumulation, max_steps, device)
     engine.attention_backends = list(cfg.engine.attention_backends)
     if cfg.engine.compile and scope == "loss":
         engine.compile_loss(cfg.engine.compile_mode)
+    elif cfg.engine.compile:
+        engine.compile_cross_entropy(cfg.engine.compile_mode)
     return engine
 
 

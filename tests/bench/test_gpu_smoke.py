@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks",
-                "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop"}  # fmt: skip
+                "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop",
+                "gpt2_124m_fsdp"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -29,7 +30,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
-         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop"],
+         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop,gpt2_124m_fsdp"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -60,10 +61,14 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
             run["batch"] * run["seq"] / (run["step_ms"] / 1e3)
         )
         assert run["data_wait_ms"] >= 0 and 0 <= run["data_wait_fraction"] < 1
-        assert run["plan"]["strategy"] == "zero0"  # engine=ddp: plain data parallel
+        # engine=ddp: plain data parallel; an extra run may name its own engine
+        expected = "fsdp" if name == "gpt2_124m_fsdp" else "zero0"
+        assert run["plan"]["strategy"] == expected, name
         assert run["plan"]["total_bytes"] > run["plan"]["model_states_bytes"] > 0
         assert run["mfu_989"] == pytest.approx(run["tflops"] / 989.0)
         assert math.isfinite(run["loss_first"]) and math.isfinite(run["loss_last"])
+    engines = [o for o in runs["gpt2_124m_fsdp"]["overrides"] if o.startswith("engine=")]
+    assert engines == ["engine=fsdp"]  # the run's own engine replaces the script's
     # the MoE run is the MoE preset: more parameters than are active per token
     assert runs["moe"]["plan"]["params_total"] > runs["moe"]["plan"]["params_active"]
     # the nanoGPT-shaped runs turn document masking off, the _docmask run keeps kiln's default
@@ -101,7 +106,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 1 + 3 + 8
+    assert len(checks) == 2 + 2 + 1 + 1 + 4 + 9
     tried = checks[
         "gpt2_124m_cudagraphs (engine.compile_mode=reduce-overhead) / gpt2_124m: tokens/s"
     ]

@@ -371,6 +371,45 @@ def test_compiled_loss_on_two_ranks_matches_eager(tmp_path: Path) -> None:
 
 
 @slow
+def test_compiled_blocks_and_cross_entropy_under_fsdp2_and_zero(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """`engine.compile=true` with FSDP2 and ZeRO-2 (compile_scope=blocks): each block's
+    forward and the cross-entropy are compiled, one graph each (no recompilation, the
+    engines' hooks outside them), the losses are eager's, and the final checkpoint keeps the
+    model's own parameter names (`kiln export` loads it). ZeRO-3, which hooks every
+    submodule, compiles the cross-entropy only and says so."""
+    import gzip
+
+    from pretrain.checkpoint_io import load_consolidated
+
+    def run(engine: str, compiled: bool) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        run_dir = tmp_path / f"{engine}_{compiled}"
+        args = train_args(corpus, run_dir, engine, f"engine.compile={str(compiled).lower()}",
+                          "trainer.max_steps=4", "trainer.checkpoint_every=0",
+                          "trainer.profile.start_step=4", "trainer.profile.steps=1")  # fmt: skip
+        result = kiln_train(args, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return run_dir, result
+
+    reference = losses(run("fsdp", False)[0])
+    # per step on each rank: 2 micro-batches x (2 blocks + the cross-entropy)
+    for engine, regions in (("fsdp", 6), ("zero2", 6), ("zero3", 2)):
+        run_dir, result = run(engine, True)
+        trace = run_dir / "profile" / "step4-4" / "rank0.trace.json.gz"
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+        compiled = [e["name"] for e in events if e.get("name", "").startswith("Torch-Compiled")]
+        assert len(compiled) == regions, (engine, compiled)
+        assert all(name.endswith("/0") for name in compiled), compiled  # never traced again
+        said = "engine.compile with ZeRO-3 compiles the cross-entropy only" in result.stderr
+        assert said is (engine == "zero3")
+        for step, loss in losses(run_dir).items():
+            assert loss == pytest.approx(reference[step], rel=1e-4), (engine, step)
+        _, model = load_consolidated(run_dir / "final")
+        assert not any("_orig_mod" in name for name in model.state_dict())
+
+
+@slow
 def test_eval_without_a_held_out_split_is_reported_once(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "no_val"
     args = train_args(corpus, run_dir, "ddp", "trainer.max_steps=3", "trainer.eval_every=1")

@@ -21,6 +21,7 @@ from pretrain.plan import (
     chinchilla_tokens,
     compiled_loss,
     compute_optimal,
+    loss_compilation,
     model_state_memory,
     precision_bytes,
     startup_memory,
@@ -383,26 +384,47 @@ def test_loss_holds_12_bytes_per_logit() -> None:
     assert full == checkpointed == tokens * 4096 * 12
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_activation_estimate_matches_a_measured_peak(compiled: bool) -> None:
+def loss_function(loss: str) -> Callable[..., torch.Tensor]:
+    """`lm_loss` as an engine computes it for `loss_compilation`'s answer."""
+    import functools
+
+    from pretrain.engine import cross_entropy, lm_loss
+
+    if loss == "forward":
+        return torch.compile(lm_loss)
+    if loss == "cross_entropy":
+        return functools.partial(lm_loss, loss=torch.compile(cross_entropy))
+    return lm_loss
+
+
+# engine overrides whose zero0 or fsdp row computes the loss that way
+LOSS_ENGINES = {"eager": ("engine=ddp", "engine.compile=false", "zero0"),
+                "forward": ("engine=ddp", "engine.compile=true", "zero0"),
+                "cross_entropy": ("engine=fsdp", "engine.compile=true", "fsdp")}  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", list(LOSS_ENGINES))
+def test_activation_estimate_matches_a_measured_peak(loss: str) -> None:
     """The live tensor bytes of one forward and backward of tiny_decoder with a large
-    vocabulary on the CPU (fp32) against `activation_memory`: within 10%. Compiled: the
+    vocabulary on the CPU (fp32) against `activation_memory`: within 10%. `forward`: the
     forward and the cross-entropy as one `torch.compile`d function (`engine=ddp
-    engine.compile=true`), whose loss keeps only the logits."""
+    engine.compile=true`), whose loss keeps only the logits; `cross_entropy`: the
+    cross-entropy compiled on its own (`engine=fsdp engine.compile=true`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pretrain.engine import lm_loss
     from pretrain.models import build_model
 
-    overrides = ["engine=ddp", f"engine.compile={str(compiled).lower()}"]
+    engine, compiled, strategy = LOSS_ENGINES[loss]
     cfg = config("model=tiny_decoder", "model.vocab_size=32000", "data.seq_len=256",
-                 "data.micro_batch_size=2", "cluster=local_cpu", *overrides)  # fmt: skip
-    assert compiled_loss(cfg, "zero0") is compiled and not compiled_loss(cfg, "fsdp")
+                 "data.micro_batch_size=2", "cluster=local_cpu", engine, compiled)  # fmt: skip
+    assert loss_compilation(cfg, strategy) == loss
+    # the zero0 row is what DDP would do with the same settings: compile the forward with it
+    assert compiled_loss(cfg, "zero0") is (loss != "eager") and not compiled_loss(cfg, "fsdp")
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ids = torch.randint(0, 32000, (2, 256))
     batch = {"input_ids": ids, "labels": ids}
-    loss_fn = torch.compile(lm_loss) if compiled else lm_loss
+    loss_fn = loss_function(loss)
     loss_fn(model, batch).backward()  # gradients exist, as in every step after the first
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss_fn(model, batch).backward()
@@ -412,12 +434,14 @@ def test_activation_estimate_matches_a_measured_peak(compiled: bool) -> None:
         pending.extend(event.children)
         if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
             peak = max(peak, event.extra_fields.total_allocated)
-    # the transient new gradients of the tied embedding and head (vocab x d, twice)
-    transient = 2 * 4 * 32000 * cfg.model.d_model
-    estimate = activation_memory(cfg, 4, compiled=compiled)[0] + transient
+    # The eager loss and the cross-entropy compiled alone peak in the loss's backward, before
+    # the head's; the forward compiled whole runs its backward as one graph, whose peak holds
+    # the transient new gradients of the tied embedding and head too (vocab x d, twice).
+    transient = 2 * 4 * 32000 * cfg.model.d_model if loss == "forward" else 0
+    estimate = activation_memory(cfg, 4, loss=loss)[0] + transient
     assert peak == pytest.approx(estimate, rel=0.10)
-    zero0 = {m.strategy: m for m in build_plan(cfg).memory}["zero0"]
-    assert zero0.activations == activation_memory(cfg, 4, compiled=compiled)[0]
+    row = {m.strategy: m for m in build_plan(cfg).memory}[strategy]
+    assert row.activations == activation_memory(cfg, 4, loss=loss)[0]
 
 
 def peak_tensor_bytes(step: Callable[[], None]) -> int:
@@ -436,22 +460,26 @@ def peak_tensor_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_ddp_bf16_autocast_estimate_matches_a_measured_peak(compiled: bool) -> None:
+@pytest.mark.parametrize("loss", list(LOSS_ENGINES))
+def test_bf16_autocast_estimate_matches_a_measured_peak(loss: str) -> None:
     """DDP's bf16 (autocast over fp32 weights, as on CUDA), here under CPU autocast: bf16
     activations plus autocast's bf16 copy of every weight (plan's zero0 buffers), against
-    the live tensor bytes of a forward and backward at GPT-2 width: within 10%."""
-    from pretrain.engine import lm_loss
+    the live tensor bytes of a forward and backward at GPT-2 width, for each way of
+    computing the loss (the cross-entropy compiled on its own: DDP's compile_scope=blocks):
+    within 10%."""
     from pretrain.models import build_model
 
+    compiled = "false" if loss == "eager" else "true"
+    scope = "blocks" if loss == "cross_entropy" else "auto"
     cfg = config("model=gpt2_124m", "model.n_layers=4", "model.vocab_size=8192",
                  "data.seq_len=512", "data.micro_batch_size=2", "cluster=local_cpu",
-                 "engine=ddp", "engine.precision=bf16", f"engine.compile={str(compiled).lower()}",
-                 )  # fmt: skip
+                 "engine=ddp", "engine.precision=bf16", f"engine.compile={compiled}",
+                 f"engine.compile_scope={scope}")  # fmt: skip
+    assert loss_compilation(cfg, "zero0") == loss
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ids = torch.randint(0, 8192, (2, 512))
-    loss_fn = torch.compile(lm_loss) if compiled else lm_loss
+    loss_fn = loss_function(loss)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -463,6 +491,6 @@ def test_ddp_bf16_autocast_estimate_matches_a_measured_peak(compiled: bool) -> N
     zero0 = {m.strategy: m for m in build_plan(cfg).memory}["zero0"]
     psi = count_parameters(cfg.model).total
     assert zero0.buffers == 2 * psi  # the bf16 weight copies
-    assert zero0.activations == activation_memory(cfg, 2, compiled=compiled)[0]
+    assert zero0.activations == activation_memory(cfg, 2, loss=loss)[0]
     transient = 2 * 4 * 8192 * cfg.model.d_model  # new fp32 gradients of the tied embedding
     assert peak == pytest.approx(zero0.activations + zero0.buffers + transient, rel=0.10)
