@@ -88,7 +88,9 @@ class Engine(abc.ABC):
         self.model = model
         self.accumulation = accumulation
         self.device = device
-        self.lm_loss: LossFn = lm_loss  # replaced by its compiled form under compile_scope=loss
+        # replaced under engine.compile: compiled whole (compile_scope=loss), or with its
+        # cross-entropy compiled (blocks)
+        self.lm_loss: LossFn = lm_loss
         self.attention_backends: list[str] = []  # engine.attention_backends ([]: torch's choice)
 
     def compile_loss(self, mode: str = "default") -> None:
