@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
             pos += room
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if pos + header + length > len(data):
+            break  # a chunk still being written
         chunk = data[pos + header : pos + header + length]
         pos += header + length
         if kind in (2, 3):  # FIRST, MIDDLE
@@ -91,11 +94,23 @@ def wandb_records(path: Path) -> Iterator[Any]:
         yield record
 
 
+def complete_records(path: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of a `.wandb` file once W&B's service has written the last one (`exit`):
+    `run.finish()` can return before the service has flushed the file (seen under load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path)) if path.stat().st_size >= 7 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.1)
+
+
 def read_offline_run(directory: Path) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
     """(the run record, its config, history rows by step) of an offline run directory."""
     [path] = directory.glob("run-*.wandb")
     run, history = None, []
-    for record in wandb_records(path):
+    for record in complete_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
