@@ -15,10 +15,11 @@ longer fits is skipped and says so):
    (compilation is in the first ones); loader wait = median `data_wait`; peak memory = the last
    record's `memory_gib` (`torch.cuda.max_memory_allocated`).
 5. `plain_124m`: a plain PyTorch loop (`--plain-worker`, its own process) over the same model
-   built from the trainer run's resolved config: `build_model`, `torch.compile(model)`, bf16
-   autocast, fp32 cross-entropy, fused AdamW, `clip_grad_norm_`, random tokens already on the
-   GPU; the same batch and the same step timing (a host sync per step, as the trainer's
-   `float(loss)`).
+   built from the trainer run's resolved config: `build_model`, the forward (bf16 autocast)
+   and the fp32 cross-entropy compiled as one function (as nanoGPT's model computes its loss in
+   its compiled forward), fused AdamW, `clip_grad_norm_`, one micro-batch of the trainer's
+   loader already on the GPU; the same batch and the same step timing (a host sync per step,
+   as the trainer's `float(loss)`).
 6. `gpt2_350m`: the trainer at gpt2_350m, same settings.
 7. `moe`: the trainer on the `tiny_moe` preset widened to GPT-2-small shape (`MOE_SHAPE`:
    12 layers, d 768, 8 experts top-2) at 16 x 1024.
@@ -482,7 +483,6 @@ def plain_worker(config_path: Path, steps: int, out: Path, smoke: bool) -> int:
     optim = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                   eps=optim.eps, weight_decay=optim.weight_decay, fused=cuda)  # fmt: skip
-    compiled = torch.compile(model) if cuda else model
     # one real micro-batch of the trainer's loader (the same keys: input ids, labels and, with
     # document masking, position and document ids), on the device once and reused every step
     from pretrain.data.loader import build_run_loader
@@ -491,13 +491,18 @@ def plain_worker(config_path: Path, steps: int, out: Path, smoke: bool) -> int:
     batch = {k: v.to(device) for k, v in next(iter(loader.loader)).items() if k != "index"}
     labels = batch.pop("labels")
     inputs = batch
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def forward_loss(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(**inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # compiled with the loss, as nanoGPT's model computes its loss inside the compiled forward
+    loss_fn = torch.compile(forward_loss) if cuda else forward_loss
     step_times, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        with autocast:
-            logits = compiled(**inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = loss_fn(inputs, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -722,7 +727,8 @@ def markdown_section(results: dict[str, Any]) -> str:
         "buffers, activations). MoE: `model=tiny_moe` widened to "
         f"{' '.join(MOE_SHAPE)}.",
         "- Plain loop: `bench/gpu.py --plain-worker` on the trainer run's config: `build_model`, "
-        "`torch.compile(model)`, bf16 autocast, fp32 cross-entropy, fused AdamW, "
+        "the forward (bf16 autocast) and the fp32 cross-entropy compiled as one function (as "
+        "nanoGPT computes its loss in its compiled forward), fused AdamW, "
         "`clip_grad_norm_`, one real micro-batch of the trainer's loader (the same keys: with "
         "document masking, position and document ids too) kept on the GPU, a host sync per "
         "step; same steps.",
