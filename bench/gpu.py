@@ -36,8 +36,8 @@ longer fits is skipped and says so):
    cross-entropy was eager); `moe_loop`, `model.moe.grouped_gemm=false`: the experts as a
    loop, the grouped GEMM's before).
 
-The runs in `--profile` (default gpt2_124m and gpt2_350m) take 3 more steps after the timed ones
-under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
+The runs in `--profile` (default gpt2_124m and gpt2_350m) take 4 more steps after the timed ones
+(the profiler's warm-up step and 3 recorded) under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
 and the loop's parts go into the results and the section (`--traces DIR` keeps the traces).
 
 For every trainer run, `kiln plan` with the same overrides gives the engine's memory estimate
@@ -363,13 +363,13 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     model, batch, seq = run_spec(name, args.smoke, data["vocab_size"])
     run_dir = work / f"run-{name}"
     profiled = name in args.profile_runs
-    # the profiled steps come after the timed ones (and are left out of every figure but the
-    # profile): trainer.profile's warm-up step is the last timed step
-    steps = args.steps + (PROFILE_STEPS if profiled else 0)
+    # the profiled steps, and the profiler's warm-up step before them, come after the timed
+    # ones (the trainer flags them `profiled`; every figure but the profile leaves them out)
+    steps = args.steps + (1 + PROFILE_STEPS if profiled else 0)
     overrides = train_overrides(model, batch, seq, Path(data["path"]), run_dir, steps,
                                 args.smoke, args.engine)  # fmt: skip
     if profiled:
-        overrides += [f"trainer.profile.start_step={args.steps + 1}",
+        overrides += [f"trainer.profile.start_step={args.steps + 2}",
                       f"trainer.profile.steps={PROFILE_STEPS}"]  # fmt: skip
     # plan's keys: zero0 (plain data parallel: DDP) .. zero3, fsdp
     engine = run_engine(model, args.engine)

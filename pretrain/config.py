@@ -818,10 +818,17 @@ def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _validate_profile(profile: ProfileConfig, ranks: int) -> None:
+def _validate_profile(trainer: TrainerConfig, ranks: int) -> None:
+    profile = trainer.profile
     _check_positive("trainer.profile.start_step", profile.start_step, allow_zero=True)
     _check_positive("trainer.profile.steps", profile.steps)
     _check_positive("trainer.profile.row_limit", profile.row_limit)
+    last = profile.start_step + profile.steps - 1
+    if profile.start_step and last > trainer.max_steps:
+        raise ConfigError(
+            f"trainer.profile.start_step={profile.start_step} with trainer.profile.steps="
+            f"{profile.steps} ends at step {last}, after trainer.max_steps={trainer.max_steps}"
+        )
     if outside := [rank for rank in profile.ranks if not 0 <= rank < ranks]:
         raise ConfigError(
             f"trainer.profile.ranks={list(profile.ranks)}: rank(s) {outside} not among the "
@@ -1069,7 +1076,7 @@ def validate_config(cfg: KilnConfig) -> None:
         )
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)
-    _validate_profile(cfg.trainer.profile, cluster.nodes * cluster.gpus_per_node)
+    _validate_profile(cfg.trainer, cluster.nodes * cluster.gpus_per_node)
     optim = cfg.optim
     _check_positive("optim.lr", optim.lr)
     _check_choice("optim.schedule", optim.schedule, ("cosine", "wsd", "constant"))

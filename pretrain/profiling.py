@@ -62,9 +62,13 @@ class StepProfiler:
         self.result: dict[str, Any] | None = None
 
     def in_window(self, step: int) -> bool:
-        """Whether step `step` is one of the window's (slowed by the profiler on the ranks
-        that record, and through the collectives on the others)."""
-        return self.start > 0 and self.first_step <= self.start <= step <= self.last
+        """Whether step `step` runs under the profiler, its warm-up step included (slowed on
+        the ranks that record, and through the collectives on the others)."""
+        return (
+            self.start > 0
+            and self.first_step <= self.start
+            and self.start - self.warmup <= step <= self.last
+        )
 
     def before_step(self, step: int) -> None:
         """Called before step `step` (1-based) starts: starts the profiler when it is due."""

@@ -197,6 +197,11 @@ def test_wrong_type_names_the_key() -> None:
         ),
         (["corpus.sources.0.name=my.source"], r"corpus.sources\[0\].name='my.source'"),
         (["trainer.profile.steps=0"], "trainer.profile.steps=0 must be > 0"),
+        (
+            ["trainer.max_steps=10", "trainer.profile.start_step=9"],
+            "trainer.profile.start_step=9 with trainer.profile.steps=3 ends at step 11, after "
+            "trainer.max_steps=10",
+        ),
         (["engine.attention_backends=[fa3]"], "engine.attention_backends='fa3' is not one of"),
         (["engine.attention_backends=[math,math]"], "names a backend twice"),
         (
