@@ -323,6 +323,20 @@ def loss_compilation(cfg: KilnConfig, strategy: str) -> str:
     return "forward" if compiled_loss(cfg, strategy) else "cross_entropy"
 
 
+def loss_convention(cfg: KilnConfig) -> str:
+    """What the activations column assumes of the cross-entropy, row by row."""
+    if not cfg.engine.compile:
+        return "the cross-entropy eager, 12 bytes per logit (engine.compile=true lowers it)"
+    fused = [s for s in STRATEGIES if loss_compilation(cfg, s) == "forward"]
+    apart = [s for s in STRATEGIES if loss_compilation(cfg, s) == "cross_entropy"]
+    parts = []
+    if fused:
+        parts.append(f"{', '.join(fused)}: compiled with the forward, 1 element per logit")
+    if apart:
+        parts.append(f"{', '.join(apart)}: compiled on its own, 2 elements per logit")
+    return "the cross-entropy under engine.compile=true: " + "; ".join(parts)
+
+
 def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> tuple[int, int]:
     """(without, with) full activation checkpointing: bytes for one micro-batch on one rank.
     `loss`: how the cross-entropy is computed (`loss_compilation`)."""
@@ -529,6 +543,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "halving (PaLM/nanoGPT); encoder-decoder per input token",
             "memory": "bytes; bf16 mixed Adam = 16 bytes/param (ZeRO paper); GiB in the table",
             "chinchilla": f"{cfg.plan.tokens_per_param:g} tokens per (active) parameter",
+            "loss": loss_convention(cfg),
         },
     )
 
@@ -641,6 +656,7 @@ def render_table(plan: Plan) -> str:
     console.print(summary)
     console.print(memory)
     console.print(f"FLOPs: {plan.conventions['flops']}.", soft_wrap=True)
+    console.print(f"Loss: {plan.conventions['loss']}.", soft_wrap=True)
     return console.export_text()
 
 

@@ -494,3 +494,18 @@ def test_bf16_autocast_estimate_matches_a_measured_peak(loss: str) -> None:
     assert zero0.activations == activation_memory(cfg, 2, loss=loss)[0]
     transient = 2 * 4 * 8192 * cfg.model.d_model  # new fp32 gradients of the tied embedding
     assert peak == pytest.approx(zero0.activations + zero0.buffers + transient, rel=0.10)
+
+
+def test_the_plan_says_what_it_assumes_of_the_loss() -> None:
+    eager = build_plan(config("engine=fsdp")).conventions["loss"]
+    assert eager.startswith("the cross-entropy eager, 12 bytes per logit")
+    compiled = build_plan(config("engine=fsdp", "engine.compile=true")).conventions["loss"]
+    assert compiled == (
+        "the cross-entropy under engine.compile=true: zero0: compiled with the forward, "
+        "1 element per logit; zero1, zero2, zero3, fsdp: compiled on its own, 2 elements per logit"
+    )
+    blocks = config("engine=ddp", "engine.compile=true", "engine.compile_scope=blocks")
+    assert (
+        "zero0, zero1, zero2, zero3, fsdp: compiled on its own"
+        in (build_plan(blocks).conventions["loss"])
+    )
