@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/loader.py --repeat 3
 	$(PY) bench/trainer.py --repeat 3
 	$(PY) bench/memory.py
+	$(PY) bench/loss.py --compile
 	$(PY) bench/demo.py
 
 clean:

@@ -34,7 +34,9 @@ longer fits is skipped and says so):
    `gpt2_124m_max`, max-autotune (CUDA graphs included) with cuDNN's attention first;
    `gpt2_124m_fsdp`, `engine=fsdp` (the engine of the first recorded run, whose
    cross-entropy was eager); `moe_loop`, `model.moe.grouped_gemm=false`: the experts as a
-   loop, the grouped GEMM's before).
+   loop, the grouped GEMM's before; `gpt2_124m_chunked` and `gpt2_124m_fsdp_chunked`,
+   `engine.loss_chunk_tokens=2048`: the head and the cross-entropy an eighth of the batch's
+   tokens at a time, against `gpt2_124m` and `gpt2_124m_fsdp`).
 
 The runs in `--profile` (default gpt2_124m and gpt2_350m) take 4 more steps after the timed ones
 (the profiler's warm-up step and 3 recorded) under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
@@ -117,7 +119,8 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "gpt2_124m_autotune": 120, "gpt2_124m_cudagraphs": 60,
                "gpt2_350m_autotune": 150, "gpt2_124m_cudnn": 50,
                "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90, "gpt2_124m_max": 120,
-               "gpt2_124m_fsdp": 60}  # fmt: skip
+               "gpt2_124m_fsdp": 60, "gpt2_124m_chunked": 60,
+               "gpt2_124m_fsdp_chunked": 60}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -296,9 +299,18 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
     "gpt2_124m_fsdp": ("gpt2_124m", [*NO_MASK, "engine=fsdp"]),
     # the MoE experts as a loop over experts (host sync per layer): the grouped GEMM's before
     "moe_loop": ("moe", ["model.moe.grouped_gemm=false"]),
+    # the head and cross-entropy 2048 tokens at a time (engine.loss_chunk_tokens): the
+    # (16 x 1024 x 50304) logits never whole; compiled with the forward (DDP), and eager
+    # after compiled blocks (FSDP2)
+    "gpt2_124m_chunked": ("gpt2_124m", [*NO_MASK, "engine.loss_chunk_tokens=2048"]),
+    "gpt2_124m_fsdp_chunked": (
+        "gpt2_124m",
+        [*NO_MASK, "engine=fsdp", "engine.loss_chunk_tokens=2048"],
+    ),
 }
 # the run each extra one is compared with (default: its model's run)
-EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask"}
+EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask",
+                "gpt2_124m_fsdp_chunked": "gpt2_124m_fsdp"}  # fmt: skip
 TRAINER_RUNS.update(EXTRA_RUNS)
 
 

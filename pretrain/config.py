@@ -243,6 +243,10 @@ class EngineConfig:
     # the kernels scaled_dot_product_attention may use, in this order of preference: flash |
     # cudnn | efficient | math ([] = all of them, in torch's order); e.g. [cudnn,flash,math]
     attention_backends: list[str] = field(default_factory=list)
+    # the output head and the cross-entropy computed this many tokens at a time, the gradients
+    # with them, so the (tokens, vocab) logits are never held whole (a fused linear
+    # cross-entropy); 0 = the logits whole. Masked-LM heads also skip the unmasked positions
+    loss_chunk_tokens: int = 0
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
@@ -1022,6 +1026,11 @@ def validate_config(cfg: KilnConfig) -> None:
     if len(set(engine.attention_backends)) != len(engine.attention_backends):
         raise ConfigError(
             f"engine.attention_backends={list(engine.attention_backends)} names a backend twice"
+        )
+    if engine.loss_chunk_tokens < 0:
+        raise ConfigError(
+            f"engine.loss_chunk_tokens={engine.loss_chunk_tokens} is negative; use 0 (the "
+            "logits whole) or the tokens per chunk (e.g. 4096)"
         )
     if engine.compile_scope == "loss" and (
         not isinstance(engine, DDPEngineConfig) or engine.context_parallel != 1

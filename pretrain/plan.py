@@ -315,9 +315,12 @@ def compiled_loss(cfg: KilnConfig, strategy: str) -> bool:
 
 
 def loss_compilation(cfg: KilnConfig, strategy: str) -> str:
-    """How a run of `strategy` computes its cross-entropy: "eager"; "forward", compiled with
+    """How a run of `strategy` computes its cross-entropy: "chunked", with the output head a
+    chunk of tokens at a time (`engine.loss_chunk_tokens`); "eager"; "forward", compiled with
     the forward (`compiled_loss`); or "cross_entropy", compiled on its own over the logits
     (`engine.compile` with compile_scope blocks: FSDP2, DeepSpeed, context parallelism)."""
+    if cfg.engine.loss_chunk_tokens > 0:
+        return "chunked"
     if not cfg.engine.compile:
         return "eager"
     return "forward" if compiled_loss(cfg, strategy) else "cross_entropy"
@@ -325,6 +328,10 @@ def loss_compilation(cfg: KilnConfig, strategy: str) -> str:
 
 def loss_convention(cfg: KilnConfig) -> str:
     """What the activations column assumes of the cross-entropy, row by row."""
+    if cfg.engine.loss_chunk_tokens > 0:
+        return (f"the head and cross-entropy {cfg.engine.loss_chunk_tokens} tokens at a time "
+                "(engine.loss_chunk_tokens): one chunk's logits, 4 bytes each (plus their "
+                "compute-dtype copy in bf16), and the head's fp32 weight gradient")  # fmt: skip
     if not cfg.engine.compile:
         return "the cross-entropy eager, 12 bytes per logit (engine.compile=true lowers it)"
     fused = [s for s in STRATEGIES if loss_compilation(cfg, s) == "forward"]
@@ -381,9 +388,20 @@ def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> 
     # eager loss at 16 x 1024 x 50304). Compiled on its own, it keeps the logits it was given
     # and writes their gradient: two elements per logit (measured on the CPU: 7.1 bytes in
     # fp32, 4.2 in bf16 under autocast; test_plan.py).
-    per_logit = {"eager": LOSS_BYTES_PER_LOGIT, "forward": element,
-                 "cross_entropy": 2 * element}[loss]  # fmt: skip
-    loss_bytes = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
+    # In chunks (engine.loss_chunk_tokens), the loss holds one chunk's fp32 logits at a time
+    # (turned into their gradient in place; in bf16 also the matmul's bf16 output, then the
+    # gradient's bf16 copy), the fp32 gradient of the head's weight and the hidden states'
+    # gradient, both computed in the forward pass, and in bf16 the chunk's (V, d) bf16 share
+    # of the weight's gradient before it is added (measured on the CPU: test_plan.py).
+    if loss == "chunked":
+        chunk = min(cfg.engine.loss_chunk_tokens, logit_tokens)
+        low = element if element < 4 else 0  # the compute dtype's copies, under bf16
+        loss_bytes = (chunk * model.vocab_size * (4 + low) + model.vocab_size * d * (4 + low)
+                      + 2 * logit_tokens * d * element)  # fmt: skip
+    else:
+        per_logit = {"eager": LOSS_BYTES_PER_LOGIT, "forward": element,
+                     "cross_entropy": 2 * element}[loss]  # fmt: skip
+        loss_bytes = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
     full = sum(blocks) + outside + loss_bytes
     checkpointed = block_inputs + max(blocks) + outside + loss_bytes
     return full, checkpointed
@@ -393,7 +411,7 @@ def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate
     precision = precision_bytes(cfg)
     ranks = ranks_of(cfg)
     by_loss = {kind: activation_memory(cfg, precision.activation, loss=kind)
-               for kind in ("eager", "forward", "cross_entropy")}  # fmt: skip
+               for kind in ("eager", "forward", "cross_entropy", "chunked")}  # fmt: skip
     budget = cfg.cluster.gpu_memory_gib * GIB * (1.0 - cfg.plan.memory_reserve)
     estimates = []
     for strategy in STRATEGIES:

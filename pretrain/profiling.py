@@ -185,3 +185,20 @@ def summarize(averages: Any, step_times: list[float], *, cuda: bool) -> dict[str
     if cuda:
         result["device_busy"] = (total / 1e3) / wall_ms if wall_ms else 0.0
     return result
+
+
+def peak_tensor_bytes(step: Any) -> int:
+    """The peak of live CPU tensor bytes allocated during `step()` beyond those live before it:
+    torch's profiler with memory events reports the allocator's running total at every
+    allocation and free, so no transient is missed (the CPU counterpart of
+    `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`; used by
+    tests/pretrain/test_plan.py and bench/loss.py against `kiln plan`'s activation estimate)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from pretrain.models.loss import cross_entropy
+
 # engine.attention_backends: the names of torch's scaled_dot_product_attention backends
 ATTENTION_BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -39,19 +39,19 @@ ATTENTION_BACKENDS = {
 }
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of (B, T, V) logits against (B, T) labels (-100 ignored), in fp32."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
 def lm_loss(model: nn.Module, batch: dict[str, Tensor],
             loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> Tensor:  # fmt: skip
     """`loss` (the fp32 cross-entropy; compiled under compile_scope=blocks) of the model's
     logits against `labels`."""
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
     return loss(model(**inputs), batch["labels"])
+
+
+def labelled_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The loss the model computes itself given `labels` (`engine.loss_chunk_tokens`: its head
+    and cross-entropy in chunks, `pretrain.models.loss.linear_cross_entropy`)."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+    return model(**inputs, labels=batch["labels"])
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -98,7 +98,7 @@ class Engine(abc.ABC):
         are then never written out whole (the cast, log-softmax and gather fuse into the head's
         output), which on a GPU is most of the gain of compiling (bench/gpu_models.py: 1.24x
         over compiling the model alone, half the peak memory at gpt2_124m)."""
-        self.lm_loss = torch.compile(lm_loss, mode=mode)
+        self.lm_loss = torch.compile(self.lm_loss, mode=mode)
 
     def compile_cross_entropy(self, mode: str = "default") -> None:
         """Compile the cross-entropy over the model's logits (compile_scope=blocks, where the
@@ -201,11 +201,16 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
                 # and not its `__call__`, so an engine's hooks on the block (FSDP2's
                 # all-gathers) stay outside the compiled code
                 block.forward = torch.compile(block.forward, mode=cfg.engine.compile_mode)
+    chunked = cfg.engine.loss_chunk_tokens > 0
+    if chunked:  # before sharding: FSDP2 and DeepSpeed keep the module's attributes
+        model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
     engine = _engine(cfg, model, accumulation, max_steps, device)
     engine.attention_backends = list(cfg.engine.attention_backends)
+    if chunked:
+        engine.lm_loss = labelled_loss
     if cfg.engine.compile and scope == "loss":
         engine.compile_loss(cfg.engine.compile_mode)
-    elif cfg.engine.compile:
+    elif cfg.engine.compile and not chunked:
         engine.compile_cross_entropy(cfg.engine.compile_mode)
     return engine
 

@@ -26,6 +26,7 @@ from pretrain.models.layers import (
     init_normal,
     residual_std,
 )
+from pretrain.models.loss import OutputHead, linear_cross_entropy
 from pretrain.models.moe import init_feed_forward
 
 
@@ -49,7 +50,7 @@ class DecoderCache:
 
 
 class Decoder(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, V)."""
+    """Token ids (B, T) -> next-token logits (B, T, V), or given labels the loss."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -64,8 +65,11 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=True, index=i) for i in range(cfg.n_layers))
         self.drop = nn.Dropout(cfg.dropout)  # on the embeddings, in training only
         self.norm = build_norm(cfg)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.head = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
         self.sequence_shard: SequenceShard | None = None  # set by context parallelism
+        # tokens per chunk of the head + cross-entropy when given labels (engine.
+        # loss_chunk_tokens; 0: the logits whole)
+        self.loss_chunk_tokens = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,8 +89,9 @@ class Decoder(nn.Module):
         document_ids: Tensor | None = None,
         padding_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Logits for every position.
+        """Logits for every position, or with `labels` their mean fp32 cross-entropy.
 
         Args:
             input_ids: (B, T) token ids.
@@ -96,6 +101,8 @@ class Decoder(nn.Module):
                 inside a document.
             padding_mask: (B, T) True for real tokens; padding keys are never attended to.
             cache: a `DecoderCache` to read and extend (incremental decoding).
+            labels: (B, T) next-token targets (-100: none): return the loss, computed in
+                chunks of `loss_chunk_tokens` tokens when that is set (`linear_cross_entropy`).
         """
         batch, length = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -116,7 +123,12 @@ class Decoder(nn.Module):
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
             x = block(x, inputs, layer_cache)
         x = self.norm(x)
-        return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B, T, V)
+        chunk = self.loss_chunk_tokens
+        if self.head is not None:
+            return self.head(x) if labels is None else self.head(x, labels, chunk)
+        if labels is None:
+            return x @ self.embed.weight.T  # (B, T, V)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk)
 
     def _masks(
         self,

@@ -29,6 +29,7 @@ from pretrain.models.layers import (
     build_norm,
     init_normal,
 )
+from pretrain.models.loss import IGNORE_INDEX, OutputHead, linear_cross_entropy
 from pretrain.models.moe import init_feed_forward
 
 
@@ -42,15 +43,22 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if transform else None
         self.act = ACTIVATIONS[cfg.activation]  # the gate's activation for gated MLPs
         self.norm = build_norm(cfg) if transform else None
-        self.proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.proj = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
 
-    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
-        """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table."""
+    def forward(self, x: Tensor, embedding: Tensor, labels: Tensor | None = None,
+                chunk: int = 0) -> Tensor:  # fmt: skip
+        """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table.
+        With (...) `labels`, their mean fp32 cross-entropy (`linear_cross_entropy`, in chunks
+        of `chunk` tokens when > 0)."""
         if self.dense is not None and self.norm is not None:
             x = self.norm(self.act(self.dense(x)))
-        logits = self.proj(x) if self.proj is not None else x @ embedding.T
-        return logits + self.bias if self.bias is not None else logits
+        if labels is None:
+            logits = self.proj(x) if self.proj is not None else x @ embedding.T
+            return logits + self.bias if self.bias is not None else logits
+        if self.proj is None:
+            return linear_cross_entropy(x, embedding, self.bias, labels, chunk)
+        return self.proj(x, labels, chunk, bias=self.bias)
 
 
 class Encoder(nn.Module):
@@ -80,6 +88,7 @@ class Encoder(nn.Module):
         self.norm = None if post_norm else build_norm(cfg)  # final norm of pre-norm stacks
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if cfg.pooler else None
         self.head = MLMHead(cfg)
+        self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -162,8 +171,9 @@ class Encoder(nn.Module):
         position_ids: Tensor | None = None,
         padding_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Masked-LM logits for every position.
+        """Masked-LM logits for every position, or with `labels` the masked-LM loss.
 
         Args:
             input_ids: (B, T) token ids.
@@ -174,9 +184,14 @@ class Encoder(nn.Module):
             padding_mask: (B, T) True for real tokens; padding keys are never attended to.
             document_ids: (B, T) document of each token in a packed row; attention stays
                 inside a document.
+            labels: (B, T) original ids at the masked positions, -100 elsewhere: return the
+                mean fp32 cross-entropy there. Outside a compiled forward, the head runs on the
+                masked positions only (about 15%: what the loss reads; a compiled forward keeps
+                every position, for static shapes), in chunks of `loss_chunk_tokens` tokens
+                when set.
 
         Returns:
-            (B, T, V) logits.
+            (B, T, V) logits, or the loss.
         """
         hidden = self.hidden(
             input_ids,
@@ -185,4 +200,9 @@ class Encoder(nn.Module):
             padding_mask=padding_mask,
             document_ids=document_ids,
         )
-        return self.mlm_logits(hidden)
+        if labels is None:
+            return self.mlm_logits(hidden)
+        if not torch.compiler.is_compiling():
+            masked = labels != IGNORE_INDEX
+            hidden, labels = hidden[masked], labels[masked]
+        return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens)

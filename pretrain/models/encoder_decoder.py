@@ -30,6 +30,7 @@ from pretrain.models.layers import (
     build_attention_mask,
     build_norm,
 )
+from pretrain.models.loss import OutputHead, linear_cross_entropy
 from pretrain.models.moe import init_feed_forward
 
 
@@ -201,7 +202,8 @@ class EncoderDecoder(nn.Module):
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         self.encoder = Stack(cfg, decoder=False, n_layers=cfg.n_encoder_layers)
         self.decoder = Stack(cfg, decoder=True, n_layers=cfg.n_decoder_layers)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.head = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
+        self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -260,6 +262,7 @@ class EncoderDecoder(nn.Module):
         memory_padding_mask: Tensor | None = None,
         decoder_padding_mask: Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """Run the decoder over `decoder_input_ids`, after whatever `cache` holds.
 
@@ -272,9 +275,11 @@ class EncoderDecoder(nn.Module):
                 attended to (with a cache, the mask of the new tokens only).
             cache: an `EncoderDecoderCache` to read and extend; its positions continue from
                 `cache.length`, so the position bias uses absolute query positions.
+            labels: (B, T) targets (-100: none): return their mean fp32 cross-entropy instead
+                (in chunks of `loss_chunk_tokens` tokens when set, `linear_cross_entropy`).
 
         Returns:
-            (B, T, V) logits.
+            (B, T, V) logits, or the loss.
         """
         batch, length = decoder_input_ids.shape
         device = decoder_input_ids.device
@@ -301,11 +306,14 @@ class EncoderDecoder(nn.Module):
         caches = cache.layers if cache is not None else None
         cross_caches = cache.cross_layers if cache is not None else None
         x = self.decoder(self.drop(self.embed(decoder_input_ids)), inputs, caches, cross_caches)
+        chunk = self.loss_chunk_tokens
         if self.head is not None:
-            return self.head(x)  # (B, T, V)
+            return self.head(x) if labels is None else self.head(x, labels, chunk)  # (B, T, V)
         if self.cfg.scale_logits_when_tied:
             x = x * self.cfg.d_model**-0.5
-        return x @ self.embed.weight.T  # (B, T, V)
+        if labels is None:
+            return x @ self.embed.weight.T  # (B, T, V)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk)
 
     def forward(
         self,
@@ -314,12 +322,15 @@ class EncoderDecoder(nn.Module):
         *,
         padding_mask: Tensor | None = None,
         decoder_padding_mask: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Teacher-forced logits (B, T, V): `decode(encode(input_ids), ...)`."""
+        """Teacher-forced logits (B, T, V): `decode(encode(input_ids), ...)`; with `labels`,
+        their loss."""
         memory = self.encode(input_ids, padding_mask=padding_mask)
         return self.decode(
             decoder_input_ids,
             memory,
             memory_padding_mask=padding_mask,
             decoder_padding_mask=decoder_padding_mask,
+            labels=labels,
         )

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks",
                 "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop",
-                "gpt2_124m_fsdp"}  # fmt: skip
+                "gpt2_124m_fsdp", "gpt2_124m_fsdp_chunked"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -30,7 +30,8 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
-         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop,gpt2_124m_fsdp"],
+         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop,gpt2_124m_fsdp,"
+         "gpt2_124m_fsdp_chunked"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -62,7 +63,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
         )
         assert run["data_wait_ms"] >= 0 and 0 <= run["data_wait_fraction"] < 1
         # engine=ddp: plain data parallel; an extra run may name its own engine
-        expected = "fsdp" if name == "gpt2_124m_fsdp" else "zero0"
+        expected = "fsdp" if name.startswith("gpt2_124m_fsdp") else "zero0"
         assert run["plan"]["strategy"] == expected, name
         assert run["plan"]["total_bytes"] > run["plan"]["model_states_bytes"] > 0
         assert run["mfu_989"] == pytest.approx(run["tflops"] / 989.0)
@@ -106,7 +107,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 1 + 4 + 9
+    assert len(checks) == 2 + 2 + 1 + 1 + 5 + 10
     tried = checks[
         "gpt2_124m_cudagraphs (engine.compile_mode=reduce-overhead) / gpt2_124m: tokens/s"
     ]
@@ -119,6 +120,12 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
         "gpt2_124m_docmask: tokens/s"
     ]
     assert tried["verdict"] == "n/a" and positive(tried["value"])
+    assert positive(
+        checks[
+            "gpt2_124m_fsdp_chunked (engine=fsdp engine.loss_chunk_tokens=2048) "
+            "/ gpt2_124m_fsdp: tokens/s"
+        ]["value"]
+    )
     speedup = next(c for label, c in checks.items() if "compile_scope=loss" in label)
     assert speedup["verdict"] == "n/a" and positive(speedup["value"])
     for check in checks.values():

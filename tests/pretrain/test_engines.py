@@ -410,6 +410,40 @@ def test_compiled_blocks_and_cross_entropy_under_fsdp2_and_zero(
 
 
 @slow
+def test_chunked_loss_trains_like_the_whole_logits_under_each_engine(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """`engine.loss_chunk_tokens=16` (the head and cross-entropy 16 of the 64 tokens of a
+    micro-batch at a time) on 2 ranks: FSDP2 and DDP compiled whole (compile_scope=loss)
+    with the tied head, ZeRO-3 with an untied one (whose weight DeepSpeed gathers around the
+    head module's forward), each with the losses of the logits held whole."""
+
+    def run(name: str, engine: str, *extra: str) -> dict[int, float]:
+        run_dir = tmp_path / name
+        args = train_args(corpus, run_dir, engine, "trainer.max_steps=4",
+                          "trainer.checkpoint_every=0", *extra)  # fmt: skip
+        result = kiln_train(args, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return losses(run_dir)
+
+    untied = "model.tie_embeddings=false"
+    references = {"tied": run("whole", "fsdp"), "untied": run("whole_untied", "fsdp", untied)}
+    chunked = {
+        ("fsdp", "tied"): run("fsdp", "fsdp", "engine.loss_chunk_tokens=16"),
+        ("ddp_compiled", "tied"): run(
+            "ddp", "ddp", "engine.loss_chunk_tokens=16", "engine.compile=true"
+        ),
+        ("zero3", "untied"): run("zero3", "zero3", "engine.loss_chunk_tokens=16", untied),
+    }
+    for (name, head), got in chunked.items():
+        reference = references[head]
+        assert sorted(got) == sorted(reference) == [1, 2, 3, 4]
+        for step, loss in got.items():
+            assert loss == pytest.approx(reference[step], rel=1e-4), (name, step)
+    assert references["tied"][4] < references["tied"][1]
+
+
+@slow
 def test_eval_without_a_held_out_split_is_reported_once(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "no_val"
     args = train_args(corpus, run_dir, "ddp", "trainer.max_steps=3", "trainer.eval_every=1")

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import KilnConfig, build_config, register_configs
+from pretrain.config import ConfigError, KilnConfig, build_config, register_configs
 from pretrain.models.accounting import count_parameters, training_flops
 from pretrain.objectives import span_corruption_lengths
 from pretrain.plan import (
@@ -26,6 +26,7 @@ from pretrain.plan import (
     precision_bytes,
     startup_memory,
 )
+from pretrain.profiling import peak_tensor_bytes
 
 BF16 = PrecisionBytes("bf16", 2, 2, 12, 2)
 FP32 = PrecisionBytes("fp32", 4, 4, 8, 4)
@@ -388,8 +389,10 @@ def loss_function(loss: str) -> Callable[..., torch.Tensor]:
     """`lm_loss` as an engine computes it for `loss_compilation`'s answer."""
     import functools
 
-    from pretrain.engine import cross_entropy, lm_loss
+    from pretrain.engine import cross_entropy, labelled_loss, lm_loss
 
+    if loss == "chunked":  # the model's own loss, its loss_chunk_tokens set by the caller
+        return labelled_loss
     if loss == "forward":
         return torch.compile(lm_loss)
     if loss == "cross_entropy":
@@ -400,7 +403,8 @@ def loss_function(loss: str) -> Callable[..., torch.Tensor]:
 # engine overrides whose zero0 or fsdp row computes the loss that way
 LOSS_ENGINES = {"eager": ("engine=ddp", "engine.compile=false", "zero0"),
                 "forward": ("engine=ddp", "engine.compile=true", "zero0"),
-                "cross_entropy": ("engine=fsdp", "engine.compile=true", "fsdp")}  # fmt: skip
+                "cross_entropy": ("engine=fsdp", "engine.compile=true", "fsdp"),
+                "chunked": ("engine=fsdp", "engine.loss_chunk_tokens=64", "fsdp")}  # fmt: skip
 
 
 @pytest.mark.parametrize("loss", list(LOSS_ENGINES))
@@ -410,8 +414,6 @@ def test_activation_estimate_matches_a_measured_peak(loss: str) -> None:
     forward and the cross-entropy as one `torch.compile`d function (`engine=ddp
     engine.compile=true`), whose loss keeps only the logits; `cross_entropy`: the
     cross-entropy compiled on its own (`engine=fsdp engine.compile=true`)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from pretrain.models import build_model
 
     engine, compiled, strategy = LOSS_ENGINES[loss]
@@ -419,21 +421,16 @@ def test_activation_estimate_matches_a_measured_peak(loss: str) -> None:
                  "data.micro_batch_size=2", "cluster=local_cpu", engine, compiled)  # fmt: skip
     assert loss_compilation(cfg, strategy) == loss
     # the zero0 row is what DDP would do with the same settings: compile the forward with it
-    assert compiled_loss(cfg, "zero0") is (loss != "eager") and not compiled_loss(cfg, "fsdp")
+    assert compiled_loss(cfg, "zero0") is (loss in ("forward", "cross_entropy"))
+    assert not compiled_loss(cfg, "fsdp")
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
     ids = torch.randint(0, 32000, (2, 256))
     batch = {"input_ids": ids, "labels": ids}
     loss_fn = loss_function(loss)
     loss_fn(model, batch).backward()  # gradients exist, as in every step after the first
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss_fn(model, batch).backward()
-    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
-            peak = max(peak, event.extra_fields.total_allocated)
+    peak = peak_tensor_bytes(lambda: loss_fn(model, batch).backward())
     # The eager loss and the cross-entropy compiled alone peak in the loss's backward, before
     # the head's; the forward compiled whole runs its backward as one graph, whose peak holds
     # the transient new gradients of the tied embedding and head too (vocab x d, twice).
@@ -442,22 +439,6 @@ def test_activation_estimate_matches_a_measured_peak(loss: str) -> None:
     assert peak == pytest.approx(estimate, rel=0.10)
     row = {m.strategy: m for m in build_plan(cfg).memory}[strategy]
     assert row.activations == activation_memory(cfg, 4, loss=loss)[0]
-
-
-def peak_tensor_bytes(step: Callable[[], None]) -> int:
-    """The peak of live tensor bytes during `step()` (CPU allocations, as the profiler sees
-    them: the allocator's running total at each event)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
-            peak = max(peak, event.extra_fields.total_allocated)
-    return peak
 
 
 @pytest.mark.parametrize("loss", list(LOSS_ENGINES))
@@ -469,16 +450,21 @@ def test_bf16_autocast_estimate_matches_a_measured_peak(loss: str) -> None:
     within 10%."""
     from pretrain.models import build_model
 
-    compiled = "false" if loss == "eager" else "true"
+    compiled = "false" if loss in ("eager", "chunked") else "true"
     scope = "blocks" if loss == "cross_entropy" else "auto"
+    # chunks pay off where the tokens outnumber the width (the head's weight gradient, vocab x
+    # width, is what they keep): 2048 tokens at width 256 for them
+    shape = ("model.d_model=256", "model.n_heads=4", "data.micro_batch_size=4",
+             "engine.loss_chunk_tokens=256") if loss == "chunked" else ()  # fmt: skip
     cfg = config("model=gpt2_124m", "model.n_layers=4", "model.vocab_size=8192",
                  "data.seq_len=512", "data.micro_batch_size=2", "cluster=local_cpu",
                  "engine=ddp", "engine.precision=bf16", f"engine.compile={compiled}",
-                 f"engine.compile_scope={scope}")  # fmt: skip
+                 f"engine.compile_scope={scope}", *shape)  # fmt: skip
     assert loss_compilation(cfg, "zero0") == loss
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    ids = torch.randint(0, 8192, (2, 512))
+    model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
+    ids = torch.randint(0, 8192, (cfg.data.micro_batch_size, 512))
     loss_fn = loss_function(loss)
 
     def step() -> None:
@@ -492,8 +478,22 @@ def test_bf16_autocast_estimate_matches_a_measured_peak(loss: str) -> None:
     psi = count_parameters(cfg.model).total
     assert zero0.buffers == 2 * psi  # the bf16 weight copies
     assert zero0.activations == activation_memory(cfg, 2, loss=loss)[0]
-    transient = 2 * 4 * 8192 * cfg.model.d_model  # new fp32 gradients of the tied embedding
-    assert peak == pytest.approx(zero0.activations + zero0.buffers + transient, rel=0.10)
+    # the eager and compiled losses' peak holds the new fp32 gradients of the tied embedding
+    # and head (in their backward)
+    transient = 2 * 4 * 8192 * cfg.model.d_model
+    if loss != "chunked":
+        assert peak == pytest.approx(zero0.activations + zero0.buffers + transient, rel=0.10)
+        return
+    # In chunks, the saving against the eager loss on the same model (this narrow model's
+    # blocks are where the plan is least exact); the chunked peak holds the fp32 copy that the
+    # CPU's add_ makes of each chunk's bf16 share of the weight gradient (CUDA casts on the fly)
+    model.loss_chunk_tokens = 0
+    loss_fn = loss_function("eager")
+    step()
+    eager_peak = peak_tensor_bytes(step)
+    eager = activation_memory(cfg, 2, loss="eager")[0] + transient
+    assert eager_peak - peak == pytest.approx(eager - (zero0.activations + transient // 2),
+                                              rel=0.10)  # fmt: skip
 
 
 def test_the_plan_says_what_it_assumes_of_the_loss() -> None:
@@ -504,6 +504,10 @@ def test_the_plan_says_what_it_assumes_of_the_loss() -> None:
         "the cross-entropy under engine.compile=true: zero0: compiled with the forward, "
         "1 element per logit; zero1, zero2, zero3, fsdp: compiled on its own, 2 elements per logit"
     )
+    chunked = build_plan(config("engine=fsdp", "engine.loss_chunk_tokens=4096"))
+    assert chunked.conventions["loss"].startswith("the head and cross-entropy 4096 tokens at a")
+    with pytest.raises(ConfigError, match="engine.loss_chunk_tokens=-1 is negative"):
+        config("engine.loss_chunk_tokens=-1")
     blocks = config("engine=ddp", "engine.compile=true", "engine.compile_scope=blocks")
     assert (
         "zero0, zero1, zero2, zero3, fsdp: compiled on its own"

@@ -1,0 +1,159 @@
+"""The language-model loss: the output projection and the cross-entropy, whole or in chunks.
+
+`cross_entropy(logits, labels)` is the mean fp32 cross-entropy every objective trains on
+(labels of -100 are ignored). `linear_cross_entropy(hidden, weight, bias, labels, chunk)` is
+the same loss of the logits `hidden @ weight.T + bias`; with `chunk > 0` (`engine.
+loss_chunk_tokens`) it never holds those (tokens, vocab) logits whole. It projects `chunk`
+tokens at a time, reduces them to their loss and, in the same pass, to their gradients with
+respect to the hidden states, the weight and the bias, and keeps only those. The backward pass
+then only scales them. What it keeps is tokens x d_model + vocab x d_model, where the whole
+loss keeps 2 to 12 bytes per logit (tokens x vocab): at gpt2_124m's 16 x 1024 tokens and
+50,304-word vocabulary, 1.6 to 9.9 GB.
+
+Written here because no installed library does it on every device: Liger-Kernel's fused linear
+cross-entropy needs Triton on a GPU and torchtune's chunked loss still keeps each chunk's logits
+for the backward pass. The FLOPs are those of the plain head (one matmul forward, two for the
+gradients); the gradients come out in the forward pass because recomputing the chunk's logits
+in the backward pass would cost a third matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of (..., V) logits against (...) labels (-100 ignored), in fp32."""
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's when it is on, else the hidden states'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+           scale: Tensor | None, dtype: torch.dtype | None) -> tuple[
+               Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """One chunk of (c, C) hidden states, its matmuls under the caller's autocast (whose cache
+    holds the weight's cast): (loss sum, and given the compute `dtype` the gradients of
+    loss_sum * scale with respect to the hidden states, the logits (in `dtype`) and the bias
+    (fp32))."""
+    # one fp32 (c, V) buffer: the logits, then in place their exponentials, then the softmax,
+    # then the gradient (torch.logsumexp and log_softmax would each allocate two more)
+    logits = F.linear(hidden, weight, bias).float()
+    valid = labels != IGNORE_INDEX
+    target = torch.where(valid, labels, 0)[:, None]
+    picked = logits.gather(1, target).squeeze(1)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()
+    sums = probs.sum(dim=-1)
+    loss_sum = ((sums.log() + row_max.squeeze(1) - picked) * valid).sum()
+    if dtype is None:
+        return loss_sum, None, None, None
+    # d(loss)/d(logits) = (softmax - one-hot) * scale on the labelled rows
+    probs.div_(sums[:, None])
+    probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))
+    probs.mul_((valid * scale)[:, None])
+    grad_logits = probs.to(dtype)
+    grad_hidden = grad_logits @ weight
+    grad_bias = probs.sum(0) if bias is not None else None
+    return loss_sum, grad_hidden, grad_logits, grad_bias
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The loss of `linear_cross_entropy` with its gradients computed chunk by chunk in the
+    forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                chunk: int, dtype: torch.dtype) -> Tensor:  # fmt: skip
+        # the matmuls run under the caller's autocast, if any (its cached copy of the weight);
+        # the weight's and the bias's gradients are summed over the chunks in fp32
+        count = (labels != IGNORE_INDEX).sum()
+        scale = 1.0 / count.clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            loss_sum, d_hidden, d_logits, d_bias = _chunk(
+                h, weight, bias, labels[start : start + chunk], scale, dtype
+            )
+            total += loss_sum
+            grad_hidden[start : start + chunk] = d_hidden
+            if d_logits.dtype == h.dtype == grad_weight.dtype:  # in place: no (V, C) temporary
+                grad_weight.addmm_(d_logits.T, h)
+            else:  # the chunk's (V, C) product in the compute dtype, summed in fp32
+                grad_weight += d_logits.T @ h
+            del d_logits  # before the next chunk's logits: one chunk's buffer at a time
+            if grad_bias is not None:
+                grad_bias += d_bias
+        ctx.has_bias = bias is not None
+        saved = [grad_hidden, grad_weight.to(weight.dtype)]
+        if grad_bias is not None:
+            saved.append(grad_bias.to(bias.dtype))
+        ctx.save_for_backward(*saved)
+        return total / count  # nan when nothing is labelled, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        # scaled in place, not copied (a second (V, C) weight gradient at the peak); a second
+        # backward pass through the same graph (retain_graph) then fails autograd's version check
+        grad_hidden, grad_weight, *rest = ctx.saved_tensors
+        grad_bias = rest[0].mul_(grad_loss) if ctx.has_bias else None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), grad_bias, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                         chunk: int = 0) -> Tensor:  # fmt: skip
+    """Mean fp32 cross-entropy of the logits `hidden @ weight.T + bias` against `labels`.
+
+    Args:
+        hidden: (..., C) final hidden states.
+        weight: (V, C) output projection (the word embedding when tied).
+        bias: (V,) output bias, or None.
+        labels: (...) target ids, -100 where nothing is predicted.
+        chunk: tokens projected at a time, never holding all the logits (0: all at once).
+    """
+    if chunk <= 0:
+        return cross_entropy(F.linear(hidden, weight, bias), labels)
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if labels.numel() != hidden.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {hidden.shape[0]} hidden states")
+    dtype = compute_dtype(hidden)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, dtype)
+    total = sum(  # evaluation: the loss alone
+        _chunk(hidden[s : s + chunk], weight, bias, labels[s : s + chunk], None, None)[0]
+        for s in range(0, hidden.shape[0], chunk)
+    )
+    return total / (labels != IGNORE_INDEX).sum()
+
+
+class OutputHead(nn.Linear):
+    """The vocabulary projection of an untied head: logits, or given labels the loss
+    (`linear_cross_entropy`). Called as a module so that engines that gather a module's
+    parameters around its forward (ZeRO-3) gather the weight for the loss too; its parameters
+    are those of `nn.Linear` (checkpoints and exports see no difference)."""
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 0,
+                bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        """`bias`: an output bias kept elsewhere (BERT's MLM head), used for the loss."""
+        if labels is None:
+            return super().forward(x)
+        bias = self.bias if bias is None else bias
+        return linear_cross_entropy(x, self.weight, bias, labels, chunk)
