@@ -36,7 +36,9 @@ longer fits is skipped and says so):
    cross-entropy was eager); `moe_loop`, `model.moe.grouped_gemm=false`: the experts as a
    loop, the grouped GEMM's before; `gpt2_124m_chunked` and `gpt2_124m_fsdp_chunked`,
    `engine.loss_chunk_tokens=2048`: the head and the cross-entropy an eighth of the batch's
-   tokens at a time, against `gpt2_124m` and `gpt2_124m_fsdp`).
+   tokens at a time, against `gpt2_124m` and `gpt2_124m_fsdp`; `gpt2_124m_float8` and
+   `gpt2_350m_float8`, `engine.float8=true`: the blocks' linear layers as FP8 matmuls through
+   torchao, whose wheel must then be on the machine, against their bf16 runs).
 
 The runs in `--profile` (default gpt2_124m and gpt2_350m) take 4 more steps after the timed ones
 (the profiler's warm-up step and 3 recorded) under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
@@ -120,7 +122,8 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "gpt2_350m_autotune": 150, "gpt2_124m_cudnn": 50,
                "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90, "gpt2_124m_max": 120,
                "gpt2_124m_fsdp": 60, "gpt2_124m_chunked": 60,
-               "gpt2_124m_fsdp_chunked": 60}  # fmt: skip
+               "gpt2_124m_fsdp_chunked": 60, "gpt2_124m_float8": 70,
+               "gpt2_350m_float8": 90}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -307,6 +310,9 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
         "gpt2_124m",
         [*NO_MASK, "engine=fsdp", "engine.loss_chunk_tokens=2048"],
     ),
+    # the blocks' linear layers as FP8 matmuls (engine.float8, torchao, tensorwise scales)
+    "gpt2_124m_float8": ("gpt2_124m", [*NO_MASK, "engine.float8=true"]),
+    "gpt2_350m_float8": ("gpt2_350m", [*NO_MASK, "engine.float8=true"]),
 }
 # the run each extra one is compared with (default: its model's run)
 EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask",

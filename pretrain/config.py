@@ -247,6 +247,12 @@ class EngineConfig:
     # with them, so the (tokens, vocab) logits are never held whole (a fused linear
     # cross-entropy); 0 = the logits whole. Masked-LM heads also skip the unmasked positions
     loss_chunk_tokens: int = 0
+    # the transformer blocks' linear layers as FP8 matmuls (torchao's float8 training; DDP and
+    # FSDP2): recipe tensorwise | rowwise | rowwise_with_gw_hp; under FSDP2 with tensorwise,
+    # float8_all_gather all-gathers the weights already in FP8
+    float8: bool = False
+    float8_recipe: str = "tensorwise"
+    float8_all_gather: bool = True
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
@@ -815,6 +821,20 @@ def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _validate_float8(engine: EngineConfig) -> None:
+    from pretrain.engine.float8 import RECIPES, torchao_available
+
+    _check_choice("engine.float8_recipe", engine.float8_recipe, RECIPES)
+    if isinstance(engine, DeepSpeedEngineConfig):
+        raise ConfigError(
+            f"engine.float8=true converts layers with torchao's float8 training, which runs under "
+            f"engine=ddp or engine=fsdp (torchao does not support DeepSpeed ZeRO); this run has "
+            f"engine.kind={engine.kind!r}"
+        )
+    if not torchao_available():
+        raise ConfigError("engine.float8=true needs torchao (pip install torchao)")
+
+
 def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -1027,6 +1047,8 @@ def validate_config(cfg: KilnConfig) -> None:
         raise ConfigError(
             f"engine.attention_backends={list(engine.attention_backends)} names a backend twice"
         )
+    if engine.float8:
+        _validate_float8(engine)
     if engine.loss_chunk_tokens < 0:
         raise ConfigError(
             f"engine.loss_chunk_tokens={engine.loss_chunk_tokens} is negative; use 0 (the "

@@ -180,6 +180,8 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     """The engine `cfg.engine` names, wrapping `model` (already on `device`)."""
     from pretrain.models import apply_activation_checkpointing
 
+    if cfg.engine.float8:
+        _convert_to_float8(cfg, model, device)
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model)
     scope = compile_scope(cfg.engine)
@@ -213,6 +215,26 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     elif cfg.engine.compile and not chunked:
         engine.compile_cross_entropy(cfg.engine.compile_mode)
     return engine
+
+
+def _convert_to_float8(cfg: Any, model: nn.Module, device: torch.device) -> None:
+    """`engine.float8`: the blocks' linear layers as torchao's Float8Linear (`float8.py`)."""
+    from pretrain.checkpoint import rank_and_world
+    from pretrain.config import FSDPEngineConfig
+    from pretrain.engine.float8 import apply_float8, float8_all_gathers
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"engine.float8=true needs FP8 tensor cores (compute capability 8.9 or later: Ada, "
+            f"Hopper, Blackwell); {name} has {torch.cuda.get_device_capability(device)}"
+        )
+    fsdp = isinstance(cfg.engine, FSDPEngineConfig)
+    converted, total = apply_float8(model, cfg.engine, fsdp=fsdp)
+    if rank_and_world()[0] == 0:
+        gathered = ", all-gathered in FP8" if fsdp and float8_all_gathers(cfg.engine) else ""
+        print(f"kiln train: engine.float8 ({cfg.engine.float8_recipe}{gathered}): {converted} of "
+              f"the blocks' {total} linear layers run as FP8 matmuls", file=sys.stderr)  # fmt: skip
 
 
 def _engine(cfg: Any, model: nn.Module, accumulation: int, max_steps: int,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pretrain.engine import Engine, finite
+from pretrain.engine.float8 import float8_all_gathers, precompute_scales
 
 SHARDS = "fsdp"  # DCP directory inside a checkpoint
 SCHEDULER = "scheduler.pt"
@@ -90,6 +91,7 @@ class FSDPEngine(Engine):
         self.optimizer = build_optimizer(model, cfg.optim, device_type=device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)
         self.grad_clip = cfg.optim.grad_clip
+        self.float8_scales = float8_all_gathers(cfg.engine)
 
     def forward_backward(
         self, batch: dict[str, Tensor], last: bool, poison: bool = False
@@ -113,6 +115,8 @@ class FSDPEngine(Engine):
         skipped = not finite(norm)
         if not skipped:
             self.optimizer.step()
+            if self.float8_scales:  # the FP8 all-gathers' scales for the next forward
+                precompute_scales(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, skipped

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m_blocks",
                 "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop",
-                "gpt2_124m_fsdp", "gpt2_124m_fsdp_chunked"}  # fmt: skip
+                "gpt2_124m_fsdp", "gpt2_124m_fsdp_chunked", "gpt2_124m_float8"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
 
 
@@ -31,7 +31,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
          "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop,gpt2_124m_fsdp,"
-         "gpt2_124m_fsdp_chunked"],
+         "gpt2_124m_fsdp_chunked,gpt2_124m_float8"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -107,7 +107,7 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
     # every target is reported with its value and a verdict; memory has none on the CPU
     checks = {c["label"]: c for c in results["checks"]}
-    assert len(checks) == 2 + 2 + 1 + 1 + 5 + 10
+    assert len(checks) == 2 + 2 + 1 + 1 + 6 + 11
     tried = checks[
         "gpt2_124m_cudagraphs (engine.compile_mode=reduce-overhead) / gpt2_124m: tokens/s"
     ]
