@@ -9,8 +9,10 @@ computes its loss (`pretrain.engine.lm_loss`, or `labelled_loss` in chunks):
 - `chunks 512`, `chunks 128`: the head and the cross-entropy a quarter and a sixteenth of the
   tokens at a time (`pretrain.models.loss.linear_cross_entropy`);
 - with `--compile` (needs a C++ compiler, as torch.compile on the CPU does), `whole compiled`
-  (the forward and the cross-entropy compiled as one function, DDP's `compile_scope=loss`) and
-  `chunks 512 compiled` (the same, over the chunks).
+  (the forward and the cross-entropy compiled as one function, DDP's `compile_scope=loss`),
+  `chunks 512 compiled` (the same, over the chunks) and `chunks 512, step compiled` (the
+  model eager, each chunk's softmax and gradient compiled: what `engine.compile` does with the
+  chunks under FSDP2 and DeepSpeed, whose blocks are compiled apart).
 
 In fp32 and under bf16 autocast (as DDP trains on a GPU). For each row: the step time (the
 median of `--steps` timed steps after one untimed), the peak of live tensor bytes during one
@@ -60,12 +62,14 @@ def chunk_sizes(smoke: bool) -> tuple[int, int]:
     return tokens // 4, tokens // 16
 
 
-def rows(compiled: bool, smoke: bool) -> list[tuple[str, int, bool]]:
-    """(label, loss_chunk_tokens, compiled) of each measured way of computing the loss."""
+def rows(compiled: bool, smoke: bool) -> list[tuple[str, int, str]]:
+    """(label, loss_chunk_tokens, what is compiled: "" | "forward" | "step") of each measured
+    way of computing the loss."""
     big, small = chunk_sizes(smoke)
-    out = [("whole", 0, False), (f"chunks {big}", big, False), (f"chunks {small}", small, False)]
+    out = [("whole", 0, ""), (f"chunks {big}", big, ""), (f"chunks {small}", small, "")]
     if compiled:
-        out += [("whole compiled", 0, True), (f"chunks {big} compiled", big, True)]
+        out += [("whole compiled", 0, "forward"), (f"chunks {big} compiled", big, "forward"),
+                (f"chunks {big}, step compiled", big, "step")]  # fmt: skip
     return out
 
 
@@ -108,18 +112,19 @@ def measure(precision: str, smoke: bool, compiled: bool, steps: int) -> list[dic
     for label, chunk, compile_ in rows(compiled, smoke):
         overrides = [*(SMOKE_MODEL if smoke else MODEL), "cluster=local_cpu", "engine=ddp",
                      f"engine.precision={precision}", f"engine.loss_chunk_tokens={chunk}",
-                     f"engine.compile={str(compile_).lower()}"]  # fmt: skip
+                     f"engine.compile={str(compile_ == 'forward').lower()}"]  # fmt: skip
         with initialize_config_module("hydra_conf", version_base="1.3"):
             cfg = build_config(compose("plan", overrides=overrides))
         torch.manual_seed(0)
         model = build_model(cfg.model)
         model.loss_chunk_tokens = chunk
+        model.loss_chunk_compiled = compile_ == "step"
         vocab = cfg.model.vocab_size
         ids = torch.randint(0, vocab, (cfg.data.micro_batch_size, cfg.data.seq_len),
                             generator=torch.Generator().manual_seed(1))  # fmt: skip
         batch = {"input_ids": ids, "labels": ids}
         loss_fn = labelled_loss if chunk else lm_loss
-        if compile_:
+        if compile_ == "forward":
             loss_fn = torch.compile(loss_fn)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())  # fmt: skip
@@ -223,6 +228,20 @@ def markdown_section(results: dict[str, Any]) -> str:
         f"{scale['chunked']:.1f} GiB in chunks of 2048 (`bench/gpu.py --extra "
         "gpt2_124m_chunked,gpt2_124m_fsdp_chunked` measures it).",
     ]
+    big = results["big_chunk"]
+    for precision, runs in results["runs"].items():
+        by_label = {r["label"]: r for r in runs}
+        step, eager = by_label.get(f"chunks {big}, step compiled"), by_label[f"chunks {big}"]
+        if step is not None:
+            body.append(
+                f"- {precision}: each chunk's softmax and gradient compiled (the model eager, as "
+                f"FSDP2 and DeepSpeed run the chunks under `engine.compile`): "
+                f"{step['step_s'] / eager['step_s']:.3f}x the eager chunks' step time, "
+                f"{step['peak_bytes'] / eager['peak_bytes']:.3f}x their peak. Eager, each chunk "
+                "takes about eight passes over its fp32 logits; compiled, a reduction and one "
+                "pass that writes the gradient, which is what a GPU, bound by memory traffic "
+                "there, should gain from."
+            )
     body += ["", END_MARK]
     return "\n".join(body) + "\n"
 

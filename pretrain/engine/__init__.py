@@ -206,6 +206,8 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     chunked = cfg.engine.loss_chunk_tokens > 0
     if chunked:  # before sharding: FSDP2 and DeepSpeed keep the module's attributes
         model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
+        # outside a forward compiled whole, each chunk's softmax and gradient compiled apart
+        model.loss_chunk_compiled = cfg.engine.compile and scope != "loss"
     engine = _engine(cfg, model, accumulation, max_steps, device)
     engine.attention_backends = list(cfg.engine.attention_backends)
     if chunked:

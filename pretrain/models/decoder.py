@@ -68,8 +68,10 @@ class Decoder(nn.Module):
         self.head = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
         self.sequence_shard: SequenceShard | None = None  # set by context parallelism
         # tokens per chunk of the head + cross-entropy when given labels (engine.
-        # loss_chunk_tokens; 0: the logits whole)
+        # loss_chunk_tokens; 0: the logits whole), and whether each chunk's softmax and
+        # gradient run compiled (engine.compile outside a compiled forward)
         self.loss_chunk_tokens = 0
+        self.loss_chunk_compiled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -123,12 +125,12 @@ class Decoder(nn.Module):
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
             x = block(x, inputs, layer_cache)
         x = self.norm(x)
-        chunk = self.loss_chunk_tokens
-        if self.head is not None:
-            return self.head(x) if labels is None else self.head(x, labels, chunk)
         if labels is None:
-            return x @ self.embed.weight.T  # (B, T, V)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk)
+            return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B,T,V)
+        chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
+        if self.head is not None:
+            return self.head(x, labels, chunk, compiled=compiled)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled)
 
     def _masks(
         self,

@@ -47,7 +47,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
 
     def forward(self, x: Tensor, embedding: Tensor, labels: Tensor | None = None,
-                chunk: int = 0) -> Tensor:  # fmt: skip
+                chunk: int = 0, compiled: bool = False) -> Tensor:  # fmt: skip
         """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table.
         With (...) `labels`, their mean fp32 cross-entropy (`linear_cross_entropy`, in chunks
         of `chunk` tokens when > 0)."""
@@ -57,8 +57,8 @@ class MLMHead(nn.Module):
             logits = self.proj(x) if self.proj is not None else x @ embedding.T
             return logits + self.bias if self.bias is not None else logits
         if self.proj is None:
-            return linear_cross_entropy(x, embedding, self.bias, labels, chunk)
-        return self.proj(x, labels, chunk, bias=self.bias)
+            return linear_cross_entropy(x, embedding, self.bias, labels, chunk, compiled)
+        return self.proj(x, labels, chunk, bias=self.bias, compiled=compiled)
 
 
 class Encoder(nn.Module):
@@ -89,6 +89,7 @@ class Encoder(nn.Module):
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if cfg.pooler else None
         self.head = MLMHead(cfg)
         self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
+        self.loss_chunk_compiled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -205,4 +206,5 @@ class Encoder(nn.Module):
         if not torch.compiler.is_compiling():
             masked = labels != IGNORE_INDEX
             hidden, labels = hidden[masked], labels[masked]
-        return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens)
+        return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens,
+                         self.loss_chunk_compiled)  # fmt: skip

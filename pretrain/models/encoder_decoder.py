@@ -204,6 +204,7 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(cfg, decoder=True, n_layers=cfg.n_decoder_layers)
         self.head = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
         self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
+        self.loss_chunk_compiled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -306,14 +307,16 @@ class EncoderDecoder(nn.Module):
         caches = cache.layers if cache is not None else None
         cross_caches = cache.cross_layers if cache is not None else None
         x = self.decoder(self.drop(self.embed(decoder_input_ids)), inputs, caches, cross_caches)
-        chunk = self.loss_chunk_tokens
+        chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
         if self.head is not None:
-            return self.head(x) if labels is None else self.head(x, labels, chunk)  # (B, T, V)
+            return (
+                self.head(x) if labels is None else self.head(x, labels, chunk, compiled=compiled)
+            )
         if self.cfg.scale_logits_when_tied:
             x = x * self.cfg.d_model**-0.5
         if labels is None:
             return x @ self.embed.weight.T  # (B, T, V)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled)
 
     def forward(
         self,

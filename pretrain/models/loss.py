@@ -41,16 +41,15 @@ def compute_dtype(hidden: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-           scale: Tensor | None, dtype: torch.dtype | None) -> tuple[
-               Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
-    """One chunk of (c, C) hidden states, its matmuls under the caller's autocast (whose cache
-    holds the weight's cast): (loss sum, and given the compute `dtype` the gradients of
-    loss_sum * scale with respect to the hidden states, the logits (in `dtype`) and the bias
-    (fp32))."""
-    # one fp32 (c, V) buffer: the logits, then in place their exponentials, then the softmax,
-    # then the gradient (torch.logsumexp and log_softmax would each allocate two more)
-    logits = F.linear(hidden, weight, bias).float()
+def _softmax_grad_in_place(logits: Tensor, labels: Tensor, scale: Tensor | None,
+                           dtype: torch.dtype | None, bias: bool) -> tuple[
+                               Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """Eager: (loss sum of one chunk's (c, V) logits, and given the compute `dtype` the
+    gradient of loss_sum * scale with respect to the logits (in `dtype`) and, with `bias`, its
+    sum over the rows (fp32)). One fp32 (c, V) buffer: the logits, then in place their
+    exponentials, the softmax and the gradient (torch.logsumexp and log_softmax would each
+    allocate two more)."""
+    logits = logits.float()
     valid = labels != IGNORE_INDEX
     target = torch.where(valid, labels, 0)[:, None]
     picked = logits.gather(1, target).squeeze(1)
@@ -59,15 +58,39 @@ def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     sums = probs.sum(dim=-1)
     loss_sum = ((sums.log() + row_max.squeeze(1) - picked) * valid).sum()
     if dtype is None:
-        return loss_sum, None, None, None
+        return loss_sum, None, None
     # d(loss)/d(logits) = (softmax - one-hot) * scale on the labelled rows
     probs.div_(sums[:, None])
     probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))
     probs.mul_((valid * scale)[:, None])
-    grad_logits = probs.to(dtype)
-    grad_hidden = grad_logits @ weight
-    grad_bias = probs.sum(0) if bias is not None else None
-    return loss_sum, grad_hidden, grad_logits, grad_bias
+    return loss_sum, probs.to(dtype), probs.sum(0) if bias else None
+
+
+def _softmax_grad(logits: Tensor, labels: Tensor, scale: Tensor, dtype: torch.dtype,
+                  bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """`_softmax_grad_in_place` written as functions of the logits, for torch.compile to fuse
+    into a reduction over the compute-dtype logits and one pass that writes their gradient in
+    the compute dtype: no fp32 (c, V) buffer at all (`linear_cross_entropy(compiled=True)`)."""
+    logits = logits.float()
+    valid = labels != IGNORE_INDEX
+    target = torch.where(valid, labels, 0)
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    loss_sum = ((logsumexp - picked) * valid).sum()
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    probs = torch.exp(logits - logsumexp[:, None])
+    grad = torch.where(columns[None, :] == target[:, None], probs - 1.0, probs)
+    grad = grad * (valid * scale)[:, None]
+    return loss_sum, grad.to(dtype), grad.sum(0) if bias else None
+
+
+_COMPILED_STEP: list = []  # torch.compile(_softmax_grad), made on first use
+
+
+def _compiled_softmax_grad() -> object:
+    if not _COMPILED_STEP:
+        _COMPILED_STEP.append(torch.compile(_softmax_grad))
+    return _COMPILED_STEP[0]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -76,9 +99,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                chunk: int, dtype: torch.dtype) -> Tensor:  # fmt: skip
+                chunk: int, dtype: torch.dtype, compiled: bool) -> Tensor:  # fmt: skip
         # the matmuls run under the caller's autocast, if any (its cached copy of the weight);
         # the weight's and the bias's gradients are summed over the chunks in fp32
+        step = _compiled_softmax_grad() if compiled else _softmax_grad_in_place
         count = (labels != IGNORE_INDEX).sum()
         scale = 1.0 / count.clamp(min=1).float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -87,11 +111,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            loss_sum, d_hidden, d_logits, d_bias = _chunk(
-                h, weight, bias, labels[start : start + chunk], scale, dtype
+            logits = F.linear(h, weight, bias)
+            loss_sum, d_logits, d_bias = step(
+                logits, labels[start : start + chunk], scale, dtype, bias is not None
             )
+            del logits
             total += loss_sum
-            grad_hidden[start : start + chunk] = d_hidden
+            grad_hidden[start : start + chunk] = d_logits @ weight
             if d_logits.dtype == h.dtype == grad_weight.dtype:  # in place: no (V, C) temporary
                 grad_weight.addmm_(d_logits.T, h)
             else:  # the chunk's (V, C) product in the compute dtype, summed in fp32
@@ -112,11 +138,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # backward pass through the same graph (retain_graph) then fails autograd's version check
         grad_hidden, grad_weight, *rest = ctx.saved_tensors
         grad_bias = rest[0].mul_(grad_loss) if ctx.has_bias else None
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), grad_bias, None, None, None
+        grads = grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), grad_bias
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         chunk: int = 0) -> Tensor:  # fmt: skip
+                         chunk: int = 0, compiled: bool = False) -> Tensor:  # fmt: skip
     """Mean fp32 cross-entropy of the logits `hidden @ weight.T + bias` against `labels`.
 
     Args:
@@ -125,6 +152,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
         bias: (V,) output bias, or None.
         labels: (...) target ids, -100 where nothing is predicted.
         chunk: tokens projected at a time, never holding all the logits (0: all at once).
+        compiled: each chunk's softmax and gradient as one torch.compile'd function (under
+            `engine.compile`), else eager in place.
     """
     if chunk <= 0:
         return cross_entropy(F.linear(hidden, weight, bias), labels)
@@ -136,11 +165,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     if needs_grad:
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, dtype)
+        return _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, bias, labels, chunk, dtype, compiled
+        )
     total = sum(  # evaluation: the loss alone
-        _chunk(hidden[s : s + chunk], weight, bias, labels[s : s + chunk], None, None)[0]
+        _softmax_grad_in_place(F.linear(hidden[s : s + chunk], weight, bias),
+                               labels[s : s + chunk], None, None, False)[0]
         for s in range(0, hidden.shape[0], chunk)
-    )
+    )  # fmt: skip
     return total / (labels != IGNORE_INDEX).sum()
 
 
@@ -151,9 +183,9 @@ class OutputHead(nn.Linear):
     are those of `nn.Linear` (checkpoints and exports see no difference)."""
 
     def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 0,
-                bias: Tensor | None = None) -> Tensor:  # fmt: skip
+                bias: Tensor | None = None, compiled: bool = False) -> Tensor:  # fmt: skip
         """`bias`: an output bias kept elsewhere (BERT's MLM head), used for the loss."""
         if labels is None:
             return super().forward(x)
         bias = self.bias if bias is None else bias
-        return linear_cross_entropy(x, self.weight, bias, labels, chunk)
+        return linear_cross_entropy(x, self.weight, bias, labels, chunk, compiled)

@@ -416,7 +416,8 @@ def test_chunked_loss_trains_like_the_whole_logits_under_each_engine(
     """`engine.loss_chunk_tokens=16` (the head and cross-entropy 16 of the 64 tokens of a
     micro-batch at a time) on 2 ranks: FSDP2 and DDP compiled whole (compile_scope=loss)
     with the tied head, ZeRO-3 with an untied one (whose weight DeepSpeed gathers around the
-    head module's forward), each with the losses of the logits held whole."""
+    head module's forward) and `engine.compile` (each chunk's softmax and gradient compiled),
+    each with the losses of the logits held whole."""
 
     def run(name: str, engine: str, *extra: str) -> dict[int, float]:
         run_dir = tmp_path / name
@@ -433,7 +434,9 @@ def test_chunked_loss_trains_like_the_whole_logits_under_each_engine(
         ("ddp_compiled", "tied"): run(
             "ddp", "ddp", "engine.loss_chunk_tokens=16", "engine.compile=true"
         ),
-        ("zero3", "untied"): run("zero3", "zero3", "engine.loss_chunk_tokens=16", untied),
+        ("zero3", "untied"): run(
+            "zero3", "zero3", "engine.loss_chunk_tokens=16", untied, "engine.compile=true"
+        ),
     }
     for (name, head), got in chunked.items():
         reference = references[head]

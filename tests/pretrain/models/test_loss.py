@@ -139,3 +139,22 @@ def test_a_compiled_forward_traces_the_chunks() -> None:
     for grad, reference in zip(torch.autograd.grad(compiled, list(model.parameters())),
                                expected, strict=True):  # fmt: skip
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_compiled_chunk_step_gives_the_eager_one(autocast: bool) -> None:
+    """`compiled=True` (engine.compile outside a forward compiled whole): each chunk's softmax
+    and gradient as one compiled function, the last, shorter chunk included, with the eager
+    chunks' loss and gradients."""
+    hidden, weight, bias_, labels = inputs(True)
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with context:
+        eager = linear_cross_entropy(hidden, weight, bias_, labels, 64)
+    expected = gradients(eager, hidden, weight, bias_)
+    with context:
+        compiled = linear_cross_entropy(hidden, weight, bias_, labels, 64, compiled=True)
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    tolerance = 1e-2 if autocast else 1e-5
+    for grad, reference in zip(gradients(compiled, hidden, weight, bias_), expected, strict=True):
+        assert grad.dtype == reference.dtype
+        assert (grad - reference).abs().max() <= tolerance * reference.abs().max()
