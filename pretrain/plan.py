@@ -556,14 +556,26 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "gpu_hours": seconds * ranks / 3600,
         },
         memory=estimate_memory(cfg, counts),
-        conventions={
-            "flops": "training = 3 x forward; 6*N_active_matmul + 12*L*H*Q*T per token, no causal "
-            "halving (PaLM/nanoGPT); encoder-decoder per input token",
-            "memory": "bytes; bf16 mixed Adam = 16 bytes/param (ZeRO paper); GiB in the table",
-            "chinchilla": f"{cfg.plan.tokens_per_param:g} tokens per (active) parameter",
-            "loss": loss_convention(cfg),
-        },
+        conventions=plan_conventions(cfg),
     )
+
+
+def plan_conventions(cfg: KilnConfig) -> dict[str, str]:
+    """What the figures assume, a line each (printed under the tables)."""
+    conventions = {
+        "flops": "training = 3 x forward; 6*N_active_matmul + 12*L*H*Q*T per token, no causal "
+        "halving (PaLM/nanoGPT); encoder-decoder per input token",
+        "memory": "bytes; bf16 mixed Adam = 16 bytes/param (ZeRO paper); GiB in the table",
+        "chinchilla": f"{cfg.plan.tokens_per_param:g} tokens per (active) parameter",
+        "loss": loss_convention(cfg),
+    }
+    if cfg.engine.float8:
+        conventions["float8"] = (
+            "engine.float8: the blocks' linear layers run as FP8 matmuls (up to twice the bf16 "
+            "peak on Hopper); MFU and time here count every FLOP against cluster.peak_tflops, "
+            "the bf16 peak; memory is counted as bf16"
+        )
+    return conventions
 
 
 def human(value: float, unit: str = "") -> str:
@@ -675,6 +687,8 @@ def render_table(plan: Plan) -> str:
     console.print(memory)
     console.print(f"FLOPs: {plan.conventions['flops']}.", soft_wrap=True)
     console.print(f"Loss: {plan.conventions['loss']}.", soft_wrap=True)
+    if "float8" in plan.conventions:
+        console.print(f"FP8: {plan.conventions['float8']}.", soft_wrap=True)
     return console.export_text()
 
 

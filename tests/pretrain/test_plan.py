@@ -504,6 +504,9 @@ def test_the_plan_says_what_it_assumes_of_the_loss() -> None:
         "the cross-entropy under engine.compile=true: zero0: compiled with the forward, "
         "1 element per logit; zero1, zero2, zero3, fsdp: compiled on its own, 2 elements per logit"
     )
+    assert "float8" not in build_plan(config("engine=fsdp")).conventions
+    fp8 = build_plan(config("engine=fsdp", "engine.float8=true")).conventions["float8"]
+    assert fp8.startswith("engine.float8: the blocks' linear layers run as FP8 matmuls")
     chunked = build_plan(config("engine=fsdp", "engine.loss_chunk_tokens=4096"))
     assert chunked.conventions["loss"].startswith("the head and cross-entropy 4096 tokens at a")
     with pytest.raises(ConfigError, match="engine.loss_chunk_tokens=-1 is negative"):
