@@ -333,7 +333,9 @@ class DataConfig:
     # > 0: the global batch in tokens instead; global_batch_size becomes global_batch_tokens /
     # seq_len (which must divide it) and is what the resolved config records
     global_batch_tokens: int = 0
-    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    # sequences per rank per forward/backward; 0 = the largest divisor of the per-rank batch
+    # that `kiln plan` fits in cluster.gpu_memory_gib for this engine (`resolve_micro_batch`)
+    micro_batch_size: int = 8
     seed: int = 1234  # shard shuffle and shuffle-buffer seed
     shuffle_buffer: int = 1024  # sequences held for local shuffling
     num_workers: int = 1  # DataLoader workers per rank
@@ -784,8 +786,46 @@ def build_config(raw: Any) -> KilnConfig:
     resolve_max_tokens(cfg)
     if isinstance(cfg.cluster, LocalClusterConfig) and cfg.cluster.procs_per_node:
         cfg.cluster.gpus_per_node = cfg.cluster.procs_per_node  # the ranks every check counts
+    if cfg.data.micro_batch_size == 0:
+        resolve_micro_batch(cfg)
     validate_config(cfg)
     return cfg
+
+
+def plan_strategy(engine: EngineConfig) -> str:
+    """The row of `kiln plan`'s memory table that an engine is: zero0 (DDP), zero1-3, fsdp."""
+    if isinstance(engine, DeepSpeedEngineConfig):
+        return f"zero{engine.zero_stage}"
+    return "fsdp" if isinstance(engine, FSDPEngineConfig) else "zero0"
+
+
+def resolve_micro_batch(cfg: KilnConfig) -> None:
+    """`data.micro_batch_size=0`: the largest micro-batch whose `kiln plan` estimate for this
+    engine (with or without activation checkpointing, as configured) fits in
+    `cluster.gpu_memory_gib` less `plan.memory_reserve`, among the divisors of the per-rank
+    batch (so the global batch, and the training, are unchanged; only the accumulation
+    differs); 1 when none fits (`kiln plan` then shows by how much)."""
+    from pretrain.models.accounting import count_parameters
+    from pretrain.plan import estimate_memory
+
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    ranks //= max(1, getattr(cfg.engine, "context_parallel", 1))
+    if ranks < 1 or cfg.data.global_batch_size % ranks:
+        raise ConfigError(
+            f"data.micro_batch_size=0 (the largest that fits) needs data.global_batch_size="
+            f"{cfg.data.global_batch_size} to be a multiple of the {ranks} data-parallel ranks"
+        )
+    cfg.data.micro_batch_size = 1
+    validate_config(cfg)  # everything else, before planning with it
+    per_rank = cfg.data.global_batch_size // ranks
+    counts = count_parameters(cfg.model)
+    strategy = plan_strategy(cfg.engine)
+    for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
+        cfg.data.micro_batch_size = micro
+        row = next(e for e in estimate_memory(cfg, counts) if e.strategy == strategy)
+        if row.fits_checkpointed if cfg.engine.activation_checkpointing else row.fits:
+            return
+    cfg.data.micro_batch_size = 1
 
 
 def resolve_max_tokens(cfg: KilnConfig) -> None:

@@ -516,3 +516,35 @@ def test_the_plan_says_what_it_assumes_of_the_loss() -> None:
         "zero0, zero1, zero2, zero3, fsdp: compiled on its own"
         in (build_plan(blocks).conventions["loss"])
     )
+
+
+def test_micro_batch_zero_picks_the_largest_that_the_plan_fits() -> None:
+    """`data.micro_batch_size=0`: the largest divisor of the per-rank batch whose estimate for
+    the run's engine fits in the device's memory (less plan.memory_reserve), with activation
+    checkpointing when the run uses it; 1 when nothing fits."""
+    from pretrain.config import plan_strategy
+
+    def chosen(*overrides: str) -> KilnConfig:
+        return config("model=gpt2_350m", "cluster=h200", "cluster.gpus_per_node=8",
+                      "cluster.gpu_memory_gib=80", "data.seq_len=1024",
+                      "data.global_batch_size=1024", "data.micro_batch_size=0",
+                      *overrides)  # fmt: skip
+
+    def fits(cfg: KilnConfig, micro: int) -> bool:
+        cfg.data.micro_batch_size = micro
+        row = {m.strategy: m for m in build_plan(cfg).memory}[plan_strategy(cfg.engine)]
+        return row.fits_checkpointed if cfg.engine.activation_checkpointing else row.fits
+
+    for engine in ("engine=fsdp", "engine=zero2", "engine=ddp"):
+        for checkpointing in ("false", "true"):
+            cfg = chosen(engine, f"engine.activation_checkpointing={checkpointing}")
+            micro = cfg.data.micro_batch_size
+            assert 128 % micro == 0 and fits(cfg, micro), (engine, checkpointing, micro)
+            if micro < 128:
+                assert not fits(cfg, 2 * micro), (engine, checkpointing, micro)
+    plain, checkpointed = (chosen("engine=fsdp", f"engine.activation_checkpointing={c}")
+                           for c in ("false", "true"))  # fmt: skip
+    assert checkpointed.data.micro_batch_size > plain.data.micro_batch_size > 1
+    assert chosen("engine=fsdp", "cluster.gpu_memory_gib=1").data.micro_batch_size == 1
+    with pytest.raises(ConfigError, match="global_batch_size=12 to be a multiple of the 8 data"):
+        chosen("data.global_batch_size=12")
