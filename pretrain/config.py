@@ -226,7 +226,7 @@ ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 @dataclass
 class EngineConfig:
     """How the model is distributed across ranks. Applied to a finished model in a fixed
-    order: activation checkpointing, then compile, then sharding."""
+    order: FP8 conversion (float8), activation checkpointing, then compile, then sharding."""
 
     kind: ClassVar[str] = "abstract"
 

@@ -1,9 +1,10 @@
 """Engines: how a finished model is distributed, stepped and checkpointed.
 
 This package is the one place that applies parallelism (and builds a DeepSpeed config). Every
-engine is applied to a model built by `pretrain.models.build_model`, in a fixed order:
-activation checkpointing, then `torch.compile` of each block (and of the cross-entropy), then
-sharding or replication; or, with `compile_scope` "loss", the engine compiles the forward together
+engine is applied to a model built by `pretrain.models.build_model`, in a fixed order: the FP8
+conversion of the blocks' linear layers (`engine.float8`, `float8.py`), activation
+checkpointing, then `torch.compile` of each block (and of the cross-entropy), then sharding or
+replication; or, with `compile_scope` "loss", the engine compiles the forward together
 with the cross-entropy. The trainer drives all of them through `Engine`:
 
     loss = engine.forward_backward(batch, last_micro_batch)   # for each micro-batch
