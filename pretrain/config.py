@@ -806,7 +806,7 @@ def resolve_micro_batch(cfg: KilnConfig) -> None:
     batch (so the global batch, and the training, are unchanged; only the accumulation
     differs); 1 when none fits (`kiln plan` then shows by how much)."""
     from pretrain.models.accounting import count_parameters
-    from pretrain.plan import estimate_memory
+    from pretrain.plan import largest_micro_batches
 
     ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     ranks //= max(1, getattr(cfg.engine, "context_parallel", 1))
@@ -817,15 +817,9 @@ def resolve_micro_batch(cfg: KilnConfig) -> None:
         )
     cfg.data.micro_batch_size = 1
     validate_config(cfg)  # everything else, before planning with it
-    per_rank = cfg.data.global_batch_size // ranks
-    counts = count_parameters(cfg.model)
-    strategy = plan_strategy(cfg.engine)
-    for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
-        cfg.data.micro_batch_size = micro
-        row = next(e for e in estimate_memory(cfg, counts) if e.strategy == strategy)
-        if row.fits_checkpointed if cfg.engine.activation_checkpointing else row.fits:
-            return
-    cfg.data.micro_batch_size = 1
+    largest = largest_micro_batches(cfg, count_parameters(cfg.model))["largest"]
+    kind = "checkpointed" if cfg.engine.activation_checkpointing else "plain"
+    cfg.data.micro_batch_size = max(1, largest[plan_strategy(cfg.engine)][kind])
 
 
 def resolve_max_tokens(cfg: KilnConfig) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,24 @@ def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate
     return estimates
 
 
+def largest_micro_batches(cfg: KilnConfig, counts: ParamCounts) -> dict[str, Any]:
+    """The largest micro-batch each strategy fits in the device, without and with activation
+    checkpointing (0: not even one sequence), among the divisors of the per-rank batch: the
+    micro-batches that keep the global batch (`data.micro_batch_size=0` takes its engine's)."""
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    ranks //= max(1, getattr(cfg.engine, "context_parallel", 1))
+    per_rank = max(1, cfg.data.global_batch_size // max(1, ranks))
+    largest = {strategy: {"plain": 0, "checkpointed": 0} for strategy in STRATEGIES}
+    for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
+        sized = replace(cfg, data=replace(cfg.data, micro_batch_size=micro))
+        for estimate in estimate_memory(sized, counts):
+            if estimate.fits:  # estimates grow with the micro-batch: the last that fits
+                largest[estimate.strategy]["plain"] = micro
+            if estimate.fits_checkpointed:
+                largest[estimate.strategy]["checkpointed"] = micro
+    return {"per_rank": per_rank, "largest": largest}
+
+
 def chinchilla_tokens(params: int, tokens_per_param: float) -> float:
     """Compute-optimal training tokens for a model size (Hoffmann et al. 2022: ~20 per parameter)."""
     return tokens_per_param * params
@@ -464,6 +482,7 @@ class Plan:
     scaling: dict[str, Any]
     training: dict[str, Any]
     memory: list[MemoryEstimate] = field(default_factory=list)
+    micro_batch: dict[str, Any] = field(default_factory=dict)  # `largest_micro_batches`
     conventions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -556,6 +575,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "gpu_hours": seconds * ranks / 3600,
         },
         memory=estimate_memory(cfg, counts),
+        micro_batch=largest_micro_batches(cfg, counts),
         conventions=plan_conventions(cfg),
     )
 
@@ -685,6 +705,15 @@ def render_table(plan: Plan) -> str:
         )
     console.print(summary)
     console.print(memory)
+    largest = plan.micro_batch["largest"]
+    console.print(
+        f"Largest micro-batch that fits, of the divisors of {plan.micro_batch['per_rank']} "
+        "sequences per rank (without / with activation checkpointing; "
+        "data.micro_batch_size=0 takes its engine's): "
+        + ", ".join(f"{s} {v['plain']} / {v['checkpointed']}" for s, v in largest.items())
+        + ".",
+        soft_wrap=True,
+    )
     console.print(f"FLOPs: {plan.conventions['flops']}.", soft_wrap=True)
     console.print(f"Loss: {plan.conventions['loss']}.", soft_wrap=True)
     if "float8" in plan.conventions:

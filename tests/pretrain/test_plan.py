@@ -545,6 +545,22 @@ def test_micro_batch_zero_picks_the_largest_that_the_plan_fits() -> None:
     plain, checkpointed = (chosen("engine=fsdp", f"engine.activation_checkpointing={c}")
                            for c in ("false", "true"))  # fmt: skip
     assert checkpointed.data.micro_batch_size > plain.data.micro_batch_size > 1
+    # the plan lists the same choice for every strategy (JSON and table)
+    from pretrain.plan import render_table
+
+    plan = build_plan(plain)
+    assert plan.micro_batch["per_rank"] == 128
+    assert plan.micro_batch["largest"]["fsdp"] == {
+        "plain": plain.data.micro_batch_size,
+        "checkpointed": checkpointed.data.micro_batch_size,
+    }
+    assert plan.to_json()["micro_batch"] == plan.micro_batch
+    text = " ".join(render_table(plan).split())
+    assert ("Largest micro-batch that fits, of the divisors of 128 sequences per rank (without "
+            "/ with activation checkpointing; data.micro_batch_size=0 takes its engine's): "
+            "zero0 ") in text  # fmt: skip
+    assert (f"fsdp {plain.data.micro_batch_size} / {checkpointed.data.micro_batch_size}."
+            in text)  # fmt: skip
     assert chosen("engine=fsdp", "cluster.gpu_memory_gib=1").data.micro_batch_size == 1
     with pytest.raises(ConfigError, match="global_batch_size=12 to be a multiple of the 8 data"):
         chosen("data.global_batch_size=12")
