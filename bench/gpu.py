@@ -38,7 +38,8 @@ longer fits is skipped and says so):
    `engine.loss_chunk_tokens=2048`: the head and the cross-entropy an eighth of the batch's
    tokens at a time, against `gpt2_124m` and `gpt2_124m_fsdp`; `gpt2_124m_float8` and
    `gpt2_350m_float8`, `engine.float8=true`: the blocks' linear layers as FP8 matmuls through
-   torchao, whose wheel must then be on the machine, against their bf16 runs).
+   torchao, whose wheel must then be on the machine, against their bf16 runs;
+   `gpt2_124m_fp8_max`, FP8 with autotuned kernels and cuDNN's attention first).
 
 The runs in `--profile` (default gpt2_124m and gpt2_350m) take 4 more steps after the timed ones
 (the profiler's warm-up step and 3 recorded) under `trainer.profile` (pretrain/profiling.py): their top kernels, the device's busy fraction
@@ -123,7 +124,7 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "gpt2_124m_docmask_cudnn": 50, "moe_loop": 90, "gpt2_124m_max": 120,
                "gpt2_124m_fsdp": 60, "gpt2_124m_chunked": 60,
                "gpt2_124m_fsdp_chunked": 60, "gpt2_124m_float8": 70,
-               "gpt2_350m_float8": 90}  # fmt: skip
+               "gpt2_350m_float8": 90, "gpt2_124m_fp8_max": 150}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
@@ -313,6 +314,16 @@ EXTRA_RUNS: dict[str, tuple[str, list[str]]] = {
     # the blocks' linear layers as FP8 matmuls (engine.float8, torchao, tensorwise scales)
     "gpt2_124m_float8": ("gpt2_124m", [*NO_MASK, "engine.float8=true"]),
     "gpt2_350m_float8": ("gpt2_350m", [*NO_MASK, "engine.float8=true"]),
+    # the levers together: FP8 matmuls, autotuned kernels, cuDNN's attention first
+    "gpt2_124m_fp8_max": (
+        "gpt2_124m",
+        [
+            *NO_MASK,
+            "engine.float8=true",
+            "engine.compile_mode=max-autotune-no-cudagraphs",
+            f"engine.attention_backends={CUDNN_FIRST}",
+        ],
+    ),  # fmt: skip
 }
 # the run each extra one is compared with (default: its model's run)
 EXTRA_VERSUS = {"gpt2_124m_docmask_cudnn": "gpt2_124m_docmask",

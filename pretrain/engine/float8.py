@@ -50,7 +50,15 @@ def float8_targets(model: nn.Module) -> tuple[list[str], int]:
     return names, total
 
 
+def quiet_torchao_import() -> None:
+    """torchao's import logs each optional CUDA extension it cannot load (none is used here)
+    and torch a deprecation notice about how torchao registers an enum with pytree."""
+    for name in ("torchao", "torchao.utils", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def torchao_available() -> bool:
+    quiet_torchao_import()
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
@@ -61,10 +69,7 @@ def torchao_available() -> bool:
 def apply_float8(model: nn.Module, engine_cfg: Any, *, fsdp: bool) -> tuple[int, int]:
     """Convert the blocks' linear layers in place (see the module docstring); returns
     (converted, linear layers in the blocks)."""
-    # torchao's import logs each optional CUDA extension it cannot load (none is used here)
-    # and torch a deprecation notice about how torchao registers an enum with pytree
-    for name in ("torchao", "torchao.utils", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torchao_import()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if engine_cfg.float8_recipe == "tensorwise":
