@@ -13,7 +13,7 @@ STAMP := $(VENV)/.kiln-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format services bench clean
+.PHONY: install demo test test-fast lint format services bench gpu-bundle clean
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ bench: install
 	$(PY) bench/memory.py
 	$(PY) bench/loss.py --compile
 	$(PY) bench/demo.py
+
+# What bench/gpu.py needs on a GPU host with only PyTorch (hydra, omegaconf, torchao, stdlib
+# shards, run.sh) in .gpu_bundle/: carry it with the repository, run `bash .gpu_bundle/run.sh`.
+gpu-bundle: install
+	$(PY) bench/gpu_bundle.py
 
 clean:
 	rm -rf $(VENV) runs outputs out .pytest_cache

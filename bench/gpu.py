@@ -54,9 +54,12 @@ Targets (issue #9): 124M full stack >= 1.2 x nanoGPT's 478,600 tokens/s (H200,
 (FAIL keeps the exit code 0; a crashed stage gives exit code 1). MFU is also given against
 the measured matmul peak.
 
-Writes bench/results/gpu.json (`--results`) and the `gpu` section of BENCHMARKS.md
-(`--markdown`); `--render JSON` rewrites the section from a results file (e.g. one fetched from
-the GPU machine).
+Writes bench/results/gpu.json (`--results`; rewritten after every stage, so a run cut short
+keeps what it measured) and the `gpu` section of BENCHMARKS.md (`--markdown`), which sets every
+run beside its counterpart in `--before` (default: the recorded H200 run from before the
+trainer's speed-ups). `--render JSON...` rewrites the section from results files (e.g. fetched
+from the GPU machine; several calls on one device are merged). On a host with only PyTorch,
+`bench/gpu_bundle.py` packs what this script needs.
 
 `--smoke` runs the same stages on the CPU in seconds (tiny models, a few steps, no compile, a
 256^3 fp32 matmul): figures are meaningless there, the point is that every stage still runs;
@@ -65,7 +68,7 @@ it writes only `--results` when given. tests/bench/test_gpu_smoke.py runs it in 
     python bench/gpu.py [--data DIR] [--budget 480] [--steps 40] [--skip moe,...]
     python bench/gpu.py --extra gpt2_124m_autotune,gpt2_124m_cudagraphs --skip moe
     python bench/gpu.py --smoke --results /tmp/gpu-smoke.json
-    python bench/gpu.py --render bench/results/gpu.json
+    python bench/gpu.py --render bench/results/gpu.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +130,9 @@ MIN_SECONDS = {"gpt2_124m": 60, "plain_124m": 45, "gpt2_350m": 75, "gpt2_124m_do
                "gpt2_124m_fsdp_chunked": 60, "gpt2_124m_float8": 70,
                "gpt2_350m_float8": 90, "gpt2_124m_fp8_max": 150}  # fmt: skip
 MAX_STAGE_SECONDS = 240.0  # one trainer or plain-loop run, compilation included
+# The recorded H200 run before the trainer's speed-ups (issue #9's "before"): a run's section
+# compares its figures with this one's, run by run (`--before`).
+BEFORE_RESULTS = HERE / "results" / "gpu_h200_2026-11-28.json"
 DEFAULT_PROFILE = "gpt2_124m,gpt2_350m"  # trainer runs profiled after their timed steps
 PROFILE_STEPS = 3
 
@@ -200,8 +207,30 @@ def stage_env(smoke: bool) -> dict[str, Any]:
             __import__(module)
         except ImportError as error:
             raise StageError(f"{module} is not importable ({error}): run `make install`, or put "
-                             "hydra-core, omegaconf and antlr4-python3-runtime on PYTHONPATH") from error  # fmt: skip
+                             "hydra-core, omegaconf and antlr4-python3-runtime on PYTHONPATH "
+                             "(bench/gpu_bundle.py)") from error  # fmt: skip
+    info["packages"] = package_sources()
     return info
+
+
+def package_sources() -> dict[str, dict[str, str | None]]:
+    """Version and location of the packages a GPU host may lack (from a bundle, or not)."""
+    import importlib.metadata
+    import importlib.util
+
+    found = {}
+    for dist, module in (
+        ("hydra-core", "hydra"),
+        ("omegaconf", "omegaconf"),
+        ("torchao", "torchao"),
+    ):
+        spec = importlib.util.find_spec(module)
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        found[module] = {"version": version, "path": spec.origin if spec else None}
+    return found
 
 
 def stage_matmul(smoke: bool) -> dict[str, Any]:
@@ -403,10 +432,14 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     # plan's keys: zero0 (plain data parallel: DDP) .. zero3, fsdp
     engine = run_engine(model, args.engine)
     strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(engine, engine.removesuffix("_offload"))
-    plan = plan_memory(overrides, work, name, strategy, min(120.0, budget.left()))
     command = [sys.executable, "-m", "launch.cli", "train", *overrides]
     timeout = min(budget.left(), MAX_STAGE_SECONDS)
-    wall = run_logged(command, work / f"train-{name}.log", timeout, child_env())
+    # `kiln plan` runs on the host while the trainer starts up and compiles (its seconds are
+    # the GPU's idle seconds otherwise; it ends long before the timed steps)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        planned = pool.submit(plan_memory, overrides, work, name, strategy, min(120.0, timeout))
+        wall = run_logged(command, work / f"train-{name}.log", timeout, child_env())
+        plan = planned.result()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
@@ -721,7 +754,129 @@ def print_report(results: dict[str, Any]) -> None:
         print(line)
 
 
-def markdown_section(results: dict[str, Any]) -> str:
+PART_KEYS = ("command", "date", "commit", "runtime_seconds", "budget_seconds")
+SAME_DEVICE_STAGES = ("env", "matmul", "data")  # measured once: the first part's are kept
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several results files of one device (e.g. one call per device budget) as one: every
+    part's runs (a later part's run of the same name replaces the earlier one), the first part's
+    device, matmul and data stages, and each part's command, date and commit in `parts`."""
+    merged = json.loads(json.dumps(parts[0]))  # a deep copy
+    merged["parts"] = [{key: part.get(key) for key in PART_KEYS} for part in parts]
+    for part in parts[1:]:
+        for key in ("smoke", "steps", "warmup"):
+            if part.get(key) != merged.get(key):
+                raise ValueError(f"the parts differ in {key!r} ({merged.get(key)!r} and "
+                                 f"{part.get(key)!r}): their figures are not comparable")  # fmt: skip
+        for name, stage in part["stages"].items():
+            kept = merged["stages"].get(name)
+            if kept is not None and (name in SAME_DEVICE_STAGES or stage["status"] != "ok"):
+                continue  # a later part skipped or lost what an earlier one measured
+            merged["stages"][name] = stage
+            if name in part["runs"]:
+                merged["runs"][name] = part["runs"][name]
+    merged["runtime_seconds"] = sum(p.get("runtime_seconds") or 0 for p in parts)
+    merged["budget_seconds"] = sum(p.get("budget_seconds") or 0 for p in parts)
+    merged["failed"] = any(p.get("failed") for p in parts)
+    merged["partial"] = any(p.get("partial") for p in parts)
+    return merged
+
+
+def load_before(path: str | None, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The results to compare with (`--before`), unless none, the same run, or the other mode."""
+    if not path or not Path(path).is_file():
+        return None
+    before = json.loads(Path(path).read_text())
+    same = (before.get("date"), before.get("commit")) == (
+        results.get("date"),
+        results.get("commit"),
+    )
+    return None if same or before.get("smoke") != results.get("smoke") else before
+
+
+def changed_overrides(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The trainer overrides `after` adds and `before` had that `after` dropped (the run
+    directory, data path and step counts left out: they are not the work)."""
+
+    def work(run: dict[str, Any]) -> list[str]:
+        return [o for o in run.get("overrides", [])
+                if not o.startswith(("trainer.", "data.path="))]  # fmt: skip
+
+    old, new = work(before), work(after)
+    return [o for o in new if o not in old], [o for o in old if o not in new]
+
+
+def before_after_rows(results: dict[str, Any], before: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of `results` against its counterpart in `before`: the run of the same name,
+    else the run an extra one varies, else its preset's run (`gpt2_124m_float8` -> `gpt2_124m`)."""
+    rows = []
+    old_runs = before["runs"]
+    for name, run in results["runs"].items():
+        candidates = [name, EXTRA_VERSUS.get(name), TRAINER_RUNS.get(name, ("",))[0]]
+        base = next((c for c in candidates if c and c in old_runs), None)
+        if base is None:
+            continue
+        old = old_runs[base]
+        added, dropped = changed_overrides(old, run)
+        rows.append({
+            "before": base, "after": name, "added": added, "dropped": dropped,
+            "tokens_per_s": (old["tokens_per_s"], run["tokens_per_s"]),
+            "speedup": run["tokens_per_s"] / old["tokens_per_s"],
+            "step_ms": (old["step_ms"], run["step_ms"]),
+            "mfu_989": (old.get("mfu_989"), run.get("mfu_989")),
+            "peak_memory_gib": (old["peak_memory_gib"], run["peak_memory_gib"]),
+            "memory_ratio": run["peak_memory_gib"] / old["peak_memory_gib"]
+            if old["peak_memory_gib"] else None,
+        })  # fmt: skip
+    return rows
+
+
+def before_after_lines(results: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    """Markdown: this run against the recorded one, run by run (issue #9's before and after)."""
+    rows = before_after_rows(results, before) if before else []
+    if not rows:
+        return []
+    lines = [
+        f"### Before and after: against the run of {before['date']} (commit {before['commit']})",
+        "",
+        "Each run here against its counterpart there (the same name, else the run it varies). "
+        "Overrides: what this run sets that that one did not (and what that one set instead); "
+        "the code changed between the commits too. Plain loops have no overrides: the loop "
+        "itself is described above.",
+        "",
+        "| before -> after | overrides added (dropped) | tokens/s before -> after | after / "
+        "before | step ms | MFU vs 989 | peak GiB (after / before) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        added = " ".join(f"`{o}`" for o in row["added"]) or "-"
+        if row["dropped"]:
+            added += " (" + " ".join(f"`{o}`" for o in row["dropped"]) + ")"
+        ratio = f" ({row['memory_ratio']:.3f}x)" if row["memory_ratio"] else ""
+        (t0, t1), (s0, s1), (m0, m1), (g0, g1) = (
+            row[k] for k in ("tokens_per_s", "step_ms", "mfu_989", "peak_memory_gib")
+        )
+        lines.append(
+            f"| {row['before']} -> {row['after']} | {added} | {t0:,.0f} -> {t1:,.0f} | "
+            f"{row['speedup']:.3f}x | {s0:.2f} -> {s1:.2f} | {fmt(m0, '.1%')} -> "
+            f"{fmt(m1, '.1%')} | {g0:.2f} -> {g1:.2f}{ratio} |"
+        )
+    return lines
+
+
+def header_line(results: dict[str, Any]) -> str:
+    """Which command(s) made the figures: one call, or the merged calls of one device."""
+    parts = results.get("parts") or [{key: results.get(key) for key in PART_KEYS}]
+    calls = [f"`{p['command']}`, {p['date']}, commit {p['commit']}, {p['runtime_seconds']:.0f} s "
+             f"(budget {p['budget_seconds']:.0f} s)" for p in parts]  # fmt: skip
+    text = "; then ".join(calls) + "."
+    if results.get("partial"):
+        text += " Cut short: the stages after the last one reported did not run."
+    return text
+
+
+def markdown_section(results: dict[str, Any], before: dict[str, Any] | None = None) -> str:
     env = results["stages"]["env"].get("result", {})
     matmul = results["stages"].get("matmul", {}).get("result")
     m = results["machine"]
@@ -732,8 +887,7 @@ def markdown_section(results: dict[str, Any]) -> str:
         START_MARK,
         "## GPU: the full stack vs a plain PyTorch loop, nanoGPT and the device's peak",
         "",
-        f"`{results['command']}`, {results['date']}, commit {results['commit']}, "
-        f"{results['runtime_seconds']:.0f} s (budget {results['budget_seconds']:.0f} s).",
+        header_line(results),
         "",
         f"- Device: {device}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '-')}; host "
         f"{m['cpu']}, {m['usable_cores']} usable cores, Python {m['python']}.",
@@ -771,6 +925,8 @@ def markdown_section(results: dict[str, Any]) -> str:
     body.append("")
     body += [f"- {line}" for line in check_lines(results)]
     body += [f"- {line}" for line in stage_lines(results)]
+    if compared := before_after_lines(results, before):
+        body += ["", *compared]
     if profiled := profile_lines(results):
         body += ["", *profiled]
     body += ["", END_MARK]
@@ -803,7 +959,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     p.add_argument("--results", type=Path, help="results JSON (default bench/results/gpu.json)")
     p.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="file to update")
-    p.add_argument("--render", type=Path, help="rewrite the markdown section from a results JSON")
+    p.add_argument("--render", type=Path, nargs="+",
+                   help="rewrite the markdown section from results JSONs (several: one device's "
+                        "calls, merged)")  # fmt: skip
+    p.add_argument("--before", default=str(BEFORE_RESULTS),
+                   help="a results JSON to compare run by run (default: the recorded H200 run "
+                        "before the speed-ups; '' for none)")  # fmt: skip
     p.add_argument("--commit", help="the commit to report (default: asked of git here)")
     p.add_argument("--plain-worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -815,9 +976,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.plain_worker:
         return plain_worker(args.plain_worker, args.steps, args.out, args.smoke)
     if args.render:
-        results = json.loads(args.render.read_text())
-        write_markdown(args.markdown, markdown_section(results), SECTION)
-        print(f"wrote the {SECTION} section of {args.markdown} from {args.render}")
+        try:
+            results = merge_results([json.loads(path.read_text()) for path in args.render])
+        except (OSError, ValueError, KeyError) as error:
+            parser().error(f"--render: {error}")
+        derive(results)
+        before = load_before(args.before, results)
+        write_markdown(args.markdown, markdown_section(results, before), SECTION)
+        shown = ", ".join(str(path) for path in args.render)
+        print(f"wrote the {SECTION} section of {args.markdown} from {shown}")
         return 0
     args.steps = args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS)
     args.warmup = args.warmup or (SMOKE_WARMUP if args.smoke else DEFAULT_WARMUP)
@@ -862,8 +1029,21 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     failed = False
+    results_path = args.results or (None if args.smoke else REPO / "bench" / "results" / "gpu.json")
+
+    def snapshot() -> None:
+        # after every stage: a run cut short (a device's time limit) keeps what it measured
+        if results_path is not None:
+            results.update(runtime_seconds=budget.seconds - budget.left(), failed=failed,
+                           partial=True)  # fmt: skip
+            write_json(results_path, results)
 
     def stage(name: str, fn: Any, *fn_args: Any, needs: float = 0.0) -> Any:
+        result = run_stage(name, fn, *fn_args, needs=needs)
+        snapshot()
+        return result
+
+    def run_stage(name: str, fn: Any, *fn_args: Any, needs: float = 0.0) -> Any:
         nonlocal failed
         if name in skip:
             results["stages"][name] = {"status": "skipped (--skip)", "seconds": 0.0}
@@ -894,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = stage("env", stage_env, args.smoke)
         if env is None:
-            return finish(results, args, budget, failed=True)
+            return finish(results, args, budget, True, results_path)
         stage("matmul", stage_matmul, args.smoke)
         data = stage("data", stage_data, args, work, budget)
         if data is not None:
@@ -912,6 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                                 needs=MIN_SECONDS[name])  # fmt: skip
                 if run is not None:
                     results["runs"][name] = run
+                    snapshot()
                     if args.traces and "profile" in run:
                         copy_traces(work / f"run-{name}" / "profile", args.traces / name)
                     wait = (
@@ -922,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[gpu]   {name}: {run['tokens_per_s']:,.0f} tokens/s, step "
                           f"{run['step_ms']:.2f} ms{wait}, peak {run['peak_memory_gib']:.2f} GiB",
                           flush=True)  # fmt: skip
-        return finish(results, args, budget, failed)
+        return finish(results, args, budget, failed, results_path)
     finally:
         if args.keep or args.work:
             print(f"[gpu] kept {work}")
@@ -940,22 +1121,30 @@ def copy_traces(source: Path, target: Path) -> None:
         shutil.copy2(trace, target / trace.parent.name / trace.name)
 
 
-def finish(results: dict[str, Any], args: argparse.Namespace, budget: Budget, failed: bool
-           ) -> int:  # fmt: skip
+def finish(results: dict[str, Any], args: argparse.Namespace, budget: Budget, failed: bool,
+           path: Path | None) -> int:  # fmt: skip
     results["runtime_seconds"] = budget.seconds - budget.left()
     results["failed"] = failed
+    results["partial"] = False
     derive(results)
     print()
     print_report(results)
-    path = args.results or (None if args.smoke else REPO / "bench" / "results" / "gpu.json")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_json(path, results)
         print(f"wrote {path}")
     if not args.smoke:
-        write_markdown(args.markdown, markdown_section(results), SECTION)
+        before = load_before(args.before, results)
+        write_markdown(args.markdown, markdown_section(results, before), SECTION)
         print(f"wrote the {SECTION} section of {args.markdown}")
     return 1 if failed else 0
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """`results` to `path` atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

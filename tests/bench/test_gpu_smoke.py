@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ TRAINER_RUNS = {"gpt2_124m", "gpt2_350m", "gpt2_124m_docmask", "moe", "gpt2_124m
                 "gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop",
                 "gpt2_124m_fsdp", "gpt2_124m_fsdp_chunked", "gpt2_124m_float8"}  # fmt: skip
 PLAIN_RUNS = {"plain_124m": "gpt2_124m", "plain_124m_docmask": "gpt2_124m_docmask"}
+EXTRAS = ["gpt2_124m_cudagraphs", "gpt2_124m_docmask_cudnn", "moe_loop", "gpt2_124m_fsdp",
+          "gpt2_124m_fsdp_chunked", "gpt2_124m_float8"]  # fmt: skip
 
 
 def positive(value: float) -> bool:
@@ -28,15 +31,28 @@ def positive(value: float) -> bool:
 def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     results_path = tmp_path / "gpu.json"
     markdown = tmp_path / "BENCHMARKS.md"
-    done = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
-         "--extra", "gpt2_124m_cudagraphs,gpt2_124m_docmask_cudnn,moe_loop,gpt2_124m_fsdp,"
-         "gpt2_124m_fsdp_chunked,gpt2_124m_float8"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    log = tmp_path / "gpu.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "bench/gpu.py", "--smoke", "--results", str(results_path),
+             "--extra", ",".join(EXTRAS)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        # the results file is rewritten after every stage (atomically: always whole JSON), so
+        # a run cut short by a device's time limit keeps what it measured
+        snapshots: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            if results_path.is_file():
+                partial = json.loads(results_path.read_text())
+                if partial["partial"]:
+                    snapshots.append((len(partial["stages"]), len(partial["runs"])))
+            time.sleep(0.2)
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    assert process.returncode == 0, log.read_text()[-8000:]
+    assert len(set(snapshots)) >= 5 and snapshots == sorted(snapshots), snapshots
     results = json.loads(results_path.read_text())
-    assert results["smoke"] is True and results["failed"] is False
+    assert results["smoke"] is True and results["failed"] is False and results["partial"] is False
 
     # every stage ran and was timed
     stages = results["stages"]
@@ -145,3 +161,64 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     assert "| gpt2_124m |" in text and "target >= 0.95x" in text
     assert "### Where the step time goes" in text and "**gpt2_350m**, steps 8-10" in text
     assert "| top by self CPU time of each operator | ms per step |" in text
+
+    # two calls' results (e.g. one per device budget) render as one section, against a
+    # recorded run: each run beside its counterpart there
+    first, second = json.loads(results_path.read_text()), json.loads(results_path.read_text())
+    for name in ("moe", "gpt2_124m_blocks"):
+        first["runs"].pop(name)
+        first["stages"][name] = {"status": "skipped (--skip)", "seconds": 0.0}
+    for name in [n for n in second["runs"] if n not in ("moe", "gpt2_124m_blocks")]:
+        second["runs"].pop(name)
+        second["stages"][name] = {"status": "skipped (--skip)", "seconds": 0.0}
+    second["date"] = "the second call"
+    before = json.loads(results_path.read_text())
+    before |= {"date": "2026-01-01 00:00 UTC", "commit": "0123abc"}
+    for run in before["runs"].values():
+        run["tokens_per_s"] /= 2
+    before["runs"]["gpt2_124m"]["overrides"] = [
+        o.replace("engine=ddp", "engine=fsdp") for o in before["runs"]["gpt2_124m"]["overrides"]
+    ]
+    for name in EXTRAS:  # the recorded run had none of the extras
+        before["runs"].pop(name)
+    paths = []
+    for name, part in (("first", first), ("second", second), ("before", before)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged_md = tmp_path / "MERGED.md"
+    rendered = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--render", str(paths[0]), str(paths[1]),
+         "--before", str(paths[2]), "--markdown", str(merged_md)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    text = merged_md.read_text()
+    assert f"commit {results['commit']}" in text and "; then `bench/gpu.py --smoke" in text
+    assert "the second call" in text
+    for name in runs:  # the union of both calls' runs
+        assert f"| {name} |" in text, name
+    assert "### Before and after: against the run of 2026-01-01 00:00 UTC (commit 0123abc)" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| gpt2_124m", "| moe -> "))]
+    by_pair = {line.split(" | ")[0][2:]: line for line in rows if " -> " in line.split(" | ")[0]}
+    # the same name; an extra against the run it varies, else its preset's run
+    assert {"gpt2_124m -> gpt2_124m", "gpt2_124m -> gpt2_124m_fsdp", "moe -> moe",
+            "moe -> moe_loop", "gpt2_124m -> gpt2_124m_float8",
+            "gpt2_124m_docmask -> gpt2_124m_docmask_cudnn",
+            "gpt2_124m -> gpt2_124m_fsdp_chunked"} <= set(by_pair)  # fmt: skip
+    assert "| `engine=ddp` (`engine=fsdp`) |" in by_pair["gpt2_124m -> gpt2_124m"]
+    # the same engine and settings then and now: only the code changed
+    assert "| gpt2_124m -> gpt2_124m_fsdp | - |" in by_pair["gpt2_124m -> gpt2_124m_fsdp"]
+    assert (
+        "| `engine.float8=true` `engine=ddp` (`engine=fsdp`) |"
+        in (by_pair["gpt2_124m -> gpt2_124m_float8"])
+    )
+    assert "| 2.000x |" in by_pair["moe -> moe"]  # tokens/s halved in the "before"
+    # parts measured with other settings are refused by name
+    second["steps"] = 7
+    paths[1].write_text(json.dumps(second))
+    refused = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--render", str(paths[0]), str(paths[1]),
+         "--markdown", str(merged_md)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "differ in 'steps'" in refused.stderr
