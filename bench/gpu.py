@@ -12,14 +12,16 @@ longer fits is skipped and says so):
    recorded H200 run used fsdp, before the DDP engine had bf16), batch 16 x 1024, bf16 autocast
    (FSDP2: its mixed-precision policy), `engine.compile=true`, `logger.log_every=1`: shards ->
    loader -> engine -> metrics.jsonl. Step time = median `step_time` after the warm-up steps
-   (compilation is in the first ones); loader wait = median `data_wait`; peak memory = the last
-   record's `memory_gib` (`torch.cuda.max_memory_allocated`).
+   (compilation is in the first ones); wall = the time between the records of those steps per
+   step (what the loop does between steps included): tokens/s and MFU come from it; loader
+   wait = median `data_wait`; peak memory = the last record's `memory_gib`
+   (`torch.cuda.max_memory_allocated`).
 5. `plain_124m`: a plain PyTorch loop (`--plain-worker`, its own process) over the same model
    built from the trainer run's resolved config: `build_model`, the forward (bf16 autocast)
    and the fp32 cross-entropy compiled as one function (as nanoGPT's model computes its loss in
    its compiled forward), fused AdamW, `clip_grad_norm_`, one micro-batch of the trainer's
    loader already on the GPU; the same batch and the same step timing (a host sync per step,
-   as the trainer's `float(loss)`).
+   as the trainer's `float(loss)`); wall = the mean of its timed steps.
 6. `gpt2_350m`: the trainer at gpt2_350m, same settings.
 7. `moe`: the trainer on the `tiny_moe` preset widened to GPT-2-small shape (`MOE_SHAPE`:
    12 layers, d 768, 8 experts top-2) at 16 x 1024.
@@ -449,7 +451,10 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     timed = train[args.warmup :]
     step_s = statistics.median(r["step_time"] for r in timed)
     wait_s = statistics.median(r["data_wait"] for r in timed)
-    interval = (train[-1]["time"] - train[args.warmup - 1]["time"]) / (len(train) - args.warmup)
+    # the wall clock per timed step, from the records' times: what the loop does between steps
+    # (logging, the all-reduced loss, signal checks) included, as a user's run pays it and as
+    # nanoGPT's bench.py times its steps; the step times alone leave it out
+    wall = (train[-1]["time"] - train[args.warmup - 1]["time"]) / (len(train) - args.warmup)
     tokens = batch * seq
     start = next((r for r in records if r.get("event") == "start"), {})
     peak_tflops = start.get("peak_tflops", PEAK_TFLOPS)
@@ -468,9 +473,9 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
         "first_step_seconds": train[0]["step_time"],
         "step_ms": 1e3 * step_s,
         "step_ms_mean": 1e3 * statistics.fmean(r["step_time"] for r in timed),
-        "interval_ms": 1e3 * interval,
-        "tokens_per_s": tokens / step_s,
-        "tokens_per_s_between_steps": tokens / interval,
+        "wall_ms": 1e3 * wall,
+        "tokens_per_s": tokens / wall,
+        "tokens_per_s_median_step": tokens / step_s,
         "data_wait_ms": 1e3 * wait_s,
         "data_wait_fraction": wait_s / step_s,
         "mfu_logged": statistics.median(r["mfu"] for r in timed),
@@ -520,7 +525,10 @@ def stage_plain(name: str, trainer: dict[str, Any], args: argparse.Namespace, wo
         "wall_seconds": wall,
         "first_step_seconds": result["step_times"][0],
         "step_ms": 1e3 * step_s,
-        "tokens_per_s": tokens / step_s,
+        # the loop does nothing between its timed steps: their mean is its wall clock per step
+        "wall_ms": 1e3 * statistics.fmean(timed),
+        "tokens_per_s": tokens / statistics.fmean(timed),
+        "tokens_per_s_median_step": tokens / step_s,
         "peak_memory_gib": result["peak_memory_gib"],
         "loss_first": result["losses"][0],
         "loss_last": result["losses"][-1],
@@ -661,8 +669,22 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def wall_ms(run: dict[str, Any]) -> float:
+    """Wall-clock ms per timed step. Runs recorded before `wall_ms` existed: a trainer run's
+    interval between records; a plain loop's step (nothing happens between its steps)."""
+    return run.get("wall_ms") or run.get("interval_ms") or run["step_ms"]
+
+
+def wall_tokens_per_s(run: dict[str, Any]) -> float:
+    """Tokens/s over the wall clock (older results: from their between-records interval)."""
+    if "wall_ms" in run:
+        return run["tokens_per_s"]
+    return run.get("tokens_per_s_between_steps") or run["tokens_per_s"]
+
+
 def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
-    rows = [("run", "step ms", "tokens/s", "MFU vs 989", "MFU vs measured peak",
+    rows = [("run", "step ms (median)", "wall ms per step", "tokens/s (wall)", "MFU vs 989",
+             "MFU vs measured peak",
              "loader wait ms (% of step)", "peak memory GiB", "plan GiB", "measured / plan",
              "first step s", "loss first -> last")]  # fmt: skip
     for run in results["runs"].values():
@@ -675,6 +697,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             (
                 run["name"],
                 f"{run['step_ms']:.2f}",
+                f"{wall_ms(run):.2f}",
                 f"{run['tokens_per_s']:,.0f}",
                 fmt(run.get("mfu_989"), ".1%"),
                 fmt(run.get("mfu_measured_peak"), ".1%"),
@@ -821,10 +844,14 @@ def before_after_rows(results: dict[str, Any], before: dict[str, Any]) -> list[d
         added, dropped = changed_overrides(old, run)
         rows.append({
             "before": base, "after": name, "added": added, "dropped": dropped,
-            "tokens_per_s": (old["tokens_per_s"], run["tokens_per_s"]),
-            "speedup": run["tokens_per_s"] / old["tokens_per_s"],
-            "step_ms": (old["step_ms"], run["step_ms"]),
-            "mfu_989": (old.get("mfu_989"), run.get("mfu_989")),
+            "tokens_per_s": (wall_tokens_per_s(old), wall_tokens_per_s(run)),
+            "speedup": wall_tokens_per_s(run) / wall_tokens_per_s(old),
+            "step_ms": (wall_ms(old), wall_ms(run)),
+            "mfu_989": tuple(
+                wall_tokens_per_s(r) * r["flops_per_token"] / 1e12 / PEAK_TFLOPS
+                if r.get("flops_per_token") else None
+                for r in (old, run)
+            ),
             "peak_memory_gib": (old["peak_memory_gib"], run["peak_memory_gib"]),
             "memory_ratio": run["peak_memory_gib"] / old["peak_memory_gib"]
             if old["peak_memory_gib"] else None,
@@ -843,10 +870,12 @@ def before_after_lines(results: dict[str, Any], before: dict[str, Any] | None) -
         "Each run here against its counterpart there (the same name, else the run it varies). "
         "Overrides: what this run sets that that one did not (and what that one set instead); "
         "the code changed between the commits too. Plain loops have no overrides: the loop "
-        "itself is described above.",
+        "itself is described above. Tokens/s over the wall clock of the timed steps (for a "
+        "trainer run recorded before that figure: the interval between its records, the same "
+        "measure) and the MFU they give.",
         "",
-        "| before -> after | overrides added (dropped) | tokens/s before -> after | after / "
-        "before | step ms | MFU vs 989 | peak GiB (after / before) |",
+        "| before -> after | overrides added (dropped) | tokens/s (wall) before -> after | "
+        "after / before | wall ms per step | MFU vs 989 | peak GiB (after / before) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -904,7 +933,9 @@ def markdown_section(results: dict[str, Any], before: dict[str, Any] | None = No
         "as one function; FSDP2 and DeepSpeed: each block's forward and the cross-entropy "
         "apart) except `gpt2_124m_blocks` (blocks, with DDP too); shards built by `kiln data` (the Python stdlib) on local disk -> "
         "loader -> engine -> metrics.jsonl; step time = median `step_time` over steps "
-        f"{results['warmup'] + 1}-{results['steps']}; loader wait = median `data_wait`; peak "
+        f"{results['warmup'] + 1}-{results['steps']}; wall = the time between the records of "
+        "those steps per step (what the loop does between steps included: tokens/s and MFU "
+        "come from it, as nanoGPT's bench.py times its steps); loader wait = median `data_wait`; peak "
         "memory = `torch.cuda.max_memory_allocated` as the trainer logs it; plan = `kiln plan` "
         f"with the same overrides ({results['engine']} total: weights, gradients, optimizer, "
         "buffers, activations). MoE: `model=tiny_moe` widened to "
@@ -914,7 +945,7 @@ def markdown_section(results: dict[str, Any], before: dict[str, Any] | None = No
         "nanoGPT computes its loss in its compiled forward), fused AdamW, "
         "`clip_grad_norm_`, one real micro-batch of the trainer's loader (the same keys: with "
         "document masking, position and document ids too) kept on the GPU, a host sync per "
-        "step; same steps.",
+        "step; same steps; wall = the mean of its timed steps.",
         "- MFU = tokens/s x `kiln plan`'s FLOPs/token (6N + 12LHQT, no causal halving) / peak.",
         "",
     ]
@@ -1101,7 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
                         else ""
                     )
                     print(f"[gpu]   {name}: {run['tokens_per_s']:,.0f} tokens/s, step "
-                          f"{run['step_ms']:.2f} ms{wait}, peak {run['peak_memory_gib']:.2f} GiB",
+                          f"{run['step_ms']:.2f} ms (wall {run['wall_ms']:.2f} ms){wait}, "
+                          f"peak {run['peak_memory_gib']:.2f} GiB",
                           flush=True)  # fmt: skip
         return finish(results, args, budget, failed, results_path)
     finally:

@@ -10,8 +10,8 @@ One run, one machine, the same model, batch shape and process count on both side
    `cluster.gpus_per_node` R = 1 and 2 (one rank in the `kiln train` process; two ranks under
    the torchrun it starts). Step time = the median of metrics.jsonl's `step_time` over the
    steps after the first `--warmup`. The mean wall time between consecutive `train` records
-   (which also holds what `step_time` leaves out: the loss all-reduce, logging, the
-   stop-signal all-reduce) and the median `data_wait` are reported beside it.
+   (which also holds what `step_time` leaves out: the one all-reduce of the loss and the
+   stop flags, logging) and the median `data_wait` are reported beside it.
 3. Minimal loop (this file, `--minimal-worker`, one process for R=1, torchrun for R=2): the
    model `pretrain.models.build_model` builds from the trainer run's own resolved config
    (RUN_DIR/config.pkl, so model, seed, optimizer settings and batch shape are the trainer's),
@@ -322,8 +322,7 @@ PROFILED = {
     ("torch/optim/adam.py", "step"): "AdamW step",
     ("torch/optim/lr_scheduler.py", "step"): "LR scheduler step",
     ("pretrain/data/loader.py", "__iter__"): "loader: next micro-batch",
-    ("pretrain/trainer.py", "mean_across_ranks"): "loss all-reduce (mean_across_ranks)",
-    ("pretrain/trainer.py", "any_rank"): "stop-signal all-reduce (any_rank)",
+    ("pretrain/trainer.py", "step_all_reduce"): "loss + stop flags all-reduce (step_all_reduce)",
     ("pretrain/metrics.py", "log"): "metrics record + console line",
     ("pretrain/trainer.py", "_memory_gib"): "_memory_gib (getrusage)",
     ("~", "<built-in method faulthandler.dump_traceback_later>"): "watchdog re-arm",
@@ -449,8 +448,8 @@ def breakdown_lines(results: dict[str, Any]) -> list[str]:
             f"num_workers=0, inline) is {trainer['data_wait_ms']:.2f} ms and the rest (forward, "
             f"backward, clip, AdamW, scheduler, loss .item()) {trainer['compute_ms']:.2f} ms "
             f"against the minimal loop's {minimal['step_ms']:.2f} ms; between steps, outside "
-            f"`step_time` (the loss all-reduce, the metrics record and console line, the "
-            f"stop-signal all-reduce, the watchdog re-arm) {outside:.2f} ms per step "
+            f"`step_time` (the all-reduce of the loss and the stop flags, the metrics record "
+            f"and console line, the watchdog re-arm) {outside:.2f} ms per step "
             f"(mean record interval {row['trainer_interval_ms']:.2f} ms - mean step_time "
             f"{trainer['step_ms_mean']:.2f} ms)"
         )
@@ -512,7 +511,7 @@ def markdown_section(results: dict[str, Any]) -> str:
         "trainer.eval_every=0` (no checkpoint before the last step); step time = median of "
         f"metrics.jsonl's `step_time` over steps {results['warmup'] + 1}-{results['steps']}; "
         "`ms between steps` = mean wall time between consecutive train records (adds the "
-        "loss all-reduce, logging and the stop-signal all-reduce, which `step_time` leaves "
+        "one all-reduce of the loss and the stop flags, and logging, which `step_time` leaves "
         "out).",
         "- Minimal loop: `bench/trainer.py --minimal-worker` on the trainer run's own resolved "
         "config: `build_model`, DDP at 2 ranks (launched by torchrun), plain AdamW with the "

@@ -57,14 +57,18 @@ class StopSignal:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
-    def any_rank(self, checkpoint_due: bool = False) -> tuple[bool, bool]:
-        """(any rank got a signal, any rank says a timed checkpoint is due), the same on every
-        rank (so all save together); one small all-reduce per step."""
-        flags = torch.tensor([float(self.received is not None), float(checkpoint_due)])
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signalled, due = flags.tolist()
-        return bool(signalled), bool(due)
+
+def step_all_reduce(means: list[float], flags: list[bool]) -> tuple[list[float], list[bool]]:
+    """The loop's one collective per step: the mean over the ranks of each of `means` (the
+    loss) and, for each of `flags` (a stop signal, a timed checkpoint due), whether any rank
+    raised it, so every rank decides alike. One all-reduce where there were one per figure (a
+    network round trip each across nodes); none at one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(means), list(flags)
+    tensor = torch.tensor([*means, *(float(flag) for flag in flags)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    values, world = tensor.tolist(), dist.get_world_size()
+    return [v / world for v in values[: len(means)]], [v > 0 for v in values[len(means) :]]
 
 
 class SpikeDetector:
@@ -88,20 +92,7 @@ class SpikeDetector:
 
 
 def mean_across_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return float(tensor.item())
-
-
-def means_across_ranks(values: list[float]) -> list[float]:
-    """`mean_across_ranks` of several values in one collective."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor.tolist()
+    return step_all_reduce([value], [])[0][0]
 
 
 class GarbageCollector:
@@ -265,13 +256,18 @@ def train(cfg: Any, context: Any) -> int:
             profile = profiler.after_step(state.step, step_time)
             log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
             moe: dict[str, float] = {}
+            timed = trainer.checkpoint_minutes > 0 and rank == 0
+            due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
+            flags = [stop.received is not None, due]
             # the logged loss is the LM loss; the MoE losses added to it are logged apart
             if has_moe:
                 aux = take_step_loss(model) / accumulation
-                loss, aux = means_across_ranks([sum(losses) / len(losses) - aux, aux])
+                (loss, aux), (signalled, due) = step_all_reduce(
+                    [sum(losses) / len(losses) - aux, aux], flags
+                )
                 moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
             else:
-                loss = mean_across_ranks(sum(losses) / len(losses))
+                (loss,), (signalled, due) = step_all_reduce([sum(losses) / len(losses)], flags)
             if logger is not None and log_now:
                 tokens_per_s = tokens_per_step / step_time
                 logger.log({
@@ -303,9 +299,6 @@ def train(cfg: Any, context: Any) -> int:
                 if not _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp):
                     eval_every = 0  # no held-out split: said once, not retried
                 collector.full()
-            timed = trainer.checkpoint_minutes > 0 and rank == 0
-            due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
-            signalled, due = stop.any_rank(due)
             if (
                 signalled
                 or due

@@ -74,9 +74,14 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
         for key in ("step_ms", "tokens_per_s", "tflops", "mfu_989", "mfu_measured_peak",
                     "peak_memory_gib", "plan_memory_gib", "memory_ratio"):  # fmt: skip
             assert positive(run[key]), (name, key, run[key])
+        # tokens/s over the wall clock between the timed steps' records (logging included)
         assert run["tokens_per_s"] == pytest.approx(
+            run["batch"] * run["seq"] / (run["wall_ms"] / 1e3)
+        )
+        assert run["tokens_per_s_median_step"] == pytest.approx(
             run["batch"] * run["seq"] / (run["step_ms"] / 1e3)
         )
+        assert run["wall_ms"] >= run["step_ms_mean"] * 0.9  # the records' times: 1 ms apart
         assert run["data_wait_ms"] >= 0 and 0 <= run["data_wait_fraction"] < 1
         # engine=ddp: plain data parallel; an extra run may name its own engine
         expected = "fsdp" if name.startswith("gpt2_124m_fsdp") else "zero0"

@@ -211,3 +211,39 @@ def test_attention_backends_pick_the_kernel(corpus: Path, tmp_path: Path) -> Non
         first[backends] = losses(run_dir)
     assert first["[math]"][1] == pytest.approx(first["[flash,math]"][1], rel=1e-5)
     assert first["[math]"][3] == pytest.approx(first["[flash,math]"][3], rel=1e-4)
+
+
+def _step_all_reduce_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pretrain.trainer import step_all_reduce
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a stop signal and a timed checkpoint seen by one rank each; the losses of both ranks
+    means, flags = step_all_reduce([1.0 + rank, 10.0 * rank], [rank == 1, rank == 0, False])
+    nan_means, _ = step_all_reduce([float("nan") if rank else 1.0], [])
+    Path(f"{out}.{rank}").write_text(json.dumps({"means": means, "flags": flags,
+                                                 "nan": str(nan_means[0])}))  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_one_all_reduce_gives_every_rank_the_mean_loss_and_any_ranks_flags(tmp_path: Path) -> None:
+    """The loop's per-step collective: every rank gets the mean of the ranks' losses and stops or
+    checkpoints when any rank says so (a SIGTERM delivered to one rank only stops them all)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pretrain.trainer import step_all_reduce
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "reduced")
+    mp.spawn(_step_all_reduce_rank, args=(port, out), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads(Path(f"{out}.{rank}").read_text())
+        assert got == {"means": [1.5, 5.0], "flags": [True, True, False], "nan": "nan"}, rank
+    # one process, no process group: the values as they are
+    assert step_all_reduce([2.5], [True, False]) == ([2.5], [True, False])
