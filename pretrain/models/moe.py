@@ -432,12 +432,13 @@ def take_step_loss(model: nn.Module) -> float:
     """The weighted auxiliary losses this rank added since the last call, summed over layers
     and micro-batches (0.0 for a dense model); the trainer subtracts their mean from the loss
     it logs, so `loss` stays the language-model loss."""
-    total = 0.0
+    losses = []
     for layer in moe_layers(model):
         if layer.stats.step_loss is not None:
-            total += float(layer.stats.step_loss)
+            losses.append(layer.stats.step_loss.double())
             layer.stats.step_loss = None
-    return total
+    # summed on the device: one host transfer per step, not one per layer
+    return float(torch.stack(losses).sum()) if losses else 0.0
 
 
 def enable_expert_parallel(model: nn.Module, group: object | None = None) -> list[str]:
