@@ -65,7 +65,8 @@ from the GPU machine; several calls on one device are merged). On a host with on
 
 `--smoke` runs the same stages on the CPU in seconds (tiny models, a few steps, no compile, a
 256^3 fp32 matmul): figures are meaningless there, the point is that every stage still runs;
-it writes only `--results` when given. tests/bench/test_gpu_smoke.py runs it in CI.
+it writes only `--results` when given. tests/bench/test_gpu_smoke.py runs it in CI, and
+`--check` (no training: every GPU stage's own overrides through `kiln plan` on the CPU).
 
     python bench/gpu.py [--data DIR] [--budget 480] [--steps 40] [--skip moe,...]
     python bench/gpu.py --extra gpt2_124m_autotune,gpt2_124m_cudagraphs --skip moe
@@ -487,6 +488,52 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
         "config": str(run_dir / "config.pkl"),
         **({"profile": profile_result(profile)} if profile else {}),
     }
+
+
+def check_stages(args: argparse.Namespace) -> int:
+    """`--check`: every trainer stage's GPU overrides (the default runs and every extra, the
+    profiled ones with their `trainer.profile` settings; `--skip` leaves some out) through
+    `kiln plan`, on this machine, no training: a config that does not compose or validate
+    fails here, not on the GPU."""
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-check-"))
+    steps = args.steps or DEFAULT_STEPS
+    profiled = {s.strip() for s in args.profile.split(",") if s.strip()}
+
+    def check(name: str) -> tuple[str, str | None, str]:
+        model, batch, seq = run_spec(name, False, 0)
+        total = steps + (1 + PROFILE_STEPS if name in profiled else 0)
+        overrides = train_overrides(model, batch, seq, work / "data", work / f"run-{name}",
+                                    total, False, args.engine)  # fmt: skip
+        if name in profiled:
+            overrides += [f"trainer.profile.start_step={steps + 2}",
+                          f"trainer.profile.steps={PROFILE_STEPS}"]  # fmt: skip
+        engine = run_engine(model, args.engine)
+        strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(engine, engine.removesuffix("_offload"))
+        out = work / f"plan-{name}.json"
+        command = [sys.executable, "-m", "launch.cli", "plan", *overrides, "plan.format=json",
+                   f"plan.output={out}"]  # fmt: skip
+        try:
+            run_logged(command, work / f"plan-{name}.log", 300.0, child_env())
+            memory = json.loads(out.read_text())["memory"][strategy]["total"]
+        except (StageError, KeyError, ValueError) as error:
+            return name, str(error).splitlines()[-1][:300], " ".join(overrides)
+        return name, None, f"{strategy} {memory / 2**30:.2f} GiB"
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    names = [n for n in TRAINER_RUNS
+             if n not in skip and not (n in DDP_ONLY and args.engine != "ddp")]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        checked = list(pool.map(check, names))
+    for name, error, detail in checked:
+        print(f"[gpu --check] {name}: {'FAILED: ' + error if error else 'ok, plan ' + detail}")
+    failed = [name for name, error, _ in checked if error]
+    print(f"[gpu --check] {len(checked) - len(failed)} of {len(checked)} stages resolve"
+          + (f"; failed: {', '.join(failed)} (logs in {work})" if failed else ""))  # fmt: skip
+    if not failed:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
 
 
 def profile_result(event: dict[str, Any]) -> dict[str, Any]:
@@ -986,6 +1033,8 @@ def parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_PROFILE}; '' for none)")  # fmt: skip
     p.add_argument("--traces", type=Path, help="copy the profiled runs' traces here")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
+    p.add_argument("--check", action="store_true",
+                   help="no training: resolve every GPU stage's config with `kiln plan` (CPU)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     p.add_argument("--results", type=Path, help="results JSON (default bench/results/gpu.json)")
@@ -1006,6 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.plain_worker:
         return plain_worker(args.plain_worker, args.steps, args.out, args.smoke)
+    if args.check:
+        return check_stages(args)
     if args.render:
         try:
             results = merge_results([json.loads(path.read_text()) for path in args.render])

@@ -227,3 +227,31 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode != 0 and "differ in 'steps'" in refused.stderr
+
+
+def test_check_mode_resolves_every_gpu_stage_and_names_the_ones_that_do_not() -> None:
+    """`bench/gpu.py --check`: every GPU stage's own overrides (full size, bf16, compiled; the
+    extras too) through `kiln plan` on the CPU, so a stage whose config no longer composes fails
+    in CI, not on a rented GPU."""
+    done = subprocess.run([sys.executable, "bench/gpu.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[gpu --check] ")]
+    assert len(lines) == 18 + 1 and lines[-1].endswith("18 of 18 stages resolve")
+    assert "[gpu --check] gpt2_124m_fsdp: ok, plan fsdp " in done.stdout  # its own engine
+    assert "[gpu --check] gpt2_350m: ok, plan zero0 " in done.stdout
+    # under DeepSpeed the FP8 stages cannot run (engine.float8 is DDP and FSDP2 only): named
+    keep = {"gpt2_124m", "gpt2_124m_float8"}
+    sys.path.insert(0, str(REPO))
+    from bench.gpu import TRAINER_RUNS as ALL_RUNS
+
+    skip = [name for name in ALL_RUNS if name not in keep]
+    done = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--check", "--engine", "zero2", "--skip", ",".join(skip)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "[gpu --check] gpt2_124m: ok, plan zero2 " in done.stdout
+    failed = next(line for line in done.stdout.splitlines() if "gpt2_124m_float8:" in line)
+    assert "FAILED" in failed and "float8" in failed, failed
+    assert "1 of 2 stages resolve; failed: gpt2_124m_float8" in done.stdout
