@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 MD_HEADER = """# Benchmarks
 
-Written by the scripts in `bench/` (see `bench/README.md`). Every figure is compared with a
-baseline measured in the same run on the same machine, so a target is a ratio, never a wall
-time. Each script replaces only its own section.
+Written by the scripts in `bench/` (see `bench/README.md`). Speed is compared with a baseline
+measured in the same run on the same machine (a ratio, not a wall time; the GPU script also
+with nanoGPT's published figure and the datasheet peak, named beside each), memory with `kiln
+plan`'s estimate; the one wall-time target is `make demo`'s (issue #9 asks for it). Each script
+replaces only its own section.
 """
 
 

@@ -490,6 +490,15 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     }
 
 
+def skipped_stages(args: argparse.Namespace) -> set[str]:
+    """`--skip`'s stage names, each checked (a misspelt one would otherwise run)."""
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if unknown := sorted(skip - {"matmul", "data", *TRAINER_RUNS, *PLAIN_RUNS}):
+        parser().error(f"--skip: unknown stage(s) {unknown}; known: matmul, data, "
+                       f"{', '.join([*ORDER, *EXTRA_RUNS])}")  # fmt: skip
+    return skip
+
+
 def check_stages(args: argparse.Namespace) -> int:
     """`--check`: every trainer stage's GPU overrides (the default runs and every extra, the
     profiled ones with their `trainer.profile` settings; `--skip` leaves some out) through
@@ -519,7 +528,7 @@ def check_stages(args: argparse.Namespace) -> int:
             return name, str(error).splitlines()[-1][:300], " ".join(overrides)
         return name, None, f"{strategy} {memory / 2**30:.2f} GiB"
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = skipped_stages(args)
     names = [n for n in TRAINER_RUNS
              if n not in skip and not (n in DDP_ONLY and args.engine != "ddp")]  # fmt: skip
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -1026,7 +1035,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine", default="ddp", help="engine of the trainer runs (ddp, fsdp, zero1, ...)"
     )
-    p.add_argument("--skip", default="", help="stages to skip: plain_124m,gpt2_350m,moe")
+    p.add_argument("--skip", default="",
+                   help="stages to skip (names as in --extra, or matmul, data), e.g. moe,plain_124m")  # fmt: skip
     p.add_argument("--extra", default="", help=f"extra stages to run: {','.join(EXTRA_RUNS)}")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"trainer runs to profile after their timed steps (default "
@@ -1073,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= args.warmup:
         parser().error("--steps must be above --warmup")
     budget = Budget(args.budget)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = skipped_stages(args)
     extra = [s.strip() for s in args.extra.split(",") if s.strip()]
     if unknown := [name for name in extra if name not in EXTRA_RUNS]:
         parser().error(f"--extra: unknown stage(s) {unknown}; known: {list(EXTRA_RUNS)}")
