@@ -61,10 +61,14 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$BUNDLE/site:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 command -v nvidia-smi >/dev/null && nvidia-smi -L
-for module in %(imports)s; do
-  "$PYTHON" -c "import $module" 2>/dev/null || {
-    echo "run.sh: Python module '$module' is missing on this host ($PYTHON)" >&2; exit 2; }
-done
+# every module looked up in one interpreter, none imported (importing torch takes seconds)
+"$PYTHON" -c '
+import importlib.util, sys
+missing = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]
+for name in missing:
+    print(f"run.sh: Python module {name!r} is missing on this host ({sys.executable})",
+          file=sys.stderr)
+sys.exit(2 if missing else 0)' %(imports)s || exit 2
 cd "$REPO" && "$PYTHON" bench/gpu.py --data "$BUNDLE/data" --results "$OUT/gpu.json" \\
   --traces "$OUT/traces" "$@" 2>&1 | tee "$OUT/gpu.log"
 """
