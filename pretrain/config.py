@@ -59,7 +59,8 @@ class MoEConfig:
     normalize_top_k: bool = True
     capacity_factor: float | None = None  # None = dropless; else tokens above capacity drop
     # dropless experts without biases as one grouped GEMM per weight (torch._grouped_mm: bf16
-    # on Hopper GPUs, the CPU outside torch.compile), no host sync; else a loop over experts
+    # on Hopper GPUs, the CPU outside torch.compile; d_model and the experts' hidden size
+    # multiples of 16 bytes), no host sync; else a loop over experts
     grouped_gemm: bool = True
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 0.001  # router z-loss weight

@@ -51,6 +51,7 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig, n: int, d_ff: int) -> None:
         super().__init__()
         self.first = 0  # global id of the first expert held here (expert parallelism)
+        self.d_ff = d_ff  # kept: ZeRO-3 empties the parameters' shapes between gathers
         c = cfg.d_model
         self.act = ACTIVATIONS[cfg.activation]
         self.gate = nn.Parameter(torch.empty(n, c, d_ff)) if cfg.gated else None
@@ -152,12 +153,18 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_gemm_supported(x: Tensor) -> bool:
+def grouped_gemm_supported(x: Tensor, widths: tuple[int, ...] = ()) -> bool:
     """Whether `torch._grouped_mm` runs for `x` here: in bf16 on a Hopper (or newer) GPU; on
-    the CPU in bf16, or in any dtype outside torch.compile (whose CPU form wants bf16)."""
+    the CPU in bf16, or in any dtype outside torch.compile (whose CPU form wants bf16). Every
+    operand's rows must also start 16 bytes apart: `x`'s width and each of `widths` (the
+    experts' hidden size) a multiple of 16 bytes in the compute dtype (8 in bf16), else
+    `_grouped_mm` raises "strides should be multiple of 16 bytes" and the loop runs instead."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     dtype = compute_dtype(x)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(w * itemsize % 16 for w in (x.shape[-1], *widths)):
+        return False
     if x.device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     if x.device.type == "cpu":
@@ -310,7 +317,7 @@ class MoEFeedForward(nn.Module):
             capacity is None
             and self.grouped_gemm
             and not self.experts.has_bias
-            and grouped_gemm_supported(flat)
+            and grouped_gemm_supported(flat, (self.experts.d_ff,))
         ):
             out = self.experts(flat[sorted_tokens], counts)
         elif capacity is None:

@@ -140,6 +140,33 @@ def test_grouped_gemm_equals_the_loop_over_experts(dtype: torch.dtype) -> None:
         torch.testing.assert_close(value, loop_grads[name], **tolerance, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "d_model", "d_ff", "grouped"),
+    [
+        (torch.float32, 36, 44, True),  # 144 and 176 bytes: rows 16 bytes apart
+        (torch.float32, 36, 42, False),  # 168 bytes: the hidden rows are not
+        (torch.float32, 34, 48, False),  # 136 bytes: the tokens' rows are not
+        (torch.bfloat16, 40, 56, True),  # 80 and 112 bytes
+        (torch.bfloat16, 40, 60, False),  # 120 bytes
+    ],
+)
+def test_grouped_gemm_falls_back_to_the_loop_for_unaligned_widths(
+    dtype: torch.dtype, d_model: int, d_ff: int, grouped: bool
+) -> None:
+    """`torch._grouped_mm` wants every operand's rows 16 bytes apart (it raises "strides
+    should be multiple of 16 bytes"): other widths take the loop over experts, and train."""
+    cfg = DecoderConfig(vocab_size=97, d_model=d_model, n_layers=1, n_heads=2, d_ff=d_ff,
+                        max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2))  # fmt: skip
+    module = layer(cfg).to(dtype).train()
+    x = torch.randn(2, 24, d_model, dtype=dtype, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        out = module(x)
+    assert ("aten::_grouped_mm" in {e.key for e in profile.key_averages()}) == grouped
+    out.float().square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.requires_grad)
+
+
 def test_capacity_is_the_configured_share() -> None:
     module = layer(decoder(capacity_factor=1.25, top_k=2, n_experts=8))
     assert module.capacity(1000) == math.ceil(1.25 * 1000 * 2 / 8)  # 313
