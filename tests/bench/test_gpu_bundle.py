@@ -1,7 +1,8 @@
 """bench/gpu_bundle.py (issue #9): the bundle a GPU host with only PyTorch needs. Built here, then
 run by its own `run.sh` under the base interpreter with this environment's packages minus the
-bundled ones, so hydra, omegaconf and torchao can only come from the bundle: the smoke mode's
-trainer runs (the FP8 one included) must still go through."""
+bundled ones and those the GPU host lacks (DeepSpeed, Ray, W&B, webdataset...), so hydra,
+omegaconf and torchao can only come from the bundle: the smoke mode's trainer runs (the FP8 one
+included) must still go through."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 BUNDLED = ("hydra", "hydra_core", "omegaconf", "antlr4", "torchao")
+# kiln's dependencies that the H200 image does not hold (the device tool's KINDS.md package
+# list): the GPU script's path must not import them
+NOT_ON_THE_GPU_HOST = ("deepspeed", "ray", "wandb", "webdataset", "datasketch", "zstandard")
 
 
 def bare_site(tmp: Path, also_without: tuple[str, ...] = ()) -> Path:
-    """This environment's site-packages without the bundled packages (nor kiln's editable
-    install: run.sh puts the repository on the path), as symlinks."""
+    """This environment's site-packages without the bundled packages, those the GPU host lacks
+    (nor kiln's editable install: run.sh puts the repository on the path), as symlinks."""
     site = Path(sysconfig.get_paths()["purelib"])
     bare = tmp / ("bare" + "".join(f"-{name}" for name in also_without))
     bare.mkdir()
-    left_out = (*BUNDLED, *also_without, "__editable__", "kiln")
+    left_out = (*BUNDLED, *NOT_ON_THE_GPU_HOST, *also_without, "__editable__", "kiln")
     for entry in site.iterdir():
         if not entry.name.lower().startswith(left_out):
             (bare / entry.name).symlink_to(entry)
