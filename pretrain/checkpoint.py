@@ -8,14 +8,22 @@
 A checkpoint is written under `.step_N.tmp`, renamed when every rank has written its part,
 and only then does `latest` (itself written through a temporary file and a rename) move to
 it: a crash at any moment leaves `latest` naming a complete checkpoint.
+
+`save(..., background=True)` (`trainer.async_checkpoint`) stops the loop only to copy the state
+into host memory; a thread per rank writes the files, the ranks meet at a barrier of their own
+(a gloo group only these threads use), and rank 0's thread then renames and moves `latest` as
+above. The next save, and the end of the run, wait for it first; a failure there is raised.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def host_copy(obj: Any) -> Any:
+    """A copy of a state dict (dicts, lists and tuples of tensors and plain values) that shares
+    no tensor with it, every tensor in host memory: what a background write may read while
+    training changes the original."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: host_copy(value) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(value) for value in obj)
+    return copy.deepcopy(obj)
+
+
+def write_files(files: dict[Path, Any]) -> None:
+    """Write each file: text as it is, anything else with `torch.save`."""
+    for path, content in files.items():
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            torch.save(content, path)
+
+
 class CheckpointManager:
     """Saves and finds the checkpoints of one run directory (every rank builds one)."""
 
@@ -65,6 +95,9 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.rank, self.world = rank_and_world()
+        self._writer: threading.Thread | None = None  # the background save in flight
+        self._failure: tuple[str, BaseException] | None = None
+        self._group: Any = None  # the background writers' own process group (gloo)
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
@@ -73,8 +106,11 @@ class CheckpointManager:
         path = self.root / pointer.read_text().strip()
         return path if (path / TRAINER_STATE).is_file() else None
 
-    def save(self, engine: Any, trainer_state: dict[str, Any], step: int) -> Path:
-        """Write a checkpoint of `engine` and `trainer_state` at `step` (collective)."""
+    def save(self, engine: Any, trainer_state: dict[str, Any], step: int,
+             background: bool = False) -> Path:  # fmt: skip
+        """Write a checkpoint of `engine` and `trainer_state` at `step` (collective). With
+        `background`, return once the state is copied to host memory; a thread writes it."""
+        self.wait()
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
@@ -82,20 +118,59 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        payload = json.dumps(trainer_state | {"step": step, "world_size": self.world}, indent=1)
+        if background:
+            if self._group is None and self.world > 1:  # collective: every rank, same save
+                self._group = dist.new_group(backend="gloo")
+            write = engine.save_async(tmp, self._group)
+            rng = rng_state()  # fresh objects: the generators move on
+            self._writer = threading.Thread(
+                target=self._write_in_background, args=(write, rng, tmp, final, payload, step),
+                name=f"kiln-checkpoint-{name}", daemon=True,
+            )  # fmt: skip
+            self._writer.start()
+            return final
         engine.save(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         barrier()
+        self._finish(tmp, final, payload, step)
+        barrier()
+        return final
+
+    def _write_in_background(self, write: Callable[[], None], rng: dict[str, Any], tmp: Path,
+                             final: Path, payload: str, step: int) -> None:  # fmt: skip
+        try:
+            write()
+            torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+            if self._group is not None:
+                dist.barrier(group=self._group)  # every rank's part is on disk
+            self._finish(tmp, final, payload, step)
+        except BaseException as error:  # raised in the training thread by wait()
+            self._failure = (final.name, error)
+
+    def _finish(self, tmp: Path, final: Path, payload: str, step: int) -> None:
+        """Rank 0, once every rank's part is written: trainer.json, the rename, `latest`."""
         if os.environ.get("KILN_FAULT_CRASH_IN_SAVE") == str(step):  # tests: die mid-save
             os._exit(17)
         if self.rank == 0:
-            state = trainer_state | {"step": step, "world_size": self.world}
-            atomic_write_bytes(tmp / TRAINER_STATE, json.dumps(state, indent=1).encode())
+            atomic_write_bytes(tmp / TRAINER_STATE, payload.encode())
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            atomic_write_bytes(self.root / "latest", name.encode())
+            atomic_write_bytes(self.root / "latest", final.name.encode())
             self._prune()
-        barrier()
-        return final
+
+    def wait(self) -> None:
+        """Wait for the background save in flight, if any; raise if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            name, error = self._failure
+            self._failure = None
+            raise RuntimeError(
+                f"the background checkpoint {self.root / name} failed on rank {self.rank}: "
+                f"{type(error).__name__}: {error}; `latest` still names the previous one"
+            ) from error
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if (p / TRAINER_STATE).is_file())

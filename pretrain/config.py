@@ -622,6 +622,10 @@ class TrainerConfig:
     # 0 becomes a quarter of the time limit, so a slice always leaves progress behind
     checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 3
+    # write checkpoints in the background: the loop stops only to copy the state into host
+    # memory, a thread per rank writes it (engine=ddp or fsdp); the last checkpoint of a run
+    # and one on a stop signal are written in the foreground
+    async_checkpoint: bool = False
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
     # A step that takes longer than this dumps every thread's stack to stderr (a hang
     # watchdog: a stuck collective, a dead data worker); 0 disables it.
@@ -1143,6 +1147,12 @@ def validate_config(cfg: KilnConfig) -> None:
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)
     _validate_profile(cfg.trainer, cluster.nodes * cluster.gpus_per_node)
+    if cfg.trainer.async_checkpoint and isinstance(engine, DeepSpeedEngineConfig):
+        raise ConfigError(
+            f"trainer.async_checkpoint=true writes checkpoints in the background under "
+            f"engine=ddp or engine=fsdp; DeepSpeed (this run: ZeRO stage {engine.zero_stage}) "
+            f"writes its own, in the foreground"
+        )
     optim = cfg.optim
     _check_positive("optim.lr", optim.lr)
     _check_choice("optim.schedule", optim.schedule, ("cosine", "wsd", "constant"))

@@ -306,18 +306,26 @@ def train(cfg: Any, context: Any) -> int:
                 or state.step == trainer.max_steps
             ):
                 state.loader = loader.state_after(state.step - start_step).to_dict()
-                path = checkpoints.save(engine, vars(state) | {}, state.step)
+                # the run's last checkpoint, and one before a requeue, in the foreground
+                background = (
+                    trainer.async_checkpoint and not signalled and state.step < trainer.max_steps
+                )
+                saving = time.perf_counter()
+                path = checkpoints.save(engine, vars(state) | {}, state.step, background)
+                stalled = time.perf_counter() - saving  # what the loop waited for
                 collector.full()
                 last_save = time.monotonic()
                 if logger is not None:
                     logger.log({"kind": "event", "step": state.step, "event": "checkpoint",
-                                "path": str(path)})  # fmt: skip
+                                "path": str(path), "background": background,
+                                "seconds": stalled})  # fmt: skip
             if signalled:
                 exit_code = REQUEUE_EXIT_CODE
                 break
     finally:
         profiler.close()
         collector.stop()
+    checkpoints.wait()  # a background save still in flight (a run stopped early)
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
         _finish_run(cfg, engine, loader, run_dir, logger, state)

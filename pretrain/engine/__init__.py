@@ -146,6 +146,13 @@ class Engine(abc.ABC):
     def save(self, directory: Path) -> None:
         """Write model, optimizer and scheduler state into `directory` (collective)."""
 
+    def save_async(self, directory: Path, group: Any) -> Callable[[], None]:
+        """`save` in two parts (`trainer.async_checkpoint`): copy the state into host memory
+        now (collective) and return what writes those copies into `directory`, which a
+        background thread calls while training goes on. `group` is a gloo process group only
+        that thread uses (None at one rank)."""
+        raise NotImplementedError(f"{type(self).__name__} writes no checkpoint in the background")
+
     @abc.abstractmethod
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote (collective)."""

@@ -12,7 +12,9 @@ at the same world size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain.checkpoint import host_copy, write_files
 from pretrain.engine import Engine, finite
 
 EXPERT_PARALLEL = "expert_parallel.json"
@@ -128,21 +131,29 @@ class DDPEngine(Engine):
             state = gather_experts(self.module, state)
         return state
 
-    def save(self, directory: Path) -> None:
-        model = self._model_state()
+    def _files(self, directory: Path) -> dict[Path, Any]:
+        """What this rank's checkpoint holds: file -> object (text, or what `torch.save` takes)."""
+        model = self._model_state()  # collective under expert parallelism
+        files: dict[Path, Any] = {}
         if self.expert_names:  # every rank's optimizer holds the moments of its own experts
             if self.rank != 0:
-                torch.save(self.optimizer.state_dict(), directory / f"optimizer_rank{self.rank}.pt")
+                files[directory / f"optimizer_rank{self.rank}.pt"] = self.optimizer.state_dict()
             else:
                 meta = {"world_size": self.world, "parameters": self.expert_names}
-                (directory / EXPERT_PARALLEL).write_text(json.dumps(meta, indent=1))
+                files[directory / EXPERT_PARALLEL] = json.dumps(meta, indent=1)
         if self.rank == 0:
-            state = {
+            files[directory / "engine.pt"] = {
                 "model": model,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
             }
-            torch.save(state, directory / "engine.pt")
+        return files
+
+    def save(self, directory: Path) -> None:
+        write_files(self._files(directory))
+
+    def save_async(self, directory: Path, group: Any) -> Callable[[], None]:
+        return functools.partial(write_files, host_copy(self._files(directory)))
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=True)

@@ -22,6 +22,7 @@ DCP reshards on load, so a checkpoint resumes at any world size or mesh shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pretrain.checkpoint import host_copy, write_files
 from pretrain.engine import Engine, finite
 from pretrain.engine.float8 import float8_all_gathers, precompute_scales
 
@@ -136,10 +138,34 @@ class FSDPEngine(Engine):
         directory = Path(directory)
         (directory / SHARDS).mkdir(parents=True, exist_ok=True)
         dcp.save(self._state(), checkpoint_id=str(directory / SHARDS))
-        if self.rank == 0:
-            torch.save(self.scheduler.state_dict(), directory / SCHEDULER)
-            meta = {"world_size": self.world, "mesh": list(self.mesh.shape)}
-            (directory / META).write_text(json.dumps(meta))
+        write_files(self._small_files(directory))
+
+    def save_async(self, directory: Path, group: Any) -> Callable[[], None]:
+        """DCP's `async_save` copies this rank's shards into host memory before it returns and
+        writes them in its own thread, whose collectives (the plan, the metadata) go over
+        `group`, not the training's process group."""
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(directory)
+        (directory / SHARDS).mkdir(parents=True, exist_ok=True)
+        shards = dcp.async_save(self._state(), checkpoint_id=str(directory / SHARDS),
+                                process_group=group)  # fmt: skip
+        small = host_copy(self._small_files(directory))
+
+        def write() -> None:
+            shards.result()
+            write_files(small)
+
+        return write
+
+    def _small_files(self, directory: Path) -> dict[Path, Any]:
+        if self.rank != 0:
+            return {}
+        meta = {"world_size": self.world, "mesh": list(self.mesh.shape)}
+        return {
+            directory / SCHEDULER: self.scheduler.state_dict(),
+            directory / META: json.dumps(meta),
+        }
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -208,6 +208,11 @@ def test_wrong_type_names_the_key() -> None:
             ["cluster.gpus_per_node=2", "trainer.profile.ranks=[0,2]"],
             r"trainer.profile.ranks=\[0, 2\]: rank.s. \[2\] not among the 2 ranks of the cluster",
         ),
+        (
+            ["engine=zero3", "trainer.async_checkpoint=true"],
+            "trainer.async_checkpoint=true writes checkpoints in the background under engine=ddp "
+            "or engine=fsdp; DeepSpeed .this run: ZeRO stage 3. writes its own",
+        ),
     ],
 )
 def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:

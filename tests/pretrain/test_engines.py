@@ -165,6 +165,62 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(
     assert ours == theirs  # bitwise: the same floats, step by step
 
 
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a ddp or fsdp engine checkpoint holds (model, optimizer, RNG), by name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            found[prefix] = obj
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(f"{prefix}/{key}", value)
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(f"{prefix}/{i}", value)
+
+    if (path / "fsdp").is_dir():
+        single = path.parent / f"{path.name}.all.pt"
+        dcp_to_torch_save(path / "fsdp", single)
+        walk("fsdp", torch.load(single, weights_only=False))
+    for file in sorted(path.glob("*.pt")):
+        walk(file.name, torch.load(file, weights_only=False))
+    return found
+
+
+@slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_background_checkpoints_equal_the_foreground_ones(
+    engine: str, corpus: Path, tmp_path: Path, reference
+) -> None:
+    """`trainer.async_checkpoint`: the loop goes on while a thread writes each checkpoint
+    (the last in the foreground), and what lands on disk is the state at its step: every
+    tensor equal to the foreground run's checkpoint, model, optimizer and RNG alike."""
+    run_dir = tmp_path / "async"
+    result = kiln_train(train_args(corpus, run_dir, engine, "trainer.async_checkpoint=true"),
+                        tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = reference(engine)
+    assert losses(run_dir) == losses(theirs)  # bitwise
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    saves = [r for r in map(json.loads, lines) if r.get("event") == "checkpoint"]
+    assert [(r["step"], r["background"]) for r in saves] == [(4, True), (8, True), (12, False)]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    for step in (4, 8, 12):
+        ours, expected = (
+            checkpoint_tensors(checkpoint(run_dir, step)),
+            checkpoint_tensors(checkpoint(theirs, step)),
+        )
+        assert ours.keys() == expected.keys() and len(ours) > 10
+        for name, tensor in expected.items():
+            assert torch.equal(ours[name], tensor), (step, name)
+        state = json.loads((checkpoint(run_dir, step) / "trainer.json").read_text())
+        assert state["step"] == step and state["loader"]["samples"] == step * GLOBAL_BATCH
+
+
 @slow
 def test_fsdp_resumes_at_another_world_size(corpus: Path, tmp_path: Path, reference) -> None:
     source = reference("fsdp")
