@@ -120,7 +120,7 @@ class CheckpointManager:
         barrier()
         payload = json.dumps(trainer_state | {"step": step, "world_size": self.world}, indent=1)
         if background:
-            if self._group is None and self.world > 1:  # collective: every rank, same save
+            if self._group is None and dist.is_initialized():  # collective: every rank
                 self._group = dist.new_group(backend="gloo")
             write = engine.save_async(tmp, self._group)
             rng = rng_state()  # fresh objects: the generators move on
