@@ -19,10 +19,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a rank needs it, not at the top: the process that only writes the
+# config and starts torchrun (`kiln train` at 2+ ranks, `kiln launch`) then never imports it,
+# which saved one torch import (2 s here) before the ranks could start theirs.
 
 
 @dataclass
@@ -41,6 +45,9 @@ def _free_port() -> int:
 
 def init_distributed(cfg: Any) -> Context:
     """Join (or, alone, create) the process group; pick the device and backend."""
+    import torch
+    import torch.distributed as dist
+
     cuda = cfg.cluster.accelerator == "cuda" and torch.cuda.is_available()
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if cuda else "gloo")
     if "RANK" not in os.environ:  # alone: a one-rank group, so every engine works the same
@@ -95,6 +102,9 @@ def tune_cpu_malloc() -> bool:
 
 def worker(cfg: Any) -> int:
     """Train as one rank of the current launch."""
+    import torch
+    import torch.distributed as dist
+
     from pretrain.trainer import train
 
     if cfg.cluster.accelerator == "cpu":

@@ -48,3 +48,21 @@ def ray_head() -> Iterator[RayHead]:
         pytest.fail(f"could not start the Ray test head: {error}", pytrace=False)
     yield head
     head.stop()
+
+
+# -- order -----------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules that use the Ray head last, each whole and in its usual order.
+
+    Once started, the head (GCS, raylet, log monitor, dashboard agent) and the actors Ray Data
+    leaves on it take about a fifth of a core while idle, until the session ends: measured on
+    the 2-core CI machine, 474 s of CPU over a 35-minute suite. Last, it is up only while the
+    Ray tests run.
+    """
+    ray_modules = {
+        getattr(item, "module", None) for item in items if "ray_head" in item.fixturenames
+    }
+    ray_modules.discard(None)
+    items.sort(key=lambda item: getattr(item, "module", None) in ray_modules)  # stable
