@@ -3,7 +3,8 @@
 `kiln <subcommand> [overrides]` composes `hydra_conf/<subcommand>.yaml` with ordinary Hydra
 overrides (`key=value`, `group=option`, `-m`, `--cfg job`, `--help`), turns the result into the
 typed `KilnConfig` once, validates it, and hands it to the subcommand's handler. Handlers are
-imported lazily so `kiln plan` does not pay for importing Ray or DeepSpeed.
+imported lazily so `kiln plan` does not pay for importing Ray, DeepSpeed or torch, nor does
+the process that only starts torchrun for `kiln train` import torch.
 """
 
 from __future__ import annotations

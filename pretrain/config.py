@@ -316,6 +316,12 @@ class OptimConfig:
     fused: bool | None = None  # fused AdamW kernel; None = when on CUDA
 
 
+def use_fused(cfg: OptimConfig, device_type: str) -> bool:
+    """`optim.fused`, with None meaning "on CUDA" (the fused kernel's home ground). Here, not in
+    `pretrain.optim`, so `kiln plan` decides it without importing torch."""
+    return cfg.fused if cfg.fused is not None else device_type == "cuda"
+
+
 # --------------------------------------------------------------------------------------------
 # data/  (the trainer's loader)
 

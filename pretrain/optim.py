@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.config import OptimConfig
+from pretrain.config import OptimConfig, use_fused
 
 # Normalisation layers whose affine parameters are never decayed. `_NormBase` covers
 # BatchNorm and InstanceNorm; nn.RMSNorm exists from torch 2.4 (the floor in pyproject.toml).
@@ -89,11 +89,6 @@ def param_groups(
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
-
-
-def use_fused(cfg: OptimConfig, device_type: str) -> bool:
-    """`optim.fused`, with None meaning "on CUDA" (the fused kernel's home ground)."""
-    return cfg.fused if cfg.fused is not None else device_type == "cuda"
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str) -> torch.optim.AdamW:

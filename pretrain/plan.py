@@ -46,6 +46,7 @@ from pretrain.config import (
     EncoderDecoderConfig,
     KilnConfig,
     ModelConfig,
+    use_fused,
 )
 from pretrain.models.accounting import (
     ParamCounts,
@@ -54,7 +55,6 @@ from pretrain.models.accounting import (
     training_flops,
 )
 from pretrain.objectives import encoder_decoder_lengths
-from pretrain.optim import use_fused
 
 GIB = 2**30
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "fsdp")

@@ -8,9 +8,12 @@ encoder-decoder in `.encoder.blocks` and `.decoder.blocks`), which is what
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pretrain.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where a model is built: `kiln plan` counts without it
+    from torch import nn
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -32,6 +35,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
     """Every stack of blocks in a model (one for decoders and encoders, two for T5)."""
+    from torch import nn
+
     return [module for name, module in model.named_modules() if name.endswith("blocks")
             and isinstance(module, nn.ModuleList)]  # fmt: skip
 

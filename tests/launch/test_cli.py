@@ -126,3 +126,45 @@ def test_multirun_sweeps_plan_over_models(tmp_path: Path) -> None:
         text = text[end:]
     assert [p["model"]["name"] for p in plans] == ["gpt2_124m", "gpt2_350m"]
     assert plans[0]["model"]["params_total"] < plans[1]["model"]["params_total"]
+
+
+# What a process that only plans, or only starts the ranks, runs: it must not import torch
+# (2 s or more per call; `kiln train` at 2+ ranks paid it before torchrun could start).
+NO_TORCH_PROBE = """
+import atexit, subprocess, sys
+from launch.cli import main
+
+def report(command=None):
+    print("PROBE", "torch" in sys.modules, command, file=sys.stderr, flush=True)
+
+class Started:  # stands in for torchrun's process: what matters is the state before it
+    def __init__(self, command, **kwargs):
+        report(command)
+    def wait(self):
+        return 0
+    def send_signal(self, signum):
+        pass
+
+subprocess.Popen = Started
+atexit.register(report)
+sys.argv = ["kiln", *sys.argv[1:]]
+main()
+"""
+
+
+def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: Path) -> None:
+    def probe(*args: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [line for line in result.stderr.splitlines() if line.startswith("PROBE")]
+
+    plan = probe("plan", "model=llama_8b", "cluster.nodes=8")
+    assert plan == ["PROBE False None"]
+    train = probe("train", "model=tiny_decoder", "cluster=local_cpu", "cluster.gpus_per_node=2",
+                  f"trainer.run_dir={tmp_path}/run", "logger=none")  # fmt: skip
+    [started, at_exit] = train
+    assert started.startswith("PROBE False [") and "'torch.distributed.run'" in started
+    assert "'--nproc_per_node=2'" in started and "'pretrain.train'" in started
+    assert at_exit == "PROBE False None"
+    assert (tmp_path / "run" / "config.pkl").is_file()
