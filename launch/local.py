@@ -18,13 +18,19 @@ def launch(cfg: Any, directory: Path) -> int:
         write_command(directory, [sys.executable, "-m", "data_pipeline", "(in this process)"],
                       note="the data pipeline in the kiln process")  # fmt: skip
         return run_data(cfg) or 0
-    from pretrain.train import local_torchrun_command, run_torchrun, worker
+    from pretrain.preflight import preflight
+    from pretrain.train import USER_ERROR_EXIT_CODE, local_torchrun_command, run_torchrun, worker
 
     cluster = cfg.cluster
     if cluster.nodes != 1:
         print("kiln launch cluster=local: one node only (cluster.nodes=1); use cluster=slurm "
               "or cluster=ray for several", file=sys.stderr)  # fmt: skip
         return 1
+    problems = preflight(cfg)  # the data and checkpoint are on this machine: check them once
+    for problem in problems:
+        print(f"kiln launch: {problem}", file=sys.stderr)
+    if problems:
+        return USER_ERROR_EXIT_CODE
     if cluster.procs_per_node:
         cluster.gpus_per_node = cluster.procs_per_node
     config_path = write_config(cfg, directory)

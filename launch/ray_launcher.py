@@ -261,7 +261,7 @@ def train_worker(config: dict[str, Any]) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     # Ray Train V2 runs this in a thread: the trainer's StopSignal then installs no signal
     # handlers (only a main thread may) and keeps its per-step collective
-    code = worker(cfg)
+    code = worker(cfg, one_line_errors=False)  # the error reaches `kiln launch` via Ray
     check_rank_exit(code, context.get_world_rank())
 
 

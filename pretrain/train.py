@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # which saved one torch import (2 s here) before the ranks could start theirs.
 
 
+USER_ERROR_EXIT_CODE = 1  # a config, data or checkpoint problem, said in one line
+
+
 @dataclass
 class Context:
     rank: int
@@ -100,8 +103,10 @@ def tune_cpu_malloc() -> bool:
     )
 
 
-def worker(cfg: Any) -> int:
-    """Train as one rank of the current launch."""
+def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
+    """Train as one rank of the current launch. A config, data or checkpoint problem prints
+    `kiln train: rank R: MESSAGE` and returns USER_ERROR_EXIT_CODE (`one_line_errors`; the
+    Ray launcher turns it off: Ray Train carries the exception itself to `kiln launch`)."""
     import torch
     import torch.distributed as dist
 
@@ -114,6 +119,13 @@ def worker(cfg: Any) -> int:
     context = init_distributed(cfg)
     try:
         return train(cfg, context)
+    except user_errors() as error:
+        if not one_line_errors:
+            raise
+        # one write: the ranks share the terminal, and print() writes the newline apart
+        sys.stderr.write(f"kiln train: rank {context.rank}: {error}\n")
+        sys.stderr.flush()
+        return USER_ERROR_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -139,8 +151,26 @@ def local_torchrun_command(world: int, config_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose message says all a user needs (the config key, shard or
+    checkpoint at fault): a rank prints that one line instead of a traceback."""
+    from pretrain.checkpoint_io import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.data.manifest import DataError
+
+    return (ConfigError, DataError, CheckpointError)
+
+
 def run(cfg: Any) -> int:
     """`kiln train` entry point."""
+    if "RANK" not in os.environ:
+        from pretrain.preflight import preflight
+
+        problems = preflight(cfg)
+        for problem in problems:
+            print(f"kiln train: {problem}", file=sys.stderr)
+        if problems:
+            return USER_ERROR_EXIT_CODE
     run_dir = Path(cfg.trainer.run_dir)
     config_path = write_run_config(cfg, run_dir)
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node

@@ -433,7 +433,10 @@ def _resume_path(resume: str, checkpoints: CheckpointManager) -> Path | None:
         return None
     if resume == "auto":
         return checkpoints.latest()
-    path = Path(resume)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
-    return path
+    from pretrain.checkpoint_io import CheckpointError
+    from pretrain.preflight import resume_problem
+
+    problem = resume_problem(resume)
+    if problem:
+        raise CheckpointError(problem)
+    return Path(resume)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import Manifest, ShardFormatError, ShardRecord, read_manifest, sha256_file
+from data_pipeline.shards import Manifest, ShardFormatError, ShardRecord, sha256_file
+from pretrain.data.manifest import DataError, open_manifest
 from pretrain.data.order import GlobalOrder, Segment
 from pretrain.data.shard_reader import ShardIndex, SourceStream
 from pretrain.noising import ids_after_ends
@@ -46,10 +47,6 @@ class Objective(Protocol):
     def __call__(
         self, tokens: np.ndarray, document_ids: np.ndarray, rng: np.random.Generator
     ) -> dict[str, np.ndarray]: ...
-
-
-class DataError(ValueError):
-    """Data that cannot feed this run: the message names the shard, source or key."""
 
 
 @dataclass
@@ -375,17 +372,8 @@ def build_loader(
     """
     data = cfg.data
     out_dir = data_directory(data)
-    try:
-        manifest = read_manifest(out_dir)
-    except ShardFormatError as error:
-        raise DataError(str(error)) from error
+    manifest = open_manifest(cfg, out_dir)
     tokenizer = manifest.tokenizer
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise DataError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of "
-            f"{out_dir} ({tokenizer.vocab_size} pieces); set model.vocab_size >= "
-            f"{tokenizer.vocab_size}"
-        )
     if state is not None and state.tokenizer_sha256 and state.tokenizer_sha256 != tokenizer.sha256:
         raise DataError(
             f"{out_dir}/manifest.json comes from another tokenizer (sha256 "
@@ -398,11 +386,6 @@ def build_loader(
         )
     shards, skipped = check_shards(out_dir, manifest, data.verify, data.on_bad_shard, split)
     weights = dict(manifest.weights)
-    unknown = sorted(set(data.mixture) - set(weights))
-    if unknown:
-        raise DataError(
-            f"data.mixture names unknown source(s) {unknown}; {out_dir} has {sorted(weights)}"
-        )
     weights |= {name: float(w) for name, w in data.mixture.items()}
     weights = {name: weights[name] for name in shards}
     state = state or LoaderState(tokenizer_sha256=tokenizer.sha256, seq_len=data.seq_len)
@@ -502,10 +485,7 @@ def build_run_loader(
     from pretrain.objectives import SpecialIds, build_objective, word_starts_from_sentencepiece
 
     out_dir = data_directory(cfg.data)
-    try:
-        manifest = read_manifest(out_dir)
-    except ShardFormatError as error:
-        raise DataError(str(error)) from error
+    manifest = open_manifest(cfg, out_dir)
     word_start = None
     if isinstance(cfg.objective, MaskedLMConfig) and cfg.objective.whole_word:
         word_start = word_starts_from_sentencepiece(out_dir / manifest.tokenizer.path)

@@ -13,6 +13,9 @@ import pytest
 
 from launch.cli import SUBCOMMANDS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pretrain"))
+from test_loader import write_corpus  # noqa: E402 (a corpus writer shared with tests/pretrain)
+
 KILN = shutil.which("kiln", path=str(Path(sys.executable).parent)) or "kiln"
 
 
@@ -152,19 +155,55 @@ main()
 """
 
 
-def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: Path) -> None:
-    def probe(*args: str) -> list[str]:
-        result = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *args], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return [line for line in result.stderr.splitlines() if line.startswith("PROBE")]
+def probe(cwd: Path, *args: str, code: int = 0) -> tuple[list[str], str]:
+    """`kiln ARGS` with NO_TORCH_PROBE: the PROBE lines, and stderr without them."""
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == code, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    rest = "\n".join(line for line in lines if not line.startswith("PROBE"))
+    return [line for line in lines if line.startswith("PROBE")], rest
 
-    plan = probe("plan", "model=llama_8b", "cluster.nodes=8")
+
+def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "shards", {"web": [20]}, {"web": 1.0})
+    plan, _ = probe(tmp_path, "plan", "model=llama_8b", "cluster.nodes=8")
     assert plan == ["PROBE False None"]
-    train = probe("train", "model=tiny_decoder", "cluster=local_cpu", "cluster.gpus_per_node=2",
-                  f"trainer.run_dir={tmp_path}/run", "logger=none")  # fmt: skip
+    train, _ = probe(tmp_path, "train", "model=tiny_decoder", "cluster=local_cpu",
+                     "cluster.gpus_per_node=2", f"trainer.run_dir={tmp_path}/run", "logger=none",
+                     f"data.path={tmp_path}/shards")  # fmt: skip
     [started, at_exit] = train
     assert started.startswith("PROBE False [") and "'torch.distributed.run'" in started
     assert "'--nproc_per_node=2'" in started and "'pretrain.train'" in started
     assert at_exit == "PROBE False None"
     assert (tmp_path / "run" / "config.pkl").is_file()
+
+
+def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) -> None:
+    """The shards' manifest and an explicit resume checkpoint are checked in the launching
+    process: one line each, no traceback, no run directory, and torchrun never starts."""
+    write_corpus(tmp_path / "shards", {"web": [20]}, {"web": 1.0})
+    base = ["train", "model=tiny_decoder", "cluster=local_cpu", "cluster.gpus_per_node=2",
+            f"trainer.run_dir={tmp_path}/run", "logger=none"]  # fmt: skip
+    cases = {
+        "data.path=missing": "kiln train: missing/manifest.json: no manifest (run "
+        "`kiln data output_dir=missing` first)",
+        "model.vocab_size=64": "kiln train: model.vocab_size=64 is smaller than the tokenizer "
+        f"of {tmp_path}/shards (1000 pieces); set model.vocab_size >= 1000",
+        "+data.mixture={books: 1.0}": "kiln train: data.mixture names unknown source(s) "
+        f"['books']; {tmp_path}/shards has ['web']",
+        f"trainer.resume={tmp_path}": f"kiln train: trainer.resume={tmp_path}: not a "
+        "checkpoint directory (no trainer.json there)",
+    }
+    for override, message in cases.items():
+        data = [] if override.startswith("data.path") else [f"data.path={tmp_path}/shards"]
+        probes, stderr = probe(tmp_path, *base, *data, override, code=1)
+        assert probes == ["PROBE False None"], override  # nothing started, torch not imported
+        assert stderr.strip() == message, override
+        assert not (tmp_path / "run").exists()
+    # both problems at once: both said
+    probes, stderr = probe(tmp_path, *base, "data.path=missing", f"trainer.resume={tmp_path}",
+                           code=1)  # fmt: skip
+    assert (
+        stderr.count("kiln train: ") == 2 and "no manifest" in stderr and "trainer.json" in stderr
+    )

@@ -41,3 +41,16 @@ def test_local_launch_runs_procs_per_node_ranks(tmp_path: Path) -> None:
     assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
     assert command[-1] == str(run_dir / "config.pkl")
     assert "gpus_per_node: 2\n" in (run_dir / "config.yaml").read_text()
+
+
+def test_local_launch_checks_the_data_before_starting_ranks(tmp_path: Path) -> None:
+    args = ["cluster=local", "cluster.accelerator=cpu", "cluster.procs_per_node=2",
+            "model=tiny_decoder", "data.path=nowhere", f"trainer.run_dir={tmp_path}/run",
+            "logger=none"]  # fmt: skip
+    result = subprocess.run([str(KILN), "launch", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kiln launch: nowhere/manifest.json: no manifest (run `kiln data output_dir=nowhere` first)"
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.pkl").exists()

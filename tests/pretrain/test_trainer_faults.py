@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,24 @@ def test_wandb_offline_run_has_metrics_and_config_and_no_key(corpus: Path, tmp_p
     assert not leaked, f"the API key was written to {leaked}"
     assert FAKE_KEY not in result.stdout + result.stderr
     assert sorted(train_losses(records(run_dir))) == list(range(1, 7))
+
+
+def test_a_rank_says_a_bad_shard_in_one_line(corpus: Path, tmp_path: Path) -> None:
+    """A problem only the ranks can find (here a shard whose bytes no longer match the
+    manifest, with data.verify=shard) is said by each rank in one line, not a traceback."""
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    bad = shards / manifest["shards"][0]["path"]
+    data = bytearray(bad.read_bytes())
+    data[-600] ^= 0xFF  # one flipped byte: the tar still reads, the sha256 differs
+    bad.write_bytes(bytes(data))
+    run_dir = tmp_path / "run"
+    args = train_args(shards, run_dir, "data.verify=shard")
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 1
+    for rank in (0, 1):
+        line = (f"kiln train: rank {rank}: shard {bad}: sha256 differs from the manifest "
+                "(data.on_bad_shard=skip skips bad shards)\n")  # fmt: skip
+        assert line in result.stderr, result.stderr[-3000:]
+    assert "DataError" not in result.stderr  # no rank's traceback

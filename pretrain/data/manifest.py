@@ -1,0 +1,42 @@
+"""The run's side of the shard contract, without torch: read the manifest `kiln data` wrote and
+check it against the run's config (the tokenizer fits the model, the mixture names sources the
+shards have).
+
+The loader calls it on every rank; `kiln train` calls it once before it starts any rank (see
+`pretrain/preflight.py`), so a wrong `data.path` costs one line, not a traceback per rank after
+torch and the process group came up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import Manifest, ShardFormatError, read_manifest
+
+
+class DataError(ValueError):
+    """Data that cannot feed this run: the message names the shard, source or key."""
+
+
+def open_manifest(cfg: Any, out_dir: Path) -> Manifest:
+    """`out_dir`'s manifest, checked against `cfg.model.vocab_size` and `cfg.data.mixture`;
+    DataError names what does not fit."""
+    try:
+        manifest = read_manifest(out_dir)
+    except ShardFormatError as error:
+        raise DataError(str(error)) from error
+    tokenizer = manifest.tokenizer
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise DataError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of "
+            f"{out_dir} ({tokenizer.vocab_size} pieces); set model.vocab_size >= "
+            f"{tokenizer.vocab_size}"
+        )
+    unknown = sorted(set(cfg.data.mixture) - set(manifest.weights))
+    if unknown:
+        raise DataError(
+            f"data.mixture names unknown source(s) {unknown}; {out_dir} has "
+            f"{sorted(manifest.weights)}"
+        )
+    return manifest

@@ -1,0 +1,39 @@
+"""What `kiln train` checks in the launching process before it starts any rank (torch-free).
+
+Each rank finds the same problems again, but only after importing torch and joining the process
+group, several seconds in, and then every rank fails with its own traceback; here they cost one
+line each. Kept to what is on this machine and cheap to read: a remote `data.path` is left to
+the ranks, which fetch it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def preflight(cfg: Any) -> list[str]:
+    """What would stop every rank of this run at its start, found in the launching process:
+    the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
+    `data.mixture` names its sources) and an explicit `trainer.resume` checkpoint."""
+    from pretrain.data import remote
+    from pretrain.data.manifest import DataError, open_manifest
+
+    problems = []
+    if not remote.is_remote(cfg.data.path):
+        try:
+            open_manifest(cfg, remote.local_path(cfg.data.path))
+        except DataError as error:
+            problems.append(str(error))
+    problem = resume_problem(cfg.trainer.resume)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def resume_problem(resume: str) -> str | None:
+    """Why `trainer.resume` cannot be resumed from, or None (`auto`, `none`, or a directory
+    holding a checkpoint's trainer.json)."""
+    if resume in ("auto", "none") or (Path(resume) / "trainer.json").is_file():
+        return None
+    return f"trainer.resume={resume}: not a checkpoint directory (no trainer.json there)"
