@@ -2,7 +2,9 @@
 
     RUN_DIR/checkpoints/step_00000200/    engine state (model, optimizer, scheduler: the
                                           engine's own format), rng_rank{R}.pt per rank,
-                                          trainer.json (step, tokens, loader state, W&B id...)
+                                          trainer.json (step, tokens, loader state, W&B id,
+                                          the model's config and parameter shapes...),
+                                          tokenizer.model (the run's SentencePiece model)
     RUN_DIR/checkpoints/latest            the name of the newest complete checkpoint
 
 A checkpoint is written under `.step_N.tmp`, renamed when every rank has written its part,
@@ -13,6 +15,11 @@ it: a crash at any moment leaves `latest` naming a complete checkpoint.
 into host memory; a thread per rank writes the files, the ranks meet at a barrier of their own
 (a gloo group only these threads use), and rank 0's thread then renames and moves `latest` as
 above. The next save, and the end of the run, wait for it first; a failure there is raised.
+
+A checkpoint records its model (`ModelRecord`: the config and every parameter's name and shape,
+before any engine wraps it); `load` compares it with the run's model before the engine reads a
+byte, so resuming a run directory with another model is one error naming the parameter and the
+config keys that differ, not the engine's size-mismatch list per rank.
 """
 
 from __future__ import annotations
@@ -88,12 +95,70 @@ def write_files(files: dict[Path, Any]) -> None:
             torch.save(content, path)
 
 
-class CheckpointManager:
-    """Saves and finds the checkpoints of one run directory (every rank builds one)."""
+class ModelRecord:
+    """What a checkpoint says about its model: the model config (a dict) and the name and
+    shape of every parameter of the model as built (no engine, no compile, no FP8 wrappers)."""
 
-    def __init__(self, run_dir: Path, keep: int) -> None:
+    def __init__(self, family: str, config: dict[str, Any], model: torch.nn.Module) -> None:
+        self.family, self.config = family, config
+        self.parameters = {name: list(p.shape) for name, p in model.named_parameters()}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_family": self.family, "model": self.config, "parameters": self.parameters}
+
+    def check(self, saved: dict[str, Any], path: Path) -> None:
+        """Raise CheckpointError unless the checkpoint at `path` (its trainer.json, `saved`)
+        holds parameters of the same names and shapes. One written before checkpoints recorded
+        their model passes unchecked (the engine's own load then decides)."""
+        from pretrain.checkpoint_io import CheckpointError
+
+        theirs = saved.get("parameters")
+        if theirs is None or theirs == self.parameters:
+            return
+        ours = self.parameters
+        differ = [name for name in ours if name in theirs and theirs[name] != ours[name]]
+        parts = []
+        if differ:
+            more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+            parts.append(f"{differ[0]} is {theirs[differ[0]]} there, {ours[differ[0]]} here{more}")
+        for names, where in (([n for n in ours if n not in theirs], "only this model has"),
+                             ([n for n in theirs if n not in ours], "only the checkpoint has")):  # fmt: skip
+            if names:
+                parts.append(f"{len(names)} parameter(s) {where} ({names[0]}, ...)")
+        keys = config_differences(saved.get("model") or {}, self.config)
+        if keys:
+            parts.append(f"the model config differs in {', '.join(keys)}")
+        raise CheckpointError(
+            f"{path} holds another model: {'; '.join(parts)}. Resume it with the model it was "
+            "trained with, or train this one in a new trainer.run_dir"
+        )
+
+
+def config_differences(
+    there: dict[str, Any], here: dict[str, Any], prefix: str = "model"
+) -> list[str]:
+    """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts."""
+    found = []
+    for key in sorted(set(there) | set(here), key=str):
+        a, b = there.get(key), here.get(key)
+        name = f"{prefix}.{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, name)
+        elif a != b:
+            found.append(f"{name}={a} (now {b})")
+    return found
+
+
+class CheckpointManager:
+    """Saves and finds the checkpoints of one run directory (every rank builds one). With a
+    `model` record, each checkpoint carries it and `load` refuses one of another model."""
+
+    def __init__(self, run_dir: Path, keep: int, model: ModelRecord | None = None) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.model = model
+        # copied into every checkpoint (rank 0), so `kiln export` of one finds its tokenizer
+        self.tokenizer: Path | None = None
         self.rank, self.world = rank_and_world()
         self._writer: threading.Thread | None = None  # the background save in flight
         self._failure: tuple[str, BaseException] | None = None
@@ -118,7 +183,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        payload = json.dumps(trainer_state | {"step": step, "world_size": self.world}, indent=1)
+        record = self.model.as_dict() if self.model is not None else {}
+        payload = json.dumps(
+            trainer_state | record | {"step": step, "world_size": self.world}, indent=1
+        )
         if background:
             if self._group is None and dist.is_initialized():  # collective: every rank
                 self._group = dist.new_group(backend="gloo")
@@ -153,6 +221,8 @@ class CheckpointManager:
         if os.environ.get("KILN_FAULT_CRASH_IN_SAVE") == str(step):  # tests: die mid-save
             os._exit(17)
         if self.rank == 0:
+            if self.tokenizer is not None and self.tokenizer.is_file():
+                shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
             atomic_write_bytes(tmp / TRAINER_STATE, payload.encode())
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -180,6 +250,8 @@ class CheckpointManager:
     def load(self, engine: Any, path: Path) -> dict[str, Any]:
         """Restore `engine` and this rank's RNG from `path`; returns the trainer state."""
         state = json.loads((Path(path) / TRAINER_STATE).read_text())
+        if self.model is not None:
+            self.model.check(state, Path(path))
         engine.load(Path(path))
         rng = Path(path) / f"rng_rank{self.rank}.pt"
         if rng.is_file() and state.get("world_size") == self.world:

@@ -13,6 +13,10 @@ process can load it on one CPU. Layout:
 
 The directory is written under a temporary name and renamed when complete. Weights keep the
 dtype they have in memory; `load_consolidated` builds the module in fp32 on the CPU and casts.
+
+`open_checkpoint` also takes the model out of the trainer's own checkpoints
+(`RUN_DIR/checkpoints/step_N`, `pretrain/checkpoint.py`) of every engine, in one process on the
+CPU with no process group: `kiln export` of an intermediate checkpoint for evaluation.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,11 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 
 
+TRAINER_STATE = "trainer.json"  # what marks a training checkpoint (pretrain/checkpoint.py)
+
+
 class CheckpointError(ValueError):
-    """A path that is not a readable consolidated checkpoint; the message names the path."""
+    """A path that is not a readable checkpoint; the message names the path."""
 
 
 def save_consolidated(
@@ -147,3 +154,127 @@ def load_consolidated(path: Path) -> tuple[ModelConfig, nn.Module]:
     except (RuntimeError, OSError, SafetensorError) as error:  # mismatches are RuntimeErrors
         raise CheckpointError(f"{Path(path) / WEIGHTS}: {error}") from error
     return cfg, model.eval()
+
+
+@dataclass
+class CheckpointSource:
+    """Where a model's weights are: a consolidated checkpoint (`kind` "consolidated") or a
+    training checkpoint of the engine that wrote it ("ddp", "fsdp" or "deepspeed")."""
+
+    path: Path
+    kind: str
+    config: ModelConfig
+    tokenizer: Path | None  # the SentencePiece model it was trained with, when known
+    step: int | None = None  # a training checkpoint's step
+
+    def load_model(self) -> nn.Module:
+        """The module, in fp32 on the CPU, in eval mode; weights load strictly (a missing or
+        unexpected tensor, or another shape, raises CheckpointError)."""
+        if self.kind == "consolidated":
+            return load_consolidated(self.path)[1]
+        import torch
+
+        from pretrain.models import build_model
+
+        model = build_model(self.config)
+        try:
+            if self.kind == "ddp":
+                from pretrain.engine.ddp import read_model_state
+
+                state = read_model_state(self.path)
+            elif self.kind == "fsdp":
+                from pretrain.engine.fsdp import read_model_state
+
+                state = read_model_state(self.path, model.state_dict())
+            else:
+                os.environ.setdefault(
+                    "DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"
+                )
+                from pretrain.engine.deepspeed_engine import read_model_state
+
+                state = read_model_state(self.path)
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except (RuntimeError, OSError, KeyError, ValueError) as error:
+            raise CheckpointError(f"{self.path} ({self.kind} checkpoint): {error}") from error
+        return model.eval()
+
+
+def open_checkpoint(path: Path) -> CheckpointSource:
+    """The checkpoint at `path`: a consolidated checkpoint directory, a training checkpoint
+    (`RUN_DIR/checkpoints/step_N`, any engine), or a run directory (its `final/`, else its
+    latest checkpoint). Reads configs only; `load_model` reads the weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
+        return CheckpointSource(path, "consolidated", read_config(path), tokenizer_of(path))
+    if (path / TRAINER_STATE).is_file():
+        return _training_checkpoint(path)
+    if (path / "final" / CONFIG).is_file():
+        return open_checkpoint(path / "final")
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        return _training_checkpoint(path / "checkpoints" / pointer.read_text().strip())
+    raise CheckpointError(
+        f"{path} is not a checkpoint: give a consolidated checkpoint ({CONFIG} and {WEIGHTS}), "
+        f"a training checkpoint (RUN_DIR/checkpoints/step_N, with {TRAINER_STATE}) or a run "
+        "directory (its final/ or latest checkpoint)"
+    )
+
+
+def _training_checkpoint(path: Path) -> CheckpointSource:
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / TRAINER_STATE}: {error}") from error
+    if (path / "engine.pt").is_file():
+        kind = "ddp"
+    elif (path / "fsdp").is_dir():
+        kind = "fsdp"
+    elif (path / "deepspeed").is_dir():
+        kind = "deepspeed"
+    else:
+        raise CheckpointError(f"{path}: a training checkpoint of no engine kiln knows")
+    run_config = _run_config(path.parent.parent)  # RUN_DIR/checkpoints/step_N
+    if "model" in state and "model_family" in state:
+        config = model_config_from_dict(state["model_family"], state["model"])
+    elif run_config is not None:
+        config = run_config.model
+    else:
+        raise CheckpointError(
+            f"{path}: its trainer.json names no model and {path.parent.parent}/config.pkl is "
+            "missing (a checkpoint from before checkpoints recorded their model, moved out of "
+            "its run directory)"
+        )
+    tokenizer = tokenizer_of(path)
+    if tokenizer is None and run_config is not None:
+        tokenizer = _run_tokenizer(run_config)
+    return CheckpointSource(path, kind, config, tokenizer, state.get("step"))
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The resolved config `kiln train` pickled into a run directory, or None."""
+    import pickle
+
+    config = run_dir / "config.pkl"
+    if not config.is_file():
+        return None
+    try:
+        return pickle.loads(config.read_bytes())  # noqa: S301 - written by `kiln train`
+    except Exception:  # an unreadable one only costs the fallback  # noqa: BLE001
+        return None
+
+
+def _run_tokenizer(cfg: Any) -> Path | None:
+    """The tokenizer of a run's local shards, when they are still where the run read them."""
+    from data_pipeline.shards import ShardFormatError, read_manifest
+    from pretrain.data import remote
+
+    if remote.is_remote(cfg.data.path):
+        return None
+    directory = remote.local_path(cfg.data.path)
+    try:
+        tokenizer = directory / read_manifest(directory).tokenizer.path
+    except ShardFormatError:
+        return None
+    return tokenizer if tokenizer.is_file() else None

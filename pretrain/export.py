@@ -3,7 +3,9 @@
     kiln export export.checkpoint=CKPT export.output_dir=OUT [export.dtype=bfloat16]
                 [export.tokenizer=PATH.model] [overwrite=true]
 
-CKPT is a consolidated checkpoint (`pretrain/checkpoint_io.py`). OUT receives config.json,
+CKPT is a consolidated checkpoint (`pretrain/checkpoint_io.py`), a training checkpoint of any
+engine (`RUN_DIR/checkpoints/step_N`: an intermediate one, for evaluation), or a run directory
+(its `final/`, else its latest checkpoint). OUT receives config.json,
 generation_config.json and model.safetensors for the checkpoint's transformers class
 (`pretrain/models/hf`), plus the tokenizer when the checkpoint carries `tokenizer.model` (or
 `export.tokenizer` names one). OUT is written under a temporary name and renamed when
@@ -32,12 +34,7 @@ def fail(message: str) -> int:
 def run(cfg: KilnConfig) -> int:
     from transformers.utils import logging as hf_logging
 
-    from pretrain.checkpoint_io import (
-        CheckpointError,
-        load_consolidated,
-        read_config,
-        tokenizer_of,
-    )
+    from pretrain.checkpoint_io import CheckpointError, open_checkpoint
     from pretrain.models.hf import export_model, hf_module_for
 
     hf_logging.disable_progress_bar()
@@ -51,15 +48,19 @@ def run(cfg: KilnConfig) -> int:
     checkpoint = Path(settings.checkpoint)
     out_dir = Path(settings.output_dir)
     try:
-        model_cfg = read_config(checkpoint)
+        source = open_checkpoint(checkpoint)
+        model_cfg = source.config
         module = hf_module_for(model_cfg)
         module.hf_config(model_cfg)  # no transformers equivalent: say so before loading weights
-        model_cfg, model = load_consolidated(checkpoint)
+        model = source.load_model()
     except CheckpointError as error:
         return fail(f"export.checkpoint: {error}")
     except ValueError as error:
         return fail(str(error))
-    tokenizer = tokenizer_of(checkpoint)
+    if source.kind != "consolidated" or source.path != checkpoint:
+        step = f" at step {source.step}" if source.step is not None else ""
+        print(f"kiln export: reading the {source.kind} checkpoint {source.path}{step}")
+    tokenizer = source.tokenizer
     if tokenizer is None and settings.tokenizer is not None:
         tokenizer = Path(settings.tokenizer)
         if not tokenizer.is_file():

@@ -11,6 +11,7 @@ Run by every rank (under torchrun, or alone); see `pretrain/train.py` for the en
 from __future__ import annotations
 
 import collections
+import dataclasses
 import faulthandler
 import gc
 import json
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import CheckpointManager, rank_and_world
+from pretrain.checkpoint import CheckpointManager, ModelRecord, rank_and_world
 
 # Exit status of a run stopped by SIGTERM/SIGUSR1 after saving: the launcher requeues it.
 REQUEUE_EXIT_CODE = 42
@@ -155,6 +156,7 @@ def train(cfg: Any, context: Any) -> int:
     accumulation = data.global_batch_size // (data.micro_batch_size * dp_world)
     torch.manual_seed(trainer.seed)
     model = build_model(cfg.model).to(context.device)
+    model_record = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)  # unwrapped
     if cp > 1:
         from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
 
@@ -163,7 +165,7 @@ def train(cfg: Any, context: Any) -> int:
     has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
                           device=context.device)  # fmt: skip
-    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints)
+    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints, model_record)
     state = TrainState()
     resume_from = _resume_path(trainer.resume, checkpoints)
     if resume_from is not None:
@@ -176,6 +178,7 @@ def train(cfg: Any, context: Any) -> int:
     remaining = max(0, trainer.max_steps - state.step)
     loader = build_run_loader(cfg, rank=dp_rank, world=dp_world, state=loader_state,
                               num_steps=remaining)  # fmt: skip
+    checkpoints.tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
     cuda = context.device.type == "cuda"
     peak_tflops, peak_source = resolve_peak_tflops(
         trainer.peak_tflops,

@@ -183,3 +183,9 @@ class DDPEngine(Engine):
         if self.rank != 0:
             return None
         return {key: value.detach().cpu() for key, value in state.items()}
+
+
+def read_model_state(directory: Path) -> dict[str, Tensor]:
+    """The whole model's weights in a checkpoint this engine wrote, read by one process on the
+    CPU (`engine.pt` holds them whole, experts gathered under expert parallelism)."""
+    return torch.load(Path(directory) / "engine.pt", map_location="cpu", weights_only=True)["model"]

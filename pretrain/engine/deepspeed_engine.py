@@ -409,3 +409,25 @@ class DeepSpeedEngine(Engine):
         if self.rank != 0:
             return None
         return {key: value.detach().cpu() for key, value in self.module.state_dict().items()}
+
+
+def read_model_state(directory: Path) -> dict[str, Tensor]:
+    """The whole model's weights in a checkpoint this engine wrote, read by one process on the
+    CPU: ZeRO 1-3 through DeepSpeed's `zero_to_fp32` (the fp32 master weights, reassembled
+    from every rank's optimizer partition, whatever the world size); stage 0 from the module
+    state DeepSpeed saved. Activation checkpointing's wrapper names are taken out."""
+    import contextlib
+    import io
+
+    directory = Path(directory)
+    stage = json.loads((directory / META).read_text())["zero_stage"]
+    if stage == 0:
+        saved = torch.load(directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)  # fmt: skip
+        state = saved["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines: not ours to print
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    return {_strip_wrappers(key): value for key, value in state.items()}

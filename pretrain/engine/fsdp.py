@@ -186,3 +186,20 @@ class FSDPEngine(Engine):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)  # collective
         return state if self.rank == 0 else None
+
+
+def read_model_state(directory: Path, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The whole model's weights in a checkpoint this engine wrote, read by one process on the
+    CPU: `template` (the unwrapped model's own state dict: names, shapes, dtypes) is filled
+    from the DCP shards, whatever the mesh that wrote them; the optimizer's entries are left."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    import warnings
+
+    state = {"model": template}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(Path(directory) / SHARDS),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)  # fmt: skip
+    return state["model"]

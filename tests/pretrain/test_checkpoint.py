@@ -96,3 +96,63 @@ def test_a_failed_background_save_is_raised_and_latest_stays(tmp_path: Path) -> 
     checkpoints.save(engine, {}, step=3, background=True)
     checkpoints.wait()
     assert checkpoints.latest() == tmp_path / "checkpoints" / "step_00000003"
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_the_engine_loads(tmp_path: Path) -> None:
+    """Every checkpoint records its model's config and parameter shapes; `load` compares them
+    with the run's model first and names the parameter and the config keys that differ."""
+    from dataclasses import asdict, replace
+
+    from pretrain.checkpoint import ModelRecord
+    from pretrain.checkpoint_io import CheckpointError
+    from pretrain.config import DecoderConfig
+    from pretrain.models import build_model
+
+    small = DecoderConfig(vocab_size=64, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, n_layers=2)
+    record = ModelRecord("decoder", asdict(small), build_model(small))
+    engine = TensorEngine()
+    engine.load = lambda directory: loaded.append(directory)  # type: ignore[attr-defined]
+    loaded: list[Path] = []
+    path = CheckpointManager(tmp_path, keep=2, model=record).save(engine, {"tokens_seen": 1}, 1)
+    saved = json.loads((path / "trainer.json").read_text())
+    assert saved["model"]["d_model"] == 16 and saved["tokens_seen"] == 1
+    assert saved["parameters"]["embed.weight"] == [64, 16] and len(saved["parameters"]) == 20
+
+    cases = [
+        (
+            replace(small, d_model=24),
+            "embed.weight is [64, 16] there, [64, 24] here (and 19 "
+            "more); the model config differs in model.d_model=16 (now 24)",
+        ),
+        (
+            replace(small, n_layers=3),
+            "9 parameter(s) only this model has "
+            "(blocks.2.attn_norm.weight, ...); the model config differs in model.n_layers=2 (now 3)",
+        ),
+        (
+            replace(small, n_layers=1),
+            "9 parameter(s) only the checkpoint has "
+            "(blocks.1.attn_norm.weight, ...); the model config differs in model.n_layers=2 (now 1)",
+        ),
+    ]
+    for other, reason in cases:
+        other_record = ModelRecord("decoder", asdict(other), build_model(other))
+        with pytest.raises(CheckpointError) as error:
+            CheckpointManager(tmp_path, keep=2, model=other_record).load(engine, path)
+        assert str(error.value) == (
+            f"{path} holds another model: {reason}. Resume it with the model it was trained "
+            "with, or train this one in a new trainer.run_dir"
+        )
+    assert loaded == []  # refused before the engine read anything
+    # same shapes, other settings (a new RoPE base for context extension): loads
+    longer = replace(small, rope_theta=500000.0, max_seq_len=4096)
+    CheckpointManager(
+        tmp_path, keep=2, model=ModelRecord("decoder", asdict(longer), build_model(longer))
+    ).load(engine, path)
+    # a checkpoint from before models were recorded: the engine decides
+    CheckpointManager(tmp_path, keep=2).save(engine, {}, 2)
+    wider = replace(small, d_model=24)
+    CheckpointManager(
+        tmp_path, keep=2, model=ModelRecord("decoder", asdict(wider), build_model(wider))
+    ).load(engine, tmp_path / "checkpoints" / "step_00000002")
+    assert len(loaded) == 2

@@ -165,6 +165,52 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(
     assert ours == theirs  # bitwise: the same floats, step by step
 
 
+@slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp"])
+def test_an_intermediate_checkpoint_of_each_engine_exports(
+    engine: str, tmp_path: Path, reference
+) -> None:
+    """`kiln export` of RUN_DIR/checkpoints/step_8, for evaluation: read in one process with no
+    process group, the weights are bitwise the ones the engine saved (ZeRO's fp32 masters,
+    FSDP's shards, DDP's state); the step-12 one equals the run's final/; transformers loads
+    the export and computes our model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.checkpoint_io import load_consolidated, open_checkpoint
+
+    run_dir = reference(engine)
+    kind = {"ddp": "ddp", "fsdp": "fsdp"}.get(engine, "deepspeed")
+    source = open_checkpoint(checkpoint(run_dir, 8))
+    assert (source.kind, source.step, source.config.name) == (kind, 8, "tiny_decoder")
+    model = source.load_model()
+    if engine == "ddp":
+        saved = torch.load(checkpoint(run_dir, 8) / "engine.pt", weights_only=True)["model"]
+    else:
+        saved = model_weights(checkpoint(run_dir, 8))
+    ours = model.state_dict()
+    assert ours.keys() == saved.keys()
+    assert all(torch.equal(ours[name], saved[name]) for name in saved)
+    assert not torch.equal(ours["embed.weight"], open_checkpoint(checkpoint(run_dir, 4)).load_model().state_dict()["embed.weight"])  # fmt: skip
+    _, final = load_consolidated(run_dir / "final")
+    last = open_checkpoint(checkpoint(run_dir, 12)).load_model().state_dict()
+    assert all(torch.equal(last[name], value) for name, value in final.state_dict().items())
+    assert open_checkpoint(run_dir).path == run_dir / "final"  # a run directory: its final/
+
+    out = tmp_path / "hf"
+    result = subprocess.run(
+        [str(KILN), "export", f"export.checkpoint={checkpoint(run_dir, 8)}",
+         f"export.output_dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = f"kiln export: reading the {kind} checkpoint {checkpoint(run_dir, 8)} at step 8\n"
+    assert said in result.stdout
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+
+
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor a ddp or fsdp engine checkpoint holds (model, optimizer, RNG), by name."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

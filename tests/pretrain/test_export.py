@@ -202,6 +202,50 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         load_consolidated(path)
 
 
+def test_training_checkpoints_open_with_their_model_and_tokenizer(
+    tokenizer: Path, tmp_path: Path
+) -> None:
+    """`open_checkpoint` on the trainer's own checkpoints (DDP's layout here; every engine's,
+    written by real runs, in test_engines.py): the model from trainer.json, the tokenizer
+    copied beside it; a run directory gives its latest checkpoint; an older checkpoint with no
+    model record takes the run's config.pkl."""
+    import pickle
+    from types import SimpleNamespace
+
+    from pretrain.checkpoint_io import open_checkpoint
+
+    cfg = decoder()
+    model = tiny_model(cfg)
+    run_dir = tmp_path / "run"
+    step = run_dir / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scheduler": {}}, step / "engine.pt")
+    record = {"step": 3, "model_family": "decoder", "model": asdict(cfg)}
+    (step / "trainer.json").write_text(json.dumps(record))
+    shutil.copyfile(tokenizer, step / "tokenizer.model")
+    (run_dir / "checkpoints" / "latest").write_text(step.name)
+
+    source = open_checkpoint(run_dir)  # no final/ yet: the latest checkpoint
+    assert (source.path, source.kind, source.step) == (step, "ddp", 3)
+    assert source.config == cfg and source.tokenizer == step / "tokenizer.model"
+    loaded = source.load_model().state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+    (step / "tokenizer.model").unlink()
+    (step / "trainer.json").write_text(json.dumps({"step": 3}))  # before models were recorded
+    with pytest.raises(CheckpointError, match=r"names no model and .*run/config.pkl is missing"):
+        open_checkpoint(step)
+    run_config = SimpleNamespace(model=cfg, data=SimpleNamespace(path=str(tmp_path / "gone")))
+    (run_dir / "config.pkl").write_bytes(pickle.dumps(run_config))
+    source = open_checkpoint(step)
+    assert source.config == cfg and source.tokenizer is None  # the shards are gone
+    (step / "engine.pt").unlink()
+    with pytest.raises(CheckpointError, match="a training checkpoint of no engine kiln knows"):
+        open_checkpoint(step)
+    with pytest.raises(CheckpointError, match="is not a checkpoint: give a consolidated"):
+        open_checkpoint(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # kiln export
 
@@ -252,7 +296,7 @@ def test_export_errors_exit_1_with_the_reason(
 ) -> None:
     (tmp_path / "file").write_text("x")
     assert run(export_config(f"export.checkpoint={tmp_path}/file")) == 1
-    assert "is not a consolidated checkpoint" in capsys.readouterr().err
+    assert "file is not a checkpoint: give a consolidated checkpoint" in capsys.readouterr().err
 
     nope = decoder(position="none")  # a decoder without positions: no transformers class
     save_consolidated(tiny_model(nope), nope, tmp_path / "nope")

@@ -168,3 +168,22 @@ def test_a_rank_says_a_bad_shard_in_one_line(corpus: Path, tmp_path: Path) -> No
                 "(data.on_bad_shard=skip skips bad shards)\n")  # fmt: skip
         assert line in result.stderr, result.stderr[-3000:]
     assert "DataError" not in result.stderr  # no rank's traceback
+
+
+def test_resuming_another_models_checkpoint_is_one_line_per_rank(
+    corpus: Path, tmp_path: Path, reference: Path
+) -> None:
+    """The reference run's last checkpoint, resumed by a wider model: refused before the engine
+    loads it, with the parameter and the config key that differ (checkpoint.ModelRecord)."""
+    checkpoint = reference / "checkpoints" / "step_00000012"
+    run_dir = tmp_path / "wider"
+    args = train_args(corpus, run_dir, f"trainer.resume={checkpoint}", "model.d_model=96")
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 1
+    for rank in (0, 1):
+        line = (f"kiln train: rank {rank}: {checkpoint} holds another model: embed.weight is "
+                "[4096, 64] there, [4096, 96] here (and 19 more); the model config differs in "
+                "model.d_model=64 (now 96). Resume it with the model it was trained with, or "
+                "train this one in a new trainer.run_dir\n")  # fmt: skip
+        assert line in result.stderr, result.stderr[-3000:]
+    assert "size mismatch" not in result.stderr  # the engine never tried
