@@ -115,16 +115,7 @@ class ModelRecord:
         theirs = saved.get("parameters")
         if theirs is None or theirs == self.parameters:
             return
-        ours = self.parameters
-        differ = [name for name in ours if name in theirs and theirs[name] != ours[name]]
-        parts = []
-        if differ:
-            more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-            parts.append(f"{differ[0]} is {theirs[differ[0]]} there, {ours[differ[0]]} here{more}")
-        for names, where in (([n for n in ours if n not in theirs], "only this model has"),
-                             ([n for n in theirs if n not in ours], "only the checkpoint has")):  # fmt: skip
-            if names:
-                parts.append(f"{len(names)} parameter(s) {where} ({names[0]}, ...)")
+        parts = shape_differences(theirs, self.parameters)
         keys = config_differences(saved.get("model") or {}, self.config)
         if keys:
             parts.append(f"the model config differs in {', '.join(keys)}")
@@ -134,14 +125,31 @@ class ModelRecord:
         )
 
 
+def shape_differences(theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> list[str]:
+    """How two {name: shape} maps differ, in a few words each (empty when they agree)."""
+    differ = [name for name in ours if name in theirs and theirs[name] != ours[name]]
+    parts = []
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        parts.append(f"{differ[0]} is {theirs[differ[0]]} there, {ours[differ[0]]} here{more}")
+    for names, where in (([n for n in ours if n not in theirs], "only this model has"),
+                         ([n for n in theirs if n not in ours], "only the checkpoint has")):  # fmt: skip
+        if names:
+            parts.append(f"{len(names)} parameter(s) {where} ({names[0]}, ...)")
+    return parts
+
+
 def config_differences(
     there: dict[str, Any], here: dict[str, Any], prefix: str = "model"
 ) -> list[str]:
-    """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts."""
+    """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts
+    (but the model's name)."""
     found = []
     for key in sorted(set(there) | set(here), key=str):
         a, b = there.get(key), here.get(key)
         name = f"{prefix}.{key}"
+        if name == "model.name":
+            continue  # a preset's (or export directory's) label: no weight depends on it
         if isinstance(a, dict) and isinstance(b, dict):
             found += config_differences(a, b, name)
         elif a != b:

@@ -158,45 +158,60 @@ def load_consolidated(path: Path) -> tuple[ModelConfig, nn.Module]:
 
 @dataclass
 class CheckpointSource:
-    """Where a model's weights are: a consolidated checkpoint (`kind` "consolidated") or a
-    training checkpoint of the engine that wrote it ("ddp", "fsdp" or "deepspeed")."""
+    """Where a model's weights are: a consolidated checkpoint (`kind` "consolidated"), a
+    training checkpoint of the engine that wrote it ("ddp", "fsdp" or "deepspeed"), or a
+    transformers directory ("transformers", read whole when opened)."""
 
     path: Path
     kind: str
     config: ModelConfig
     tokenizer: Path | None  # the SentencePiece model it was trained with, when known
     step: int | None = None  # a training checkpoint's step
+    module: nn.Module | None = None  # a transformers directory's weights, as our module
 
     def load_model(self) -> nn.Module:
         """The module, in fp32 on the CPU, in eval mode; weights load strictly (a missing or
         unexpected tensor, or another shape, raises CheckpointError)."""
         if self.kind == "consolidated":
             return load_consolidated(self.path)[1]
-        import torch
-
+        if self.module is not None:
+            return self.module
         from pretrain.models import build_model
 
         model = build_model(self.config)
+        state = self.read_state(model.state_dict())
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{self.path} ({self.kind} checkpoint): {error}") from error
+        return model.eval()
+
+    def read_state(self, template: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The model's state dict (our module's names), on the CPU. `template`, the model's
+        own state dict, spares the FSDP reader building one."""
+        if self.kind == "consolidated" or self.module is not None:
+            return self.load_model().state_dict()
+        import torch
+
         try:
             if self.kind == "ddp":
                 from pretrain.engine.ddp import read_model_state
 
-                state = read_model_state(self.path)
-            elif self.kind == "fsdp":
+                return read_model_state(self.path)
+            if self.kind == "fsdp":
                 from pretrain.engine.fsdp import read_model_state
+                from pretrain.models import build_model
 
-                state = read_model_state(self.path, model.state_dict())
-            else:
-                os.environ.setdefault(
-                    "DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"
-                )
-                from pretrain.engine.deepspeed_engine import read_model_state
+                if template is None:
+                    template = build_model(self.config).state_dict()
+                return read_model_state(self.path, template)
+            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+            os.environ.setdefault("DS_ACCELERATOR", accelerator)
+            from pretrain.engine.deepspeed_engine import read_model_state
 
-                state = read_model_state(self.path)
-            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+            return read_model_state(self.path)
         except (RuntimeError, OSError, KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path} ({self.kind} checkpoint): {error}") from error
-        return model.eval()
 
 
 def open_checkpoint(path: Path) -> CheckpointSource:
@@ -206,6 +221,16 @@ def open_checkpoint(path: Path) -> CheckpointSource:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if (path / CONFIG).is_file() and _is_transformers_config(path / CONFIG):
+        from pretrain.models.hf import import_model
+
+        try:
+            config, module = import_model(path)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path} (a transformers directory): {error}") from error
+        tokenizer = path / TOKENIZER  # what `kiln export` writes beside the weights
+        return CheckpointSource(path, "transformers", config,
+                                tokenizer if tokenizer.is_file() else None, module=module)  # fmt: skip
     if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
         return CheckpointSource(path, "consolidated", read_config(path), tokenizer_of(path))
     if (path / TRAINER_STATE).is_file():
@@ -220,6 +245,37 @@ def open_checkpoint(path: Path) -> CheckpointSource:
         f"a training checkpoint (RUN_DIR/checkpoints/step_N, with {TRAINER_STATE}) or a run "
         "directory (its final/ or latest checkpoint)"
     )
+
+
+def _is_transformers_config(config_file: Path) -> bool:
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "format" not in config and "model_type" in config
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> CheckpointSource:
+    """`trainer.init_from`: copy the weights of the checkpoint at `path` (anything
+    `open_checkpoint` takes) into `model`, the run's unwrapped module built from `cfg`;
+    CheckpointError when their names or shapes are not the model's."""
+    from pretrain.checkpoint import config_differences, shape_differences
+
+    source = open_checkpoint(path)
+    ours = model.state_dict()
+    state = source.read_state({name: tensor.cpu() for name, tensor in ours.items()})
+    parts = shape_differences({name: list(t.shape) for name, t in state.items()},
+                              {name: list(t.shape) for name, t in ours.items()})  # fmt: skip
+    if parts:
+        keys = config_differences(asdict(source.config), asdict(cfg))
+        if keys:
+            parts.append(f"the model config differs in {', '.join(keys)}")
+        raise CheckpointError(
+            f"trainer.init_from={path} holds another model: {'; '.join(parts)}. Give the run "
+            "the checkpoint's model (model=... and model.* overrides)"
+        )
+    model.load_state_dict(state, strict=True)
+    return source
 
 
 def _training_checkpoint(path: Path) -> CheckpointSource:

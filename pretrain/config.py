@@ -633,6 +633,10 @@ class TrainerConfig:
     # and one on a stop signal are written in the foreground
     async_checkpoint: bool = False
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
+    # start a new run from these weights (a consolidated checkpoint, a training checkpoint of
+    # any engine, a run directory, or a transformers directory): the optimizer, schedule, step
+    # and data start afresh. Only when there is nothing to resume: a requeue resumes its own.
+    init_from: str | None = None
     # A step that takes longer than this dumps every thread's stack to stderr (a hang
     # watchdog: a stuck collective, a dead data worker); 0 disables it.
     watchdog_seconds: float = 1800.0

@@ -15,7 +15,8 @@ from typing import Any
 def preflight(cfg: Any) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
     the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
-    `data.mixture` names its sources) and an explicit `trainer.resume` checkpoint."""
+    `data.mixture` names its sources), an explicit `trainer.resume` checkpoint, and the
+    `trainer.init_from` path of a run that starts afresh."""
     from pretrain.data import remote
     from pretrain.data.manifest import DataError, open_manifest
 
@@ -28,7 +29,18 @@ def preflight(cfg: Any) -> list[str]:
     problem = resume_problem(cfg.trainer.resume)
     if problem:
         problems.append(problem)
+    init_from = cfg.trainer.init_from
+    if init_from and not Path(init_from).exists() and not _will_resume(cfg):
+        problems.append(f"trainer.init_from={init_from} does not exist")
     return problems
+
+
+def _will_resume(cfg: Any) -> bool:
+    """Whether the run continues a checkpoint (trainer.init_from is then not read)."""
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        return (Path(cfg.trainer.run_dir) / "checkpoints" / "latest").is_file()
+    return resume != "none"
 
 
 def resume_problem(resume: str) -> str | None:

@@ -163,11 +163,16 @@ def train(cfg: Any, context: Any) -> int:
         groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp_world)]
         apply_context_parallel(model, groups[dp_rank])
     has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
+    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints, model_record)
+    resume_from = _resume_path(trainer.resume, checkpoints)
+    initialised = None
+    if resume_from is None and trainer.init_from:  # weights only, into the unwrapped model
+        from pretrain.checkpoint_io import init_weights
+
+        initialised = init_weights(model, cfg.model, Path(trainer.init_from))
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
                           device=context.device)  # fmt: skip
-    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints, model_record)
     state = TrainState()
-    resume_from = _resume_path(trainer.resume, checkpoints)
     if resume_from is not None:
         saved = checkpoints.load(engine, resume_from)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
@@ -191,8 +196,14 @@ def train(cfg: Any, context: Any) -> int:
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
                     "data_parallel": dp_world, "context_parallel": cp,
                     "resumed_from": str(resume_from) if resume_from else None,
+                    "init_from": str(initialised.path) if initialised else None,
                     "seq_len": data.seq_len, "checkpoint_seq_len": saved_seq_len,
                     "peak_tflops": peak_tflops, "peak_tflops_from": peak_source})  # fmt: skip
+        if initialised is not None:
+            at = f" at step {initialised.step}" if initialised.step is not None else ""
+            print(f"kiln train: weights from the {initialised.kind} checkpoint "
+                  f"{initialised.path}{at} (trainer.init_from); the optimizer, the schedule "
+                  "and the data start afresh", flush=True)  # fmt: skip
     stop = StopSignal()
     nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")
     # narrower faults: only this micro-batch index / only this rank (default: all of them)

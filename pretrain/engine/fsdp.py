@@ -192,10 +192,10 @@ def read_model_state(directory: Path, template: dict[str, Tensor]) -> dict[str, 
     """The whole model's weights in a checkpoint this engine wrote, read by one process on the
     CPU: `template` (the unwrapped model's own state dict: names, shapes, dtypes) is filled
     from the DCP shards, whatever the mesh that wrote them; the optimizer's entries are left."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    import warnings
 
     state = {"model": template}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes

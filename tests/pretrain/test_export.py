@@ -246,6 +246,26 @@ def test_training_checkpoints_open_with_their_model_and_tokenizer(
         open_checkpoint(tmp_path)
 
 
+def test_init_weights_from_a_transformers_directory(tmp_path: Path) -> None:
+    """`trainer.init_from` a transformers directory (an export, or a model of one of the
+    classes `import_model` maps): the weights arrive exactly; another shape is refused with
+    the differing parameter and keys."""
+    from pretrain.checkpoint_io import init_weights
+
+    cfg = decoder(name="tiny_llama")
+    model = tiny_model(cfg)
+    export_model(model, cfg, tmp_path / "hf", tokenizer_path=None)
+    fresh = build_model(cfg)
+    source = init_weights(fresh, cfg, tmp_path / "hf")
+    assert source.kind == "transformers" and source.tokenizer is None
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    wide = decoder(name="tiny_llama", d_model=96)
+    with pytest.raises(CheckpointError) as error:
+        init_weights(build_model(wide), wide, tmp_path / "hf")
+    assert "holds another model: embed.weight is [" in str(error.value)
+    assert f"model.d_model={cfg.d_model} (now 96)" in str(error.value)
+
+
 # --------------------------------------------------------------------------------------------
 # kiln export
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_loader import write_corpus
 
 KILN = Path(sys.executable).parent / "kiln"
@@ -187,3 +188,53 @@ def test_resuming_another_models_checkpoint_is_one_line_per_rank(
                 "train this one in a new trainer.run_dir\n")  # fmt: skip
         assert line in result.stderr, result.stderr[-3000:]
     assert "size mismatch" not in result.stderr  # the engine never tried
+
+
+def test_init_from_starts_a_new_run_on_another_engine(
+    corpus: Path, tmp_path: Path, reference: Path
+) -> None:
+    """`trainer.init_from` the DDP reference run's step-8 checkpoint, trained with FSDP2: the
+    weights arrive exactly (at a learning rate too small to move them, the run's final/ holds
+    them bitwise), the step and data start afresh; the run's own checkpoint then wins over
+    init_from (a requeue resumes), and another model is refused in one line per rank."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint_io import open_checkpoint
+
+    step_8 = reference / "checkpoints" / "step_00000008"
+    run_dir = tmp_path / "warm"
+    args = train_args(corpus, run_dir, f"trainer.init_from={step_8}", "optim.lr=1e-30")
+    args = [{"engine=ddp": "engine=fsdp", "trainer.max_steps=12": "trainer.max_steps=2",
+             "trainer.checkpoint_every=4": "trainer.checkpoint_every=2"}.get(a, a) for a in args]  # fmt: skip
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"kiln train: weights from the ddp checkpoint {step_8} at step 8 (trainer.init_from)"
+            in result.stdout)  # fmt: skip
+    rows = records(run_dir)
+    [start] = [r for r in rows if r.get("event") == "start"]
+    assert start["init_from"] == str(step_8) and start["resumed_from"] is None
+    assert sorted(train_losses(rows)) == [1, 2]  # step 1 of a new run ...
+    # ... on step-8 weights: far below the loss the reference started from on the same batch
+    assert train_losses(rows)[1] < train_losses(records(reference))[1] - 0.5
+    final = load_file(run_dir / "final" / "model.safetensors")
+    expected = open_checkpoint(step_8).load_model().state_dict()
+    assert final.keys() <= expected.keys()
+    assert all(torch.equal(final[name], expected[name]) for name in final)
+
+    # a checkpoint of its own: resumed, init_from not read again
+    args = ["trainer.max_steps=3" if a == "trainer.max_steps=2" else a for a in args]
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    starts = [r for r in records(run_dir) if r.get("event") == "start"]
+    assert starts[-1]["init_from"] is None
+    assert Path(starts[-1]["resumed_from"]).name == "step_00000002"
+
+    wider = train_args(corpus, tmp_path / "wider", f"trainer.init_from={step_8}",
+                       "model.d_model=96")  # fmt: skip
+    result = kiln_train(wider, tmp_path)
+    assert result.returncode == 1
+    for rank in (0, 1):
+        assert (f"kiln train: rank {rank}: trainer.init_from={step_8} holds another model: "
+                "embed.weight is [4096, 64] there, [4096, 96] here (and 19 more); the model "
+                "config differs in model.d_model=64 (now 96). Give the run the checkpoint's "
+                "model (model=... and model.* overrides)\n") in result.stderr  # fmt: skip
