@@ -15,7 +15,7 @@ from `RUN_DIR/checkpoints/latest` (`trainer.resume=auto`, the default), so the r
 with the same data order as an uninterrupted one. Ray Train's own run state goes to
 `cluster.storage_path` (default `RUN_DIR/ray`). Ray workers do not inherit the driver's
 environment: the driver's KILN_* and WANDB_* variables are passed to them, and relative paths
-(run directory, data, resume) are made absolute against the directory `kiln launch` runs in.
+(run directory, data, resume, init_from) are made absolute against the directory `kiln launch` runs in.
 
 The trainer's exit codes on a worker:
 
@@ -106,8 +106,9 @@ def worker_config(cfg: Any) -> Any:
       wherever Ray places them;
     - `cluster.accelerator`: `cuda` with `gpus_per_worker=1`, else `cpu` (a worker without a
       GPU trains on its CPU, with gloo and fp32);
-    - the run directory, the data path and an explicit resume path made absolute: workers run
-      in Ray's session directories, not in the directory `kiln launch` was started from.
+    - the run directory, the data path, an explicit resume path and `trainer.init_from` made
+      absolute: workers run in Ray's session directories, not in the directory `kiln launch`
+      was started from.
     """
     cfg = copy.deepcopy(cfg)
     cluster = cfg.cluster
@@ -119,6 +120,8 @@ def worker_config(cfg: Any) -> Any:
     cfg.output_dir = _absolute(cfg.output_dir)
     if cfg.trainer.resume not in ("auto", "none"):
         cfg.trainer.resume = _absolute(cfg.trainer.resume)
+    if cfg.trainer.init_from:
+        cfg.trainer.init_from = _absolute(cfg.trainer.init_from)
     return cfg
 
 

@@ -62,13 +62,15 @@ def test_worker_config_counts_the_workers_as_ranks_and_makes_paths_absolute(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = launch_config("cluster.workers=4", "trainer.run_dir=runs/a", "data.path=out/data",
-                        "trainer.resume=runs/old/checkpoints/step_00000004")  # fmt: skip
+                        "trainer.resume=runs/old/checkpoints/step_00000004",
+                        "trainer.init_from=out/hf")  # fmt: skip
     workers = worker_config(cfg)
     assert (workers.cluster.nodes, workers.cluster.gpus_per_node) == (1, 4)
     assert workers.cluster.accelerator == "cpu"  # gpus_per_worker=0
     assert workers.trainer.run_dir == str(tmp_path / "runs/a")
     assert workers.data.path == str(tmp_path / "out/data")
     assert workers.trainer.resume == str(tmp_path / "runs/old/checkpoints/step_00000004")
+    assert workers.trainer.init_from == str(tmp_path / "out/hf")
     # the caller's config is left alone
     assert (cfg.cluster.gpus_per_node, cfg.trainer.run_dir) == (4, "runs/a")  # = workers
     gpu = worker_config(launch_config("cluster.gpus_per_worker=1", "data.path=s3://b/data"))
