@@ -15,7 +15,8 @@ from `RUN_DIR/checkpoints/latest` (`trainer.resume=auto`, the default), so the r
 with the same data order as an uninterrupted one. Ray Train's own run state goes to
 `cluster.storage_path` (default `RUN_DIR/ray`). Ray workers do not inherit the driver's
 environment: the driver's KILN_* and WANDB_* variables are passed to them, and relative paths
-(run directory, data, resume, init_from) are made absolute against the directory `kiln launch` runs in.
+(run directory, data, resume, init_from) are made absolute against the directory `kiln launch`
+runs in.
 
 The trainer's exit codes on a worker:
 
