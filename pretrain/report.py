@@ -87,7 +87,7 @@ def points(records: Sequence[dict[str, Any]], kind: str, field: str) -> tuple[li
 
 
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
-    """The train and eval records of a run directory, and its `trainer.profile` events;
+    """The train and eval records of a run directory, and its start and `trainer.profile` events;
     `ReportError` when there are no train or eval records."""
     if not run_dir.is_dir():
         raise ReportError(f"report.run_dir={run_dir} is not a directory")
@@ -97,7 +97,8 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     records, _ = read_records(path)
     if not any(r["kind"] in ("train", "eval") for r in records):
         raise ReportError(f"{path} has no train or eval records")
-    return [r for r in records if r["kind"] in ("train", "eval") or r.get("event") == "profile"]
+    events = ("profile", "start")
+    return [r for r in records if r["kind"] in ("train", "eval") or r.get("event") in events]
 
 
 def plot(records: Sequence[dict[str, Any]], spec: PlotSpec, path: Path, title: str = "") -> bool:
@@ -127,7 +128,8 @@ def plot(records: Sequence[dict[str, Any]], spec: PlotSpec, path: Path, title: s
 
 
 def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(label, value) rows: steps, losses, throughput, MFU, tokens, profiles.
+    """(label, value) rows: steps, where the weights came from and the resumes, losses,
+    throughput, MFU, tokens, profiles.
 
     Steps recorded under `trainer.profile` (flagged `profiled`) are slowed by the profiler:
     the speed medians leave them out."""
@@ -136,6 +138,19 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     logged = [r for r in records if r["kind"] in ("train", "eval")]
     steps = sorted({r["step"] for r in logged})
     rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} ({len(logged)} records)"))
+    starts = [r for r in records if r.get("kind") == "event" and r.get("event") == "start"]
+    init_from = next((r["init_from"] for r in starts if r.get("init_from")), None)
+    if init_from:
+        rows.append(("weights from", f"{init_from} (trainer.init_from)"))
+    resumed = [r for r in starts if r.get("resumed_from")]
+    if resumed:
+
+        def ranks(record: dict[str, Any]) -> str:
+            world = record.get("world_size")
+            return "" if world is None else f" ({world} rank{'s' if world != 1 else ''})"
+
+        at = ", ".join(f"{r['step']:,}{ranks(r)}" for r in resumed)
+        rows.append(("resumed", f"{len(resumed)} time(s), at step {at}"))
     if losses:
         rows.append(("train loss", f"{losses[-1]:.4f} at step {train_steps[-1]:,}"))
     eval_steps, eval_losses = points(records, "eval", "eval_loss")

@@ -237,3 +237,20 @@ def test_profiled_steps_stay_out_of_the_medians_and_the_profile_is_summarized() 
         "device busy 75%; top: sm90_gemm 40%, triton_red 10%; "
         "trace runs/x/profile/step6-11/rank0.trace.json.gz"
     )
+
+
+def test_the_summary_says_where_the_weights_came_from_and_each_resume() -> None:
+    from pretrain.report import summarize_run
+
+    start = {"kind": "event", "event": "start", "resumed_from": None, "init_from": None}
+    records = [
+        start | {"step": 0, "world_size": 2, "init_from": "runs/base/checkpoints/step_00000800"},
+        *({"step": s, "kind": "train", "loss": 3.0} for s in range(1, 9)),
+        start | {"step": 4, "world_size": 1, "resumed_from": "runs/x/checkpoints/step_00000004"},
+        start | {"step": 8, "world_size": 2, "resumed_from": "runs/x/checkpoints/step_00000008"},
+    ]
+    rows = dict(summarize_run(records))
+    assert rows["weights from"] == "runs/base/checkpoints/step_00000800 (trainer.init_from)"
+    assert rows["resumed"] == "2 time(s), at step 4 (1 rank), 8 (2 ranks)"
+    assert "weights from" not in dict(summarize_run(records[1:9]))
+    assert "resumed" not in dict(summarize_run(records[:9]))

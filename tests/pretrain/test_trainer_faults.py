@@ -228,6 +228,11 @@ def test_init_from_starts_a_new_run_on_another_engine(
     starts = [r for r in records(run_dir) if r.get("event") == "start"]
     assert starts[-1]["init_from"] is None
     assert Path(starts[-1]["resumed_from"]).name == "step_00000002"
+    report = subprocess.run([str(KILN), "report", f"report.run_dir={run_dir}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"weights from        {step_8} (trainer.init_from)\n" in report.stdout
+    assert "resumed             1 time(s), at step 2 (2 ranks)\n" in report.stdout
 
     wider = train_args(corpus, tmp_path / "wider", f"trainer.init_from={step_8}",
                        "model.d_model=96")  # fmt: skip
