@@ -57,6 +57,17 @@ def init_distributed(cfg: Any) -> Context:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))  # fmt: skip
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        problem = device_problem(local_rank, torch.cuda.device_count(), cfg.cluster)
+        if problem:
+            from pretrain.config import ConfigError
+
+            raise ConfigError(problem)
+    elif (
+        cfg.cluster.accelerator == "cuda" and local_rank == 0 and os.environ.get("RANK", "0") == "0"
+    ):
+        print("kiln train: cluster.accelerator=cuda, but torch sees no CUDA device: training on "
+              "the CPU with gloo (cluster=local_cpu asks for that)", file=sys.stderr, flush=True)  # fmt: skip
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -64,6 +75,18 @@ def init_distributed(cfg: Any) -> Context:
         # with NCCL, gloo carries the loop's small CPU tensors (stop flags, metric means)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def device_problem(local_rank: int, devices: int, cluster: Any) -> str | None:
+    """Why local rank `local_rank` has no CUDA device of its own on a node with `devices`, or
+    None (torch would fail in `set_device` with "invalid device ordinal", on every rank)."""
+    if local_rank < devices:
+        return None
+    return (
+        f"local rank {local_rank} has no GPU: this node has {devices} CUDA device(s) for "
+        f"cluster.gpus_per_node={cluster.gpus_per_node} ranks; set cluster.gpus_per_node="
+        f"{devices} (or make the devices visible: CUDA_VISIBLE_DEVICES)"
+    )
 
 
 # glibc's malloc for CPU ranks: tensors of up to this many bytes come from the heap, and freed
@@ -116,14 +139,14 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.use_deterministic_algorithms(True, warn_only=True)
         tune_cpu_malloc()
-    context = init_distributed(cfg)
     try:
+        context = init_distributed(cfg)
         return train(cfg, context)
     except user_errors() as error:
         if not one_line_errors:
             raise
         # one write: the ranks share the terminal, and print() writes the newline apart
-        sys.stderr.write(f"kiln train: rank {context.rank}: {error}\n")
+        sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {error}\n")
         sys.stderr.flush()
         return USER_ERROR_EXIT_CODE
     finally:

@@ -94,3 +94,18 @@ def test_cpu_ranks_get_fixed_malloc_thresholds() -> None:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, check=True)  # fmt: skip
         assert done.stdout.strip() == expected
+
+
+def test_a_rank_without_a_gpu_is_told_which_setting_to_change() -> None:
+    """More ranks per node than CUDA devices (the default cluster.gpus_per_node=8 on a smaller
+    machine): a config error naming the fix, not torch's "invalid device ordinal" per rank."""
+    from types import SimpleNamespace
+
+    from pretrain.train import device_problem
+
+    cluster = SimpleNamespace(gpus_per_node=8)
+    assert device_problem(0, 2, cluster) is None and device_problem(1, 2, cluster) is None
+    assert device_problem(2, 2, cluster) == (
+        "local rank 2 has no GPU: this node has 2 CUDA device(s) for cluster.gpus_per_node=8 "
+        "ranks; set cluster.gpus_per_node=2 (or make the devices visible: CUDA_VISIBLE_DEVICES)"
+    )
