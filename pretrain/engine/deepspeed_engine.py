@@ -428,6 +428,7 @@ def read_model_state(directory: Path) -> dict[str, Tensor]:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines: not ours to print
+        # its progress lines and bars are not ours to print (a failure raises)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
     return {_strip_wrappers(key): value for key, value in state.items()}
