@@ -166,9 +166,10 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
 
 
 def local_torchrun_command(world: int, config_path: Path) -> list[str]:
-    """torchrun on this machine: `world` ranks, each `python -m pretrain.train CONFIG`."""
+    """torchrun on this machine (`pretrain/torchrun.py`: torchrun without its own traceback):
+    `world` ranks, each `python -m pretrain.train CONFIG`."""
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+        sys.executable, "-m", "pretrain.torchrun", f"--nproc_per_node={world}",
         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
         "-m", "pretrain.train", str(config_path),
     ]  # fmt: skip

@@ -173,7 +173,7 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
                      "cluster.gpus_per_node=2", f"trainer.run_dir={tmp_path}/run", "logger=none",
                      f"data.path={tmp_path}/shards")  # fmt: skip
     [started, at_exit] = train
-    assert started.startswith("PROBE False [") and "'torch.distributed.run'" in started
+    assert started.startswith("PROBE False [") and "'pretrain.torchrun'" in started
     assert "'--nproc_per_node=2'" in started and "'pretrain.train'" in started
     assert at_exit == "PROBE False None"
     assert (tmp_path / "run" / "config.pkl").is_file()

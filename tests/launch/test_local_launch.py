@@ -38,7 +38,7 @@ def test_local_launch_runs_procs_per_node_ranks(tmp_path: Path) -> None:
     invoked, runs = (run_dir / "command.txt").read_text().splitlines()[1::2]
     assert shlex.split(invoked) == ["kiln", "launch", *args]
     command = shlex.split(runs)
-    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
+    assert command[1:3] == ["-m", "pretrain.torchrun"] and "--nproc_per_node=2" in command
     assert command[-1] == str(run_dir / "config.pkl")
     assert "gpus_per_node: 2\n" in (run_dir / "config.yaml").read_text()
 
