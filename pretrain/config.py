@@ -672,7 +672,7 @@ class PlanConfig:
 class ExportConfig:
     """`kiln export`: a checkpoint to a Hugging Face transformers directory."""
 
-    checkpoint: str | None = None  # a consolidated checkpoint directory (required)
+    checkpoint: str | None = None  # consolidated, RUN_DIR/checkpoints/step_N or RUN_DIR (required)
     output_dir: str = "out/hf"
     dtype: str = "float32"  # float32 | bfloat16 | float16: the exported weights
     tokenizer: str | None = None  # SentencePiece .model to export when the checkpoint has none

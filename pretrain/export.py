@@ -43,7 +43,8 @@ def run(cfg: KilnConfig) -> int:
     if settings.checkpoint is None:
         return fail(
             "export.checkpoint is required: pass export.checkpoint=PATH, a consolidated "
-            "checkpoint directory (model.safetensors + config.json)"
+            "checkpoint (RUN_DIR/final), a training checkpoint (RUN_DIR/checkpoints/step_N) or a "
+            "run directory"
         )
     checkpoint = Path(settings.checkpoint)
     out_dir = Path(settings.output_dir)
