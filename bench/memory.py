@@ -31,7 +31,9 @@ E in ddp (plan's zero0 row), zero1, zero2, zero3, fsdp and R in 1, 2:
    are left out); "start-up" = the tensor peak up to the trainer's start record (the model
    built and the engine initialised, before the first step).
 3. The plan: `kiln plan` with the same overrides (`plan.format=json`): the strategy's total per
-   rank (weights + gradients + optimizer + buffers + activations), and its start-up figure.
+   rank (weights + gradients + optimizer + buffers + activations), and its start-up figure
+   (under FSDP2 and ZeRO-3, rank 0's adds the fp32 weights it builds in host memory, which on
+   the CPU is the device's).
 
 Target (issue #9): peak live tensor bytes / plan within 15% for every rank, where plan = the
 larger of the total and the start-up figure. Prints a table, writes bench/results/memory.json
@@ -233,11 +235,22 @@ def plan_for(overrides: list[str], strategy: str) -> dict[str, int]:
     cfg = compose([o for o in overrides if not o.startswith("trainer.")], "plan")
     plan = build_plan(cfg)
     memory = plan.to_json()["memory"][strategy]
-    keys = ("weights", "gradients", "optimizer", "buffers", "activations", "total", "startup")
+    keys = ("weights", "gradients", "optimizer", "buffers", "activations", "total", "startup",
+            "host_weights")  # fmt: skip
     figures = {key: int(memory[key]) for key in keys}
-    # the run's peak as the plan predicts it: the steady state, or start-up when that is larger
+    # the run's peak as the plan predicts it: the steady state, or start-up when that is larger;
+    # on the CPU host memory is the device's, so rank 0's start-up also holds the fp32 weights
+    # it builds for FSDP2 and ZeRO-3 (`host_weights`)
+    rank0_startup = figures["startup"] + figures["host_weights"]
     return figures | {"peak": max(figures["total"], figures["startup"]),
+                      "rank0_startup": rank0_startup,
+                      "rank0_peak": max(figures["total"], rank0_startup),
                       "params": plan.model["params_total"]}  # fmt: skip
+
+
+def planned(plan: dict[str, int], rank: int, key: str) -> int:
+    """The plan's `key` ("peak" or "startup") for `rank` (rank 0: with its host weights)."""
+    return plan.get(f"rank0_{key}", plan[key]) if rank == 0 else plan[key]
 
 
 def run_one(engine: str, ranks: int, data: Path, work: Path, smoke: bool, vocab: int
@@ -282,10 +295,11 @@ def run_one(engine: str, ranks: int, data: Path, work: Path, smoke: bool, vocab:
         per_rank.append({
             "rank": rank, "tensor_peak": tensor_peak, "tensor_startup": startup,
             "tensor_peak_in": "start-up" if peak_time <= started else "training",
-            "every_thread": record["every_thread"], "ratio": tensor_peak / plan["peak"],
+            "every_thread": record["every_thread"],
+            "ratio": tensor_peak / planned(plan, rank, "peak"),
             "rss_baseline": record["baseline"], "rss_peak": rss_peak,
             "rss_measured": rss_peak - record["baseline"], "rss_hwm_whole_run": record["hwm"],
-            "rss_ratio": (rss_peak - record["baseline"]) / plan["peak"],
+            "rss_ratio": (rss_peak - record["baseline"]) / planned(plan, rank, "peak"),
         })  # fmt: skip
     return {"engine": engine, "ranks": ranks, "wall_seconds": time.perf_counter() - start,
             "steps": len(train), "plan": plan, "per_rank": per_rank,
@@ -307,7 +321,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             rows.append((run["engine"], str(run["ranks"]), str(r["rank"]),
                          f"{r['tensor_peak'] / MIB:.0f}", f"{p['total'] / MIB:.0f} ({parts})",
                          f"{r['ratio']:.3f}x",
-                         f"{r['tensor_startup'] / MIB:.0f} / {p['startup'] / MIB:.0f}",
+                         f"{r['tensor_startup'] / MIB:.0f} / "
+                         f"{planned(p, r['rank'], 'startup') / MIB:.0f}",
                          f"{r['rss_peak'] / MIB:.0f} - {r['rss_baseline'] / MIB:.0f} = "
                          f"{r['rss_measured'] / MIB:.0f}", f"{r['rss_ratio']:.3f}x"))  # fmt: skip
     return rows
@@ -364,7 +379,9 @@ def markdown_section(results: dict[str, Any]) -> str:
         "It also counts what glibc's allocator keeps after tensors are freed, the profiler's "
         "records and Python objects, so it reads above the tensor peak.",
         "- Plan = `kiln plan` with the same overrides: the engine's total per rank (its start-up "
-        "figure when that is larger; the column shows both). What it counts, from what the "
+        "figure when that is larger; the column shows both). Under FSDP2 and ZeRO-3 rank 0 "
+        "builds the whole fp32 model in host memory, which on the CPU is the device's: its "
+        "start-up figure adds `kiln plan`'s host weights. What it counts, from what the "
         "engines allocate (details in `pretrain/plan.py`): DeepSpeed keeps the model's weights "
         "whole in one flat buffer (ZeRO-1/2) and an fp32 master partition even of fp32 weights "
         "(optimizer 12 bytes / N); ZeRO-1/2 fill one or two reduce buckets (kiln caps them at "

@@ -101,7 +101,9 @@ class ModelRecord:
 
     def __init__(self, family: str, config: dict[str, Any], model: torch.nn.Module) -> None:
         self.family, self.config = family, config
-        self.parameters = {name: list(p.shape) for name, p in model.named_parameters()}
+        from pretrain.models import parameter_shape
+
+        self.parameters = {name: list(parameter_shape(p)) for name, p in model.named_parameters()}
 
     def as_dict(self) -> dict[str, Any]:
         return {"model_family": self.family, "model": self.config, "parameters": self.parameters}

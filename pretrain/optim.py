@@ -37,6 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from pretrain.config import OptimConfig, use_fused
+from pretrain.models import parameter_shape
 
 # Normalisation layers whose affine parameters are never decayed. `_NormBase` covers
 # BatchNorm and InstanceNorm; nn.RMSNorm exists from torch 2.4 (the floor in pyproject.toml).
@@ -82,8 +83,9 @@ def param_groups(
         exempt = exempt_parameter_ids(model)
         # What remains is decided by shape: linear weights (and any other matrix) are decayed,
         # linear biases and other vectors are not.
-        decay = [p for p in params if id(p) not in exempt and p.ndim >= 2]
-        no_decay = [p for p in params if id(p) in exempt or p.ndim < 2]
+        # (ZeRO-3's partitioned parameters are flat between gathers: their `ds_shape` counts)
+        decay = [p for p in params if id(p) not in exempt and len(parameter_shape(p)) >= 2]
+        no_decay = [p for p in params if id(p) in exempt or len(parameter_shape(p)) < 2]
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

@@ -27,8 +27,10 @@ live tensor bytes of real runs (bench/memory.py):
   activation checkpointing only each block's input is kept, plus one block's activations during
   its recompute. The loss holds 12 bytes per logit at its peak (fp32 log-probabilities and, in
   the backward pass, two fp32 gradients of the same size).
-* Start-up: every rank builds the whole model in fp32 before the engine shards or casts it, so
+* Start-up: DDP and ZeRO-1/2 ranks build the whole model in fp32 before the engine casts it, so
   4 Psi (plus the engine's first copy of the weights) is a peak of its own; `fits` checks it.
+  FSDP2 and ZeRO-3 ranks build an empty model and rank 0 the weights in host memory
+  (`host_weights`), which reach each GPU one whole tensor at a time.
 * Sizes are printed in GiB (2^30 bytes); JSON carries bytes.
 """
 
@@ -78,7 +80,8 @@ class MemoryEstimate:
     buffers: int
     activations: int
     activations_checkpointed: int
-    startup: int = 0  # before the engine shards or casts the model every rank built whole
+    startup: int = 0  # while the engine takes the model over (see `startup_memory`)
+    host_weights: int = 0  # host memory of the fp32 weights rank 0 builds (FSDP2, ZeRO-3)
     total: int = 0
     total_checkpointed: int = 0
     fits: bool = False  # max(total, startup) within the device's budget
@@ -235,39 +238,55 @@ def buffer_memory(
 def startup_memory(
     strategy: str, counts: ParamCounts, cfg: KilnConfig, precision: PrecisionBytes
 ) -> int:
-    """Peak bytes per GPU while the engine takes the model over. Every rank builds the whole
-    model in fp32 (`build_model`, then `.to(device)`: 4 Psi), then:
+    """Peak bytes per GPU while the engine takes the model over.
 
-    * FSDP2 shards it one unit at a time (`fully_shard` copies each parameter's shard and
-      drops the full tensor): 4 Psi plus the shards of one unit.
-    * DeepSpeed ZeRO-1/2 casts it to the compute dtype and copies it into one flat buffer
-      (`flatten_dense_tensors_aligned`), then clones the fp32 master partition and, to set up
-      the optimizer, a zero-filled fp32 gradient of the same size
+    * DDP (zero0) and ZeRO-1/2 ranks build the whole model in fp32 (`build_model`, then
+      `.to(device)`: 4 Psi). DDP keeps it as it is; on several ranks it first broadcasts rank
+      0's weights through flat copies of up to 250 MiB (`_sync_module_states`,
+      `broadcast_bucket_size`). ZeRO-1/2 casts it to the compute dtype and copies it into one
+      flat buffer (`flatten_dense_tensors_aligned`), then clones the fp32 master partition
+      and, to set up the optimizer, a zero-filled fp32 gradient of the same size
       (`initialize_optimizer_states`).
-    * DeepSpeed ZeRO-3 copies each parameter's partition out of the full tensor, then holds
-      the partitions, the fp32 master partition, the flat gradient partition and the reduce
-      bucket (`_setup_for_real_optimizer`); Adam's moments come with the first step.
-    * DDP (zero0) keeps the model as it is; on several ranks it first broadcasts rank 0's
-      weights through flat copies of up to 250 MiB (`_sync_module_states`,
-      `broadcast_bucket_size`).
+    * FSDP2 ranks build an empty model on the meta device; `fully_shard` allocates the fp32
+      shards, and rank 0's weights (in host memory: `host_weights`) arrive one whole tensor at
+      a time, each rank keeping its shard (`set_model_state_dict(broadcast_from_rank0)`):
+      the shards plus the largest tensor.
+    * ZeRO-3 ranks build under `deepspeed.zero.Init`, each parameter made whole in fp32 and
+      partitioned at once, then gathered whole in turn for rank 0's values; then DeepSpeed
+      holds the partitions, the fp32 master partition, the flat gradient partition and the
+      reduce bucket (`_setup_for_real_optimizer`); Adam's moments come with the first step.
 
-    The figure matters when it exceeds the running total: sharded over many ranks, the whole
-    fp32 model can be larger than a rank's share of everything else.
+    The figure matters when it exceeds the running total: a replicated model's fp32 build can
+    be larger than a rank's share of everything else.
     """
     psi, ranks = counts.total, ranks_of(cfg)
     partition = math.ceil(psi / ranks)
     half = precision.weights
     built = 4 * psi
+    tensor = 4 * largest_tensor(cfg.model)
     if strategy == "fsdp":
-        return built + 4 * math.ceil(counts.largest_unit / ranks)
+        return 4 * partition + tensor
     if strategy in ("zero1", "zero2"):
         return max(built, 2 * half * psi, half * psi + 8 * partition)
     if strategy == "zero3":
         bucket = min(deepspeed_engine(cfg).reduce_bucket_size, psi)
-        return max(built + half * partition, 2 * half * partition + 4 * partition + half * bucket)
+        return max(half * partition + tensor,
+                   2 * half * partition + 4 * partition + half * bucket)  # fmt: skip
     if ranks > 1:
         return built + min(built, DDP_BROADCAST_BUCKET)
     return built
+
+
+def largest_tensor(model: ModelConfig) -> int:
+    """Elements of the model's largest parameter: the token embedding (or an untied output
+    projection), a feed-forward matrix, or an MoE layer's stacked expert weights."""
+    d = model.d_model
+    sizes = [model.vocab_size * d, model.d_ff * d]
+    if model.position == "learned":
+        sizes.append(model.max_seq_len * d)
+    if model.moe.n_experts:
+        sizes.append(model.moe.n_experts * d * (model.moe.d_expert or model.d_ff))
+    return max(sizes)
 
 
 def block_activation_bytes(
@@ -432,6 +451,7 @@ def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate
             activations=activations,
             activations_checkpointed=checkpointed,
             startup=startup_memory(strategy, counts, cfg, precision),
+            host_weights=4 * counts.total if strategy in ("fsdp", "zero3") else 0,
         )
         base = estimate.model_states + estimate.buffers
         estimate.total = base + activations
@@ -664,8 +684,9 @@ def render_table(plan: Plan) -> str:
     )
     memory = Table(
         title=f"memory per GPU in GiB (device {c['gpu_memory_gib']:g} GiB; +AC = with activation "
-        "checkpointing; start-up = the fp32 model every rank builds whole, before sharding, "
-        "which fits also checks)",
+        "checkpointing; start-up = while the engine takes the model over: DDP and ZeRO-1/2 "
+        "ranks build it whole in fp32, FSDP2 and ZeRO-3 ranks get rank 0's one tensor at a "
+        "time; fits also checks it)",
         title_justify="left",
     )
     for column in (
@@ -705,6 +726,10 @@ def render_table(plan: Plan) -> str:
         )
     console.print(summary)
     console.print(memory)
+    host = max(e.host_weights for e in plan.memory)
+    console.print(f"Host memory: under FSDP2 and ZeRO-3, rank 0 builds the whole fp32 model "
+                  f"({host / GIB:.2f} GiB) in host memory at start-up; the other ranks build "
+                  "none of it.")  # fmt: skip
     largest = plan.micro_batch["largest"]
     console.print(
         f"Largest micro-batch that fits, of the divisors of {plan.micro_batch['per_rank']} "

@@ -139,10 +139,9 @@ def fault_steps(name: str) -> set[int]:
 def train(cfg: Any, context: Any) -> int:
     """Train until `trainer.max_steps` (or a stop signal); returns the process exit code."""
     from pretrain.data.loader import LoaderState, build_run_loader
-    from pretrain.engine import build_engine
+    from pretrain.engine import build_engine, build_model_for_engine, sharded_build
     from pretrain.hardware import resolve_peak_tflops
     from pretrain.metrics import MetricsLogger
-    from pretrain.models import build_model
     from pretrain.models.moe import moe_layers, moe_metrics, take_step_loss
     from pretrain.profiling import StepProfiler
 
@@ -154,8 +153,9 @@ def train(cfg: Any, context: Any) -> int:
     cp = getattr(cfg.engine, "context_parallel", 1)
     cp_rank, dp_rank, dp_world = rank % cp, rank // cp, world // cp
     accumulation = data.global_batch_size // (data.micro_batch_size * dp_world)
-    torch.manual_seed(trainer.seed)
-    model = build_model(cfg.model).to(context.device)
+    # FSDP2 and ZeRO-3 ranks build an empty model and rank 0 alone the weights, in host memory
+    model, weights = build_model_for_engine(cfg, device=context.device, accumulation=accumulation,
+                                            seed=trainer.seed)  # fmt: skip
     model_record = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)  # unwrapped
     if cp > 1:
         from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
@@ -166,12 +166,15 @@ def train(cfg: Any, context: Any) -> int:
     checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints, model_record)
     resume_from = _resume_path(trainer.resume, checkpoints)
     initialised = None
-    if resume_from is None and trainer.init_from:  # weights only, into the unwrapped model
+    # weights only, into the unwrapped model (or into rank 0's weights, which the engine shards)
+    target = weights if sharded_build(cfg.engine) else model
+    if resume_from is None and trainer.init_from and target is not None:
         from pretrain.checkpoint_io import init_weights
 
-        initialised = init_weights(model, cfg.model, Path(trainer.init_from))
+        initialised = init_weights(target, cfg.model, Path(trainer.init_from))
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
-                          device=context.device)  # fmt: skip
+                          device=context.device, weights=weights)  # fmt: skip
+    del weights, target  # rank 0's host copy: the engine holds its own shards now
     state = TrainState()
     if resume_from is not None:
         saved = checkpoints.load(engine, resume_from)

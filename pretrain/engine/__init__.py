@@ -183,9 +183,65 @@ def finite(value: float) -> bool:
     return math.isfinite(value)
 
 
+def sharded_build(engine_cfg: Any) -> str | None:
+    """How the ranks build a model whose weights the engine shards: "meta" (FSDP2: on the meta
+    device, no memory), "zero3" (DeepSpeed ZeRO-3: under `deepspeed.zero.Init`, each parameter
+    partitioned as it is made), or None (DDP, ZeRO-1/2: every rank holds every weight, so
+    every rank builds them)."""
+    from pretrain.config import DeepSpeedEngineConfig, FSDPEngineConfig
+
+    if isinstance(engine_cfg, FSDPEngineConfig):
+        return "meta"
+    if isinstance(engine_cfg, DeepSpeedEngineConfig) and engine_cfg.zero_stage == 3:
+        return "zero3"
+    return None
+
+
+def build_model_for_engine(cfg: Any, *, device: torch.device, accumulation: int,
+                           seed: int) -> tuple[nn.Module, nn.Module | None]:  # fmt: skip
+    """The model this rank hands to `build_engine`, and the weights the engine gives it.
+
+    DDP and ZeRO-1/2 keep every weight on every rank: each rank builds the model whole, seeded
+    alike, and moves it to `device`; the second value is None.
+
+    FSDP2 and ZeRO-3 keep a shard of each weight per rank. Building the whole fp32 model on
+    every GPU first would need 4 bytes per parameter on each of them at start-up (a 46.7B MoE:
+    174 GiB, more than an H200 holds, for a run that then needs 35 GiB per GPU). Instead rank 0
+    alone builds the seeded model in host memory (the same weights a whole build gives:
+    returned second; None on the other ranks), and every rank builds an empty one (see
+    `sharded_build`). The engine then copies rank 0's weights into the shards one tensor at a
+    time (`FSDPEngine`, `DeepSpeedEngine`), so a GPU holds its shards plus one whole tensor.
+    """
+    import torch.distributed as dist
+
+    from pretrain.models import build_model
+
+    torch.manual_seed(seed)
+    kind = sharded_build(cfg.engine)
+    if kind is None:
+        return build_model(cfg.model).to(device), None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    weights = build_model(cfg.model) if rank == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # every rank goes on from the random state rank 0's build left (a whole build's)
+        state = [torch.get_rng_state()]
+        dist.broadcast_object_list(state, src=0)
+        torch.set_rng_state(state[0])
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the empty model's own init draws nothing
+        if kind == "meta":
+            with torch.device("meta"):
+                return build_model(cfg.model), weights
+        from pretrain.engine.deepspeed_engine import zero3_init
+
+        with zero3_init(cfg, accumulation, device):
+            return build_model(cfg.model), weights
+
+
 def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: int,
-                 device: torch.device) -> Engine:  # fmt: skip
-    """The engine `cfg.engine` names, wrapping `model` (already on `device`)."""
+                 device: torch.device, weights: nn.Module | None = None) -> Engine:  # fmt: skip
+    """The engine `cfg.engine` names, wrapping `model` (from `build_model_for_engine`: on
+    `device`, or empty with rank 0's `weights` to fill it)."""
     from pretrain.models import apply_activation_checkpointing
 
     if cfg.engine.float8:
@@ -216,7 +272,7 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
         model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
         # outside a forward compiled whole, each chunk's softmax and gradient compiled apart
         model.loss_chunk_compiled = cfg.engine.compile and scope != "loss"
-    engine = _engine(cfg, model, accumulation, max_steps, device)
+    engine = _engine(cfg, model, accumulation, max_steps, device, weights)
     engine.attention_backends = list(cfg.engine.attention_backends)
     if chunked:
         engine.lm_loss = labelled_loss
@@ -248,17 +304,17 @@ def _convert_to_float8(cfg: Any, model: nn.Module, device: torch.device) -> None
 
 
 def _engine(cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
-            device: torch.device) -> Engine:  # fmt: skip
+            device: torch.device, weights: nn.Module | None) -> Engine:  # fmt: skip
     from pretrain.config import DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 
     if isinstance(cfg.engine, DeepSpeedEngineConfig):
         from pretrain.engine.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, model, accumulation, max_steps, device)
+        return DeepSpeedEngine(cfg, model, accumulation, max_steps, device, weights)
     if isinstance(cfg.engine, FSDPEngineConfig):
         from pretrain.engine.fsdp import FSDPEngine
 
-        return FSDPEngine(cfg, model, accumulation, max_steps, device)
+        return FSDPEngine(cfg, model, accumulation, max_steps, device, weights)
     if isinstance(cfg.engine, DDPEngineConfig):
         from pretrain.engine.ddp import DDPEngine
 

@@ -158,13 +158,48 @@ def deepspeed_config(
     return config
 
 
+def zero3_init(cfg: Any, accumulation: int, device: torch.device) -> Any:
+    """The context ZeRO-3 ranks build the model in (`build_model_for_engine`): DeepSpeed's
+    `zero.Init`, which partitions each parameter over the ranks as soon as its module is made,
+    so no rank ever holds the whole model. The values made there are placeholders:
+    `scatter_weights` replaces them with rank 0's."""
+    import deepspeed
+
+    from pretrain.models.accounting import count_parameters
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = deepspeed_config(cfg, accumulation, world, device_type=device.type,
+                              parameters=count_parameters(cfg.model).total)  # fmt: skip
+    # DeepSpeed's own process group starts with `deepspeed.initialize`: until then it counts
+    # one rank, so the batch size is left for it to derive (micro x accumulation x ranks)
+    del config["train_batch_size"]
+    return deepspeed.zero.Init(config_dict_or_path=config)
+
+
+def scatter_weights(module: nn.Module, weights: nn.Module | None) -> None:
+    """Copy rank 0's whole `weights` (None on the other ranks) into the partitions of `module`,
+    built under `zero3_init`: each parameter is gathered whole, rank 0 writes it and DeepSpeed
+    partitions rank 0's values again (`GatheredParameters` with `modifier_rank=0`), one
+    parameter at a time."""
+    import deepspeed
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if weights is None and rank == 0:
+        raise ValueError("a ZeRO-3 model built under zero.Init needs rank 0's weights")
+    sources = dict(weights.named_parameters()) if weights is not None else {}
+    for name, parameter in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                parameter.data.copy_(sources[strip_wrappers(name)])
+
+
 def engine_clips(stage: int, bf16: bool) -> bool:
     """Whether `DeepSpeedEngine` (not DeepSpeed) clips and checks the gradient: fp32 stage 0,
     where DeepSpeed steps the torch optimizer directly and has no non-finite check."""
     return stage == 0 and not bf16
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         key = key.replace(prefix, "")
     return key
@@ -193,7 +228,7 @@ class DeepSpeedEngine(Engine):
     """ZeRO stage `engine.zero_stage` over all ranks, stepped by DeepSpeed."""
 
     def __init__(self, cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
-                 device: torch.device) -> None:  # fmt: skip
+                 device: torch.device, weights: nn.Module | None = None) -> None:  # fmt: skip
         import deepspeed
 
         from pretrain.optim import build_optimizer, build_scheduler
@@ -205,7 +240,11 @@ class DeepSpeedEngine(Engine):
         self.stage = cfg.engine.zero_stage
         self.grad_clip = cfg.optim.grad_clip
         self.run_dir = Path(cfg.trainer.run_dir)
-        numel = sum(p.numel() for p in model.parameters())
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # built under zero3_init
+            scatter_weights(model, weights)
+        from pretrain.models import parameter_numel
+
+        numel = sum(parameter_numel(p) for p in model.parameters())
         config = deepspeed_config(cfg, accumulation, self.world, device_type=device.type,
                                   parameters=numel)  # fmt: skip
         # With the optimizer state offloaded, AdamW steps CPU tensors (decides `fused`).
@@ -405,7 +444,7 @@ class DeepSpeedEngine(Engine):
             state = self.ds._zero3_consolidated_16bit_state_dict()
             if state is None:
                 return None
-            return {_strip_wrappers(key): value for key, value in state.items()}
+            return {strip_wrappers(key): value for key, value in state.items()}
         if self.rank != 0:
             return None
         return {key: value.detach().cpu() for key, value in self.module.state_dict().items()}
@@ -431,4 +470,4 @@ def read_model_state(directory: Path) -> dict[str, Tensor]:
         # its progress lines and bars are not ours to print (a failure raises)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-    return {_strip_wrappers(key): value for key, value in state.items()}
+    return {strip_wrappers(key): value for key, value in state.items()}

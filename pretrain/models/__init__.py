@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pretrain.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, ModelConfig
 
 if TYPE_CHECKING:  # torch is imported where a model is built: `kiln plan` counts without it
-    from torch import nn
+    from torch import Tensor, nn
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -31,6 +31,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
         return EncoderDecoder(cfg)
     raise TypeError(f"no model family for {type(cfg).__name__}")
+
+
+def parameter_numel(parameter: Tensor) -> int:
+    """A parameter's element count, also for one partitioned by DeepSpeed's `zero.Init`
+    (whose own `numel()` is 0 outside a gather)."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+
+def parameter_shape(parameter: Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also for one partitioned by `zero.Init` (`ds_shape`)."""
+    return tuple(getattr(parameter, "ds_shape", None) or parameter.shape)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:

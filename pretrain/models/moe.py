@@ -535,7 +535,7 @@ def init_feed_forward(mlp: nn.Module, in_std: float, down_std: float | None) -> 
         return
     assert isinstance(mlp, MoEFeedForward)
     nn.init.normal_(mlp.router.weight, std=in_std)
-    hidden = mlp.experts.down.shape[1]
+    hidden = mlp.experts.d_ff  # (not the shape: zero.Init partitions it as it is made)
     mlp.experts.reset_parameters(in_std, down_std or hidden**-0.5)
     for shared in mlp.shared:
         dense(shared)

@@ -443,6 +443,38 @@ def corpus_with_val(out: Path) -> Path:
 
 
 @slow
+def test_sharded_engines_start_from_rank_0s_weights_without_a_whole_model(tmp_path: Path) -> None:
+    """FSDP2 and ZeRO-3 ranks build an empty model (meta device; `zero.Init` partitions) and
+    rank 0 alone the weights: after the engine takes over, they are bitwise those a whole
+    build from the same seed gives (decoder, T5 under activation checkpointing, an ALiBi
+    encoder, an MoE under ZeRO-3), buffers included (RoPE's, ALiBi's), and the random state
+    goes on as after a whole build. DDP still builds whole on every rank."""
+    worker = Path(__file__).with_name("sharded_build_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(worker), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        cases = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(cases) == 7
+        for name, case in cases.items():
+            sharded = not name.startswith("ddp")
+            assert case["weights_held"] == (sharded and rank == 0), name
+            assert case["numel"] == 1.0, name  # every parameter there, whole or partitioned
+            # nothing of the model in memory before the engine: all meta, or all partitioned
+            assert case["held"] == (0.0 if sharded else 1.0), name
+            assert case["meta"] == (1.0 if name.startswith("fsdp") else 0.0), name
+            assert case["random_state_equal"], name
+            assert case["buffers_equal"], name
+            if rank == 0:
+                assert case["keys_equal"] and case["max_difference"] == 0.0, name
+        assert {name: case["buffers"] for name, case in cases.items()} == {
+            "fsdp_decoder": 1, "fsdp_t5_checkpointed": 0, "fsdp_encoder_alibi": 1,
+            "zero3_decoder": 1, "zero3_t5": 0, "zero3_moe_checkpointed": 1, "ddp_decoder": 1,
+        }  # fmt: skip
+
+
+@slow
 def test_compiled_loss_on_two_ranks_matches_eager(tmp_path: Path) -> None:
     """`engine=ddp engine.compile=true`: the forward and the cross-entropy compiled as one
     function (DDP's compiled graph split at its buckets) trains to eager's losses and eval

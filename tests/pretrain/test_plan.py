@@ -21,6 +21,7 @@ from pretrain.plan import (
     chinchilla_tokens,
     compiled_loss,
     compute_optimal,
+    largest_tensor,
     loss_compilation,
     model_state_memory,
     precision_bytes,
@@ -247,8 +248,11 @@ def test_llama_8b_on_8_nodes_plan() -> None:
     for m in plan.memory:
         assert m.activations_checkpointed < m.activations
         assert m.total == m.model_states + m.buffers + m.activations
-        # every rank first builds the whole model in fp32: 4 bytes per parameter at start-up
-        assert m.startup >= 4 * psi
+        # DDP and ZeRO-1/2 ranks build the whole model in fp32 first: 4 bytes per parameter;
+        # FSDP2 and ZeRO-3 ranks get their shards of rank 0's weights, one tensor at a time
+        sharded = m.strategy in ("zero3", "fsdp")
+        assert (m.startup < 4 * psi / 8) if sharded else (m.startup >= 4 * psi)
+        assert m.host_weights == (4 * psi if sharded else 0)
         assert m.fits == (max(m.total, m.startup) <= 80 * GIB * 0.9)
     assert not memory["zero0"].fits  # 128 GB of model states alone
     assert memory["zero3"].fits_checkpointed
@@ -346,34 +350,62 @@ def test_gpu_buffers() -> None:
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_startup_builds_the_whole_fp32_model_on_every_rank(ranks: int) -> None:
+def test_startup_memory_per_engine(ranks: int) -> None:
     """bench/memory.py measured these start-up peaks (live tensor bytes up to the first step)."""
     cfg = config(*BENCH_MODEL, "cluster=local_cpu", f"cluster.gpus_per_node={ranks}")
     counts = count_parameters(cfg.model)
     psi, fp32 = counts.total, precision_bytes(cfg)
+    partition = -(-psi // ranks)
     # DDP: on 2 ranks rank 0's weights are broadcast through a flat copy (the model < 250 MiB)
     assert startup_memory("zero0", counts, cfg, fp32) == 4 * psi * ranks
-    # the fp32 model, then its shards one unit at a time
-    assert startup_memory("fsdp", counts, cfg, fp32) == 4 * psi + 4 * counts.largest_unit // ranks
+    # the shards, and one whole tensor of rank 0's at a time (here a feed-forward matrix)
+    tensor = cfg.model.d_ff * cfg.model.d_model
+    assert largest_tensor(cfg.model) == tensor
+    assert startup_memory("fsdp", counts, cfg, fp32) == 4 * partition + 4 * tensor
     # flat weights + fp32 master partition + its zero-filled gradient: 12 Psi at 1 rank, 8 at 2
     expected = {1: 12 * psi, 2: 8 * psi}[ranks]
     assert startup_memory("zero1", counts, cfg, fp32) == expected
     assert startup_memory("zero2", counts, cfg, fp32) == expected
     # partitions of weights, master and gradients, and the reduce bucket (the model's size)
-    assert startup_memory("zero3", counts, cfg, fp32) == 3 * 4 * psi // ranks + 4 * psi
+    assert startup_memory("zero3", counts, cfg, fp32) == 3 * 4 * partition + 4 * psi
 
 
-def test_startup_can_decide_the_fit() -> None:
-    """Sharded over 256 GPUs, an 8B model fits in 24 GiB once running but not while it starts:
-    every rank builds the whole model in fp32 first (32 GB)."""
+def test_largest_tensor_of_an_moe_is_its_stacked_experts() -> None:
+    cfg = config("model=mixtral_8x7b")
+    model = cfg.model
+    assert largest_tensor(model) == model.moe.n_experts * model.d_model * model.d_ff
+    learned = config(
+        "model=tiny_encoder", "objective=mlm", "data.seq_len=128"
+    ).model  # its position table counts, RoPE has none
+    assert largest_tensor(learned) == learned.d_model * max(
+        learned.vocab_size, learned.d_ff, learned.max_seq_len
+    )
+
+
+def test_startup_decides_the_fit_only_for_replicated_weights() -> None:
+    """Sharded over 256 GPUs, an 8B model fits in 24 GiB once running. DDP-style engines would
+    first build it whole in fp32 (32 GB) on every rank; FSDP2 and ZeRO-3 ranks never do."""
     plan = build_plan(config("model=llama_8b", "cluster.nodes=32", "cluster.gpus_per_node=8",
                              "cluster.gpu_memory_gib=24", "data.micro_batch_size=2"))  # fmt: skip
     psi = plan.model["params_total"]
-    for m in plan.memory:
-        assert m.startup >= 4 * psi
-    fsdp = {m.strategy: m for m in plan.memory}["fsdp"]
-    assert fsdp.total_checkpointed < 24 * GIB * 0.9 < fsdp.startup
-    assert not fsdp.fits_checkpointed
+    memory = {m.strategy: m for m in plan.memory}
+    assert memory["zero2"].startup >= 4 * psi > 24 * GIB
+    fsdp = memory["fsdp"]
+    # its shards (0.1 GiB) and the token embedding whole (2.1 GB)
+    assert fsdp.startup < 2.5 * GIB and fsdp.host_weights == 4 * psi
+    assert fsdp.fits_checkpointed
+
+
+def test_mixtral_starts_on_four_h200_nodes_under_zero3_and_fsdp() -> None:
+    """The 46.7B MoE on 4 x 8 H200: its start-up once needed the whole fp32 model (174 GiB) on
+    every GPU; sharded engines now start within the device and run with checkpointing."""
+    plan = build_plan(config("model=mixtral_8x7b", "cluster.nodes=4", "cluster.gpus_per_node=8",
+                             "cluster.gpu_memory_gib=141", "data.micro_batch_size=1"))  # fmt: skip
+    memory = {m.strategy: m for m in plan.memory}
+    assert memory["zero2"].startup > 141 * GIB
+    for strategy in ("zero3", "fsdp"):
+        assert memory[strategy].startup < 141 * GIB * 0.9, strategy
+        assert memory[strategy].fits_checkpointed, strategy
 
 
 def test_loss_holds_12_bytes_per_logit() -> None:
