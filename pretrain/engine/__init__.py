@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +185,23 @@ def finite(value: float) -> bool:
     return math.isfinite(value)
 
 
+BUILD_TIMEOUT = datetime.timedelta(hours=2)  # how long ranks wait for rank 0's weights
+
+
+@contextlib.contextmanager
+def host_threads() -> Any:
+    """Every CPU this process may use for torch's intra-op threads, for a while (rank 0's
+    build of the weights, while the other ranks of its node wait)."""
+    before = torch.get_num_threads()
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the CPUs Slurm gave the task
+    cpus = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    torch.set_num_threads(max(before, cpus))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sharded_build(engine_cfg: Any) -> str | None:
     """How the ranks build a model whose weights the engine shards: "meta" (FSDP2: on the meta
     device, no memory), "zero3" (DeepSpeed ZeRO-3: under `deepspeed.zero.Init`, each parameter
@@ -221,12 +240,21 @@ def build_model_for_engine(cfg: Any, *, device: torch.device, accumulation: int,
     if kind is None:
         return build_model(cfg.model).to(device), None
     rank = dist.get_rank() if dist.is_initialized() else 0
-    weights = build_model(cfg.model) if rank == 0 else None
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    # The other ranks wait for rank 0's build (minutes for tens of billions of parameters: its
+    # init draws some 150M normal values a second per thread) on a gloo group of their own,
+    # whose timeout, unlike NCCL's 10 minutes, allows for that.
+    waiting = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT) if several else None
+    weights = None
+    if rank == 0:
+        with host_threads():  # the values do not depend on the thread count
+            weights = build_model(cfg.model)
+    if several:
         # every rank goes on from the random state rank 0's build left (a whole build's)
-        state = [torch.get_rng_state()]
-        dist.broadcast_object_list(state, src=0)
-        torch.set_rng_state(state[0])
+        state = torch.get_rng_state()
+        dist.broadcast(state, src=0, group=waiting)
+        torch.set_rng_state(state)
+        dist.destroy_process_group(waiting)
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the empty model's own init draws nothing
         if kind == "meta":
