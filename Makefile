@@ -62,6 +62,7 @@ bench: install
 	$(PY) bench/memory.py
 	$(PY) bench/loss.py --compile
 	$(PY) bench/checkpoint.py
+	$(PY) bench/startup.py
 	$(PY) bench/demo.py
 
 # What bench/gpu.py needs on a GPU host with only PyTorch (hydra, omegaconf, torchao, stdlib

@@ -145,10 +145,10 @@ def load_consolidated(path: Path) -> tuple[ModelConfig, nn.Module]:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from pretrain.models import build_model
+    from pretrain.models import empty_model
 
     cfg = read_config(path)
-    model = build_model(cfg)
+    model = empty_model(cfg, "cpu")  # every weight is loaded: nothing to initialise
     try:
         load_model(model, str(Path(path) / WEIGHTS), strict=True)
     except (RuntimeError, OSError, SafetensorError) as error:  # mismatches are RuntimeErrors
@@ -176,9 +176,9 @@ class CheckpointSource:
             return load_consolidated(self.path)[1]
         if self.module is not None:
             return self.module
-        from pretrain.models import build_model
+        from pretrain.models import empty_model
 
-        model = build_model(self.config)
+        model = empty_model(self.config, "cpu")  # every weight is loaded
         state = self.read_state(model.state_dict())
         try:
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -200,10 +200,10 @@ class CheckpointSource:
                 return read_model_state(self.path)
             if self.kind == "fsdp":
                 from pretrain.engine.fsdp import read_model_state
-                from pretrain.models import build_model
+                from pretrain.models import empty_model
 
                 if template is None:
-                    template = build_model(self.config).state_dict()
+                    template = empty_model(self.config, "cpu").state_dict()
                 return read_model_state(self.path, template)
             accelerator = "cuda" if torch.cuda.is_available() else "cpu"
             os.environ.setdefault("DS_ACCELERATOR", accelerator)

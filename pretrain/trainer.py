@@ -153,27 +153,33 @@ def train(cfg: Any, context: Any) -> int:
     cp = getattr(cfg.engine, "context_parallel", 1)
     cp_rank, dp_rank, dp_world = rank % cp, rank // cp, world // cp
     accumulation = data.global_batch_size // (data.micro_batch_size * dp_world)
-    # FSDP2 and ZeRO-3 ranks build an empty model and rank 0 alone the weights, in host memory
+    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints)
+    resume_from = _resume_path(trainer.resume, checkpoints)
+    # A resumed run's weights come from its checkpoint, and a new run's from trainer.init_from
+    # when set: the model is then built empty, not initialised. FSDP2 and ZeRO-3 ranks build
+    # an empty model and rank 0 alone the weights, in host memory (`build_model_for_engine`).
+    weights_from = "checkpoint" if resume_from else "init_from" if trainer.init_from else "seed"
     model, weights = build_model_for_engine(cfg, device=context.device, accumulation=accumulation,
-                                            seed=trainer.seed)  # fmt: skip
-    model_record = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)  # unwrapped
+                                            seed=trainer.seed, weights_from=weights_from)  # fmt: skip
+    sharded = sharded_build(cfg.engine) is not None
+    # unwrapped: the names and shapes each checkpoint records and `load` checks
+    checkpoints.model = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)
     if cp > 1:
         from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
 
         groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp_world)]
         apply_context_parallel(model, groups[dp_rank])
     has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
-    checkpoints = CheckpointManager(run_dir, trainer.keep_checkpoints, model_record)
-    resume_from = _resume_path(trainer.resume, checkpoints)
     initialised = None
     # weights only, into the unwrapped model (or into rank 0's weights, which the engine shards)
-    target = weights if sharded_build(cfg.engine) else model
-    if resume_from is None and trainer.init_from and target is not None:
+    target = weights if sharded else model
+    if weights_from == "init_from" and target is not None:
         from pretrain.checkpoint_io import init_weights
 
         initialised = init_weights(target, cfg.model, Path(trainer.init_from))
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
-                          device=context.device, weights=weights)  # fmt: skip
+                          device=context.device, weights=weights,
+                          scatter=sharded and weights_from != "checkpoint")  # fmt: skip
     del weights, target  # rank 0's host copy: the engine holds its own shards now
     state = TrainState()
     if resume_from is not None:
@@ -365,12 +371,12 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     """At the end of a run: the consolidated checkpoint for `kiln export` (run_dir/final) and,
     for decoders, a generated sample printed and logged."""
     from pretrain.checkpoint_io import save_consolidated
-    from pretrain.models import build_model
+    from pretrain.models import empty_model
 
     weights = engine.full_state_dict()  # collective
     if logger is None or weights is None:
         return
-    model = build_model(cfg.model)
+    model = empty_model(cfg.model, "cpu")
     model.load_state_dict(weights)
     tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
     path = save_consolidated(model, cfg.model, run_dir / "final",

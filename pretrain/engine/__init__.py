@@ -216,45 +216,62 @@ def sharded_build(engine_cfg: Any) -> str | None:
     return None
 
 
-def build_model_for_engine(cfg: Any, *, device: torch.device, accumulation: int,
-                           seed: int) -> tuple[nn.Module, nn.Module | None]:  # fmt: skip
+WEIGHTS_FROM = ("seed", "init_from", "checkpoint")
+
+
+def build_model_for_engine(cfg: Any, *, device: torch.device, accumulation: int, seed: int,
+                           weights_from: str = "seed") -> tuple[nn.Module, nn.Module | None]:  # fmt: skip
     """The model this rank hands to `build_engine`, and the weights the engine gives it.
 
+    `weights_from`: "seed" (a new run: initialised from `seed`), "init_from" (a new run whose
+    weights `trainer.init_from` loads) or "checkpoint" (a resumed run, which the engine's load
+    fills). Only "seed" spends time initialising; the others build the model empty
+    (`empty_model`): no draws, whose values would be overwritten.
+
     DDP and ZeRO-1/2 keep every weight on every rank: each rank builds the model whole, seeded
-    alike, and moves it to `device`; the second value is None.
+    alike, on `device`; the second value is None.
 
     FSDP2 and ZeRO-3 keep a shard of each weight per rank. Building the whole fp32 model on
     every GPU first would need 4 bytes per parameter on each of them at start-up (a 46.7B MoE:
     174 GiB, more than an H200 holds, for a run that then needs 35 GiB per GPU). Instead rank 0
-    alone builds the seeded model in host memory (the same weights a whole build gives:
-    returned second; None on the other ranks), and every rank builds an empty one (see
-    `sharded_build`). The engine then copies rank 0's weights into the shards one tensor at a
-    time (`FSDPEngine`, `DeepSpeedEngine`), so a GPU holds its shards plus one whole tensor.
+    alone builds the weights in host memory (seeded: the same weights a whole build gives, or
+    empty for `trainer.init_from` to load into; returned second, None on the other ranks and
+    when resuming), and every rank builds an empty model (see `sharded_build`). The engine then
+    copies rank 0's weights into the shards one tensor at a time (`FSDPEngine`,
+    `DeepSpeedEngine`, `scatter=True`), so a GPU holds its shards plus one whole tensor.
     """
     import torch.distributed as dist
 
-    from pretrain.models import build_model
+    from pretrain.models import build_model, empty_model
 
+    if weights_from not in WEIGHTS_FROM:
+        raise ValueError(f"weights_from={weights_from!r} is not one of {WEIGHTS_FROM}")
     torch.manual_seed(seed)
+    seeded = weights_from == "seed"
     kind = sharded_build(cfg.engine)
     if kind is None:
-        return build_model(cfg.model).to(device), None
+        if seeded:
+            return build_model(cfg.model).to(device), None
+        return empty_model(cfg.model, device), None
     rank = dist.get_rank() if dist.is_initialized() else 0
-    several = dist.is_initialized() and dist.get_world_size() > 1
-    # The other ranks wait for rank 0's build (minutes for tens of billions of parameters: its
-    # init draws some 150M normal values a second per thread) on a gloo group of their own,
-    # whose timeout, unlike NCCL's 10 minutes, allows for that.
-    waiting = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT) if several else None
     weights = None
-    if rank == 0:
-        with host_threads():  # the values do not depend on the thread count
-            weights = build_model(cfg.model)
-    if several:
-        # every rank goes on from the random state rank 0's build left (a whole build's)
-        state = torch.get_rng_state()
-        dist.broadcast(state, src=0, group=waiting)
-        torch.set_rng_state(state)
-        dist.destroy_process_group(waiting)
+    if seeded:
+        several = dist.is_initialized() and dist.get_world_size() > 1
+        # The other ranks wait for rank 0's build (minutes at tens of billions of parameters:
+        # its init draws some 150M normal values a second per thread) on a gloo group of their
+        # own, whose timeout, unlike NCCL's 10 minutes, allows for that.
+        waiting = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT) if several else None
+        if rank == 0:
+            with host_threads():  # the values do not depend on the thread count
+                weights = build_model(cfg.model)
+        if several:
+            # every rank goes on from the random state rank 0's build left (a whole build's)
+            state = torch.get_rng_state()
+            dist.broadcast(state, src=0, group=waiting)
+            torch.set_rng_state(state)
+            dist.destroy_process_group(waiting)
+    elif weights_from == "init_from" and rank == 0:
+        weights = empty_model(cfg.model, "cpu")
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the empty model's own init draws nothing
         if kind == "meta":
@@ -267,9 +284,10 @@ def build_model_for_engine(cfg: Any, *, device: torch.device, accumulation: int,
 
 
 def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: int,
-                 device: torch.device, weights: nn.Module | None = None) -> Engine:  # fmt: skip
+                 device: torch.device, weights: nn.Module | None = None,
+                 scatter: bool = False) -> Engine:  # fmt: skip
     """The engine `cfg.engine` names, wrapping `model` (from `build_model_for_engine`: on
-    `device`, or empty with rank 0's `weights` to fill it)."""
+    `device`, or empty; with `scatter`, the engine fills it with rank 0's `weights`)."""
     from pretrain.models import apply_activation_checkpointing
 
     if cfg.engine.float8:
@@ -300,7 +318,9 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
         model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens
         # outside a forward compiled whole, each chunk's softmax and gradient compiled apart
         model.loss_chunk_compiled = cfg.engine.compile and scope != "loss"
-    engine = _engine(cfg, model, accumulation, max_steps, device, weights)
+    engine = _engine(
+        cfg, model, accumulation, max_steps, device, weights if scatter else None, scatter
+    )
     engine.attention_backends = list(cfg.engine.attention_backends)
     if chunked:
         engine.lm_loss = labelled_loss
@@ -332,17 +352,17 @@ def _convert_to_float8(cfg: Any, model: nn.Module, device: torch.device) -> None
 
 
 def _engine(cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
-            device: torch.device, weights: nn.Module | None) -> Engine:  # fmt: skip
+            device: torch.device, weights: nn.Module | None, scatter: bool) -> Engine:  # fmt: skip
     from pretrain.config import DDPEngineConfig, DeepSpeedEngineConfig, FSDPEngineConfig
 
     if isinstance(cfg.engine, DeepSpeedEngineConfig):
         from pretrain.engine.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, model, accumulation, max_steps, device, weights)
+        return DeepSpeedEngine(cfg, model, accumulation, max_steps, device, weights, scatter)
     if isinstance(cfg.engine, FSDPEngineConfig):
         from pretrain.engine.fsdp import FSDPEngine
 
-        return FSDPEngine(cfg, model, accumulation, max_steps, device, weights)
+        return FSDPEngine(cfg, model, accumulation, max_steps, device, weights, scatter)
     if isinstance(cfg.engine, DDPEngineConfig):
         from pretrain.engine.ddp import DDPEngine
 

@@ -228,7 +228,8 @@ class DeepSpeedEngine(Engine):
     """ZeRO stage `engine.zero_stage` over all ranks, stepped by DeepSpeed."""
 
     def __init__(self, cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
-                 device: torch.device, weights: nn.Module | None = None) -> None:  # fmt: skip
+                 device: torch.device, weights: nn.Module | None = None,
+                 scatter: bool = False) -> None:  # fmt: skip
         import deepspeed
 
         from pretrain.optim import build_optimizer, build_scheduler
@@ -240,7 +241,7 @@ class DeepSpeedEngine(Engine):
         self.stage = cfg.engine.zero_stage
         self.grad_clip = cfg.optim.grad_clip
         self.run_dir = Path(cfg.trainer.run_dir)
-        if any(hasattr(p, "ds_id") for p in model.parameters()):  # built under zero3_init
+        if scatter:  # built under zero3_init; not when resuming, which the load fills
             scatter_weights(model, weights)
         from pretrain.models import parameter_numel
 

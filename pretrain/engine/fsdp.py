@@ -70,36 +70,35 @@ def mixed_precision(cfg: Any, device_type: str) -> Any:
                                 reduce_dtype=REDUCE_DTYPES[cfg.engine.reduce_dtype])  # fmt: skip
 
 
-def materialise(model: nn.Module, weights: nn.Module | None, device: torch.device) -> None:
-    """Allocate the shards of `model`, sharded while on the meta device, on `device` and fill
-    them with rank 0's whole `weights` (None on the other ranks). Each tensor is broadcast from
-    rank 0 and each rank keeps its shard (`set_model_state_dict` with `broadcast_from_rank0`),
-    so a rank never holds more than its shards and one whole tensor. Buffers (replicated, and
-    some of them, like RoPE's frequencies, in no state dict) are copied from rank 0's."""
+def materialise(model: nn.Module, weights: nn.Module | None, device: torch.device, *,
+                scatter: bool) -> None:  # fmt: skip
+    """Allocate the shards of `model`, sharded while on the meta device, on `device`, compute
+    its buffers (`reset_buffers`) and, with `scatter`, fill them with rank 0's whole `weights`
+    (None on the other ranks): each tensor is broadcast from rank 0 and each rank keeps its
+    shard (`set_model_state_dict` with `broadcast_from_rank0`), so a rank never holds more
+    than its shards and one whole tensor. Without `scatter` (a resumed run) the checkpoint's
+    load fills them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from pretrain.engine.deepspeed_engine import strip_wrappers
+    from pretrain.models import reset_buffers
 
+    model.to_empty(device=device)
+    reset_buffers(model)
+    if not scatter:
+        return
     if weights is None and (not dist.is_initialized() or dist.get_rank() == 0):
         raise ValueError("an FSDP2 model built on the meta device needs rank 0's weights")
-    model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights.state_dict() if weights is not None else {},
                          options=options)  # fmt: skip
-    sources = dict(weights.named_buffers()) if weights is not None else {}
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if weights is not None:
-                buffer.copy_(sources[strip_wrappers(name)])
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast(buffer, src=0)
 
 
 class FSDPEngine(Engine):
     """Fully sharded data parallel (FSDP2), optionally hybrid (HSDP)."""
 
     def __init__(self, cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
-                 device: torch.device, weights: nn.Module | None = None) -> None:  # fmt: skip
+                 device: torch.device, weights: nn.Module | None = None,
+                 scatter: bool = False) -> None:  # fmt: skip
         from torch.distributed.fsdp import fully_shard
 
         from pretrain.models import transformer_blocks
@@ -115,7 +114,7 @@ class FSDPEngine(Engine):
                 fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         if any(p.is_meta for p in model.parameters()):  # built empty (`build_model_for_engine`)
-            materialise(model, weights, device)
+            materialise(model, weights if scatter else None, device, scatter=scatter)
         super().__init__(model, accumulation, device)
         self.optimizer = build_optimizer(model, cfg.optim, device_type=device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, max_steps)

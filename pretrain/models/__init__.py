@@ -8,7 +8,7 @@ encoder-decoder in `.encoder.blocks` and `.decoder.blocks`), which is what
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pretrain.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, ModelConfig
 
@@ -31,6 +31,31 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
         return EncoderDecoder(cfg)
     raise TypeError(f"no model family for {type(cfg).__name__}")
+
+
+def empty_model(cfg: ModelConfig, device: Any) -> nn.Module:
+    """The module for `cfg`, its parameters allocated on `device` but not initialised (they
+    hold whatever the memory held) and its buffers computed: for weights that come from
+    elsewhere (a checkpoint, `trainer.init_from`, rank 0's). Built on the meta device, so no
+    time goes into an initialisation that would be overwritten (minutes at tens of billions
+    of parameters)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device=device)
+    reset_buffers(model)
+    return model
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Compute the buffers no state dict carries (RoPE's frequencies, ALiBi's slopes) of a
+    model whose buffers were allocated empty (`to_empty`): every submodule with such buffers
+    has a `reset_buffers()`."""
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
 
 
 def parameter_numel(parameter: Tensor) -> int:

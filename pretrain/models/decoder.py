@@ -74,6 +74,12 @@ class Decoder(nn.Module):
         self.loss_chunk_compiled = False
         self.reset_parameters()
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute ALiBi's slopes (in no state dict) of a model built empty (`empty_model`)."""
+        if self.alibi_slopes is not None:
+            self.alibi_slopes.copy_(alibi_slopes(self.cfg.n_heads))
+
     def reset_parameters(self) -> None:
         """GPT-2's recipe: N(0, init_std) everywhere, residual projections scaled by
         1/sqrt(2 * n_layers), norms at 1."""

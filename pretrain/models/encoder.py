@@ -92,6 +92,12 @@ class Encoder(nn.Module):
         self.loss_chunk_compiled = False
         self.reset_parameters()
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute ALiBi's slopes (in no state dict) of a model built empty (`empty_model`)."""
+        if self.alibi_slopes is not None:
+            self.alibi_slopes.copy_(alibi_slopes(self.cfg.n_heads))
+
     def reset_parameters(self) -> None:
         """BERT's recipe: N(0, init_std) for every linear and embedding (no residual scaling),
         norms at 1, biases (the MLM output bias included) at 0."""

@@ -117,8 +117,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         inv_freq, self.attention_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (in no state dict) of a model built empty (`empty_model`)."""
+        self.inv_freq.copy_(rope_frequencies(self.cfg)[0])
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (B, T, D) in float32, for integer positions (B, T)."""

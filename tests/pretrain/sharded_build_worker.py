@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
 from pretrain.config import build_config, register_configs  # noqa: E402
-from pretrain.engine import build_engine, build_model_for_engine  # noqa: E402
+from pretrain.engine import build_engine, build_model_for_engine, sharded_build  # noqa: E402
 from pretrain.engine.deepspeed_engine import strip_wrappers  # noqa: E402
 from pretrain.models import build_model, parameter_numel  # noqa: E402
 
@@ -70,7 +70,7 @@ def run(overrides: list[str], rank: int) -> dict:
         "random_state_equal": after_build == reference_after,
     }
     engine = build_engine(cfg, model, accumulation=1, max_steps=4, device=device,
-                          weights=weights)  # fmt: skip
+                          weights=weights, scatter=sharded_build(cfg.engine) is not None)  # fmt: skip
     state = engine.full_state_dict()  # collective
     if rank == 0:
         expected = reference.state_dict()

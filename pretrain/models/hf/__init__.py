@@ -227,7 +227,7 @@ def import_model(hf_dir: Path) -> tuple[ModelConfig, nn.Module]:
     """
     from transformers import AutoConfig
 
-    from pretrain.models import build_model
+    from pretrain.models import empty_model
 
     hf_dir = Path(hf_dir)
     config_file = hf_dir / "config.json"
@@ -242,7 +242,7 @@ def import_model(hf_dir: Path) -> tuple[ModelConfig, nn.Module]:
     module = _load(known[0])
     hf_config = AutoConfig.from_pretrained(hf_dir)
     cfg, state = module.from_hf(hf_config, load_hf_state_dict(hf_dir))
-    model = build_model(cfg)
+    model = empty_model(cfg, "cpu")  # every weight is loaded: nothing to initialise
     state = {name: tensor.to(torch.float32) for name, tensor in state.items()}
     model.load_state_dict(state, strict=True)
     return cfg, model.eval()

@@ -1,5 +1,6 @@
-"""What every family shares: `build_model` dispatch, blocks that torch.compile traces without a
-graph break, and, for the encoder-decoder, transformers' `generate()` reproducing our greedy
+"""What every family shares: `build_model` dispatch, `empty_model` (no initialisation, the
+buffers computed), blocks that torch.compile traces without a graph break, and, for the
+encoder-decoder, transformers' `generate()` reproducing our greedy
 tokens on the export."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from pretrain.config import ModelConfig, build_config, register_configs
-from pretrain.models import build_model, transformer_blocks
+from pretrain.models import build_model, empty_model, transformer_blocks
 from pretrain.models.decoder import Decoder
 from pretrain.models.encoder import Encoder
 from pretrain.models.encoder_decoder import EncoderDecoder
@@ -34,9 +35,9 @@ def hydra_context() -> Iterator[None]:
         yield
 
 
-def preset(name: str) -> ModelConfig:
+def preset(name: str, *extra: str) -> ModelConfig:
     objective = FAMILIES[name][0]
-    overrides = [f"model={name}", f"objective={objective}", "data=small"]
+    overrides = [f"model={name}", f"objective={objective}", "data=small", *extra]
     return build_config(compose("plan", overrides=overrides)).model
 
 
@@ -45,6 +46,44 @@ def test_build_model_dispatches_on_family(name: str) -> None:
     model = build_model(preset(name))
     assert type(model) is FAMILIES[name][1]
     assert len(transformer_blocks(model)) == (2 if name == "tiny_encoder_decoder" else 1)
+
+
+EMPTY_CASES = [
+    *((name,) for name in FAMILIES),
+    ("tiny_decoder", "model.position=alibi"),
+    ("tiny_encoder", "model.position=alibi"),
+    ("tiny_decoder", "model.rope_scaling.kind=yarn", "model.rope_scaling.factor=4.0"),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=lambda case: "-".join(case))
+def test_empty_model_draws_nothing_computes_its_buffers_and_takes_a_state_dict(case) -> None:
+    """`empty_model` (for weights a checkpoint or rank 0 gives): the same parameter names and
+    shapes as `build_model`, no random draw, every buffer (RoPE's frequencies, YaRN's,
+    ALiBi's slopes: in no state dict) equal to a built model's, and once loaded with a built
+    model's state dict, the same outputs."""
+    cfg = preset(*case)
+    torch.manual_seed(0)
+    built = build_model(cfg).eval()
+    torch.manual_seed(1)
+    empty = empty_model(cfg, "cpu").eval()
+    after = torch.rand(8)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(8))  # no draw in between
+    ours = {name: list(p.shape) for name, p in empty.named_parameters()}
+    assert ours == {name: list(p.shape) for name, p in built.named_parameters()}
+    buffers = dict(built.named_buffers())
+    assert len(buffers) == (1 if cfg.position in ("rope", "alibi") else 0)
+    for name, buffer in empty.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    empty.load_state_dict(built.state_dict(), strict=True)
+    ids = torch.randint(5, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        if isinstance(built, EncoderDecoder):
+            targets = torch.randint(5, cfg.vocab_size, (2, 6))
+            assert torch.equal(empty(ids, targets), built(ids, targets))
+        else:
+            assert torch.equal(empty(ids), built(ids))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
