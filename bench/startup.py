@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     m = info
+    last = best[models[-1]]
+    rate = last["parameters"] / last["seeded_s"]
     section = "\n".join([
         START_MARK,
         "## Start-up: building the model seeded vs empty",
@@ -167,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         "device, allocated, buffers computed); meta = `build_model` on the meta device (every "
         f"FSDP2 rank before `fully_shard`). Best of {repeat} interleaved round(s).",
         "- Seeded throughput is what rank 0 of a sharded run spends before the first step: at "
-        "this rate, a 46.7B MoE takes minutes; other ranks wait for it on a gloo group with a "
-        "2-hour timeout.",
+        f"the last preset's {rate / 1e6:.0f}M parameters/s, a 46.7B MoE (mixtral_8x7b) would "
+        f"take {46.7e9 / rate / 60:.0f} minutes on these cores (more than NCCL's 10-minute "
+        "timeout: the other ranks wait for it on a gloo group with a 2-hour timeout); a "
+        "resumed run skips it.",
         "",
         *header, *rows, "",
         *[f"- {line}" for line in lines],
