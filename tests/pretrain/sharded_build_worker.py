@@ -92,6 +92,7 @@ def main() -> None:
     register_configs()
     results = {name: run(overrides, rank) for name, overrides in CASES.items()}
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()  # no collective in flight at exit (see expert_parallel_worker.py)
     dist.destroy_process_group()
 
 
