@@ -133,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return NOT_BUILT_EXIT_CODE
     run_subcommand(name, args[1:])
+    if name == "train" and "torch" in sys.modules:
+        # this process trained (one rank: the process that starts torchrun never imports
+        # torch); its outputs are written, so it skips the interpreter's teardown
+        from pretrain.train import exit_now
+
+        exit_now(0)
     return 0
 
 

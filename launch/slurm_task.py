@@ -30,4 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if sys.argv[1:2] == ["train"]:
+        from pretrain.train import end_rank
+
+        end_rank(code)
+    raise SystemExit(code)

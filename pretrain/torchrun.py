@@ -10,6 +10,8 @@ torchrun does. Everything else (arguments, signals, exit codes) is torchrun's.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 
@@ -26,4 +28,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    logging.shutdown()
+    # the ranks have exited and torchrun has reported them: skip the interpreter's teardown
+    # of the modules torch imported (about 1 s of CPU on a 2-core machine, at every run's end)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

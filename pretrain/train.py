@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -244,5 +244,31 @@ def main() -> int:
     return worker(cfg)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End a rank whose run is finished without the interpreter's teardown: the outputs are
+    written, the logger finished, the process group destroyed. The teardown of a process that
+    imported torch and DeepSpeed frees every module's objects one by one (0.5-2 s of CPU per
+    rank, measured on a 2-core machine), and it is where gloo's worker threads can outlive the
+    interpreter (pytorch/pytorch#179291: "terminate called without an active exception")."""
+    import logging
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:  # its service process, which its own exit hook would stop
+        wandb.teardown(exit_code=code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def end_rank(code: int) -> NoReturn:
+    """The end of a rank's process with `worker`'s exit code: a finished run (trained,
+    stopped for a requeue or diverged) skips the teardown (`exit_now`); a user error, whose
+    logger may be unfinished, exits the ordinary way."""
+    if code == USER_ERROR_EXIT_CODE:
+        raise SystemExit(code)
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    end_rank(main())
