@@ -158,12 +158,29 @@ def deepspeed_config(
     return config
 
 
+def import_deepspeed() -> Any:
+    """`deepspeed`, set up for this process. On the CPU accelerator, DeepSpeed's process group
+    builds its shared-memory all-reduce op when it starts (a C++ JIT build: about a minute on
+    2 cores the first time on a machine, and a compiler it needs) although only DeepSpeed's
+    `inference_all_reduce` calls it, which training never does; marking the op incompatible
+    in `deepspeed.ops.__compatible_ops__` (a dict DeepSpeed keeps for edits) skips the build,
+    and the collectives stay torch.distributed's (gloo)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def zero3_init(cfg: Any, accumulation: int, device: torch.device) -> Any:
     """The context ZeRO-3 ranks build the model in (`build_model_for_engine`): DeepSpeed's
     `zero.Init`, which partitions each parameter over the ranks as soon as its module is made,
     so no rank ever holds the whole model. The values made there are placeholders:
     `scatter_weights` replaces them with rank 0's."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from pretrain.models.accounting import count_parameters
 
@@ -230,7 +247,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Any, model: nn.Module, accumulation: int, max_steps: int,
                  device: torch.device, weights: nn.Module | None = None,
                  scatter: bool = False) -> None:  # fmt: skip
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         from pretrain.optim import build_optimizer, build_scheduler
 

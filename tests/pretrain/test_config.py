@@ -82,8 +82,23 @@ def test_required_groups_and_presets_exist() -> None:
         assert (CONF_DIR / f"{primary}.yaml").is_file()
 
 
-@pytest.mark.parametrize("primary", PRIMARY)
-def test_every_option_of_every_group_composes(primary: str) -> None:
+def test_the_subcommands_share_everything_but_their_hydra_settings() -> None:
+    """Each primary config is `base` plus its own `hydra:` section (job name, help, output
+    directory, logging), so an option that composes under one subcommand composes under all
+    of them: the test below composes every option under `train` alone, and this one holds
+    the subcommands to that shape."""
+    for primary in PRIMARY:
+        raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{primary}.yaml"))
+        defaults = raw.pop("defaults")
+        assert defaults[:3] == ["base", "_self_", {"experiment": None}], primary
+        overrides = [key for entry in defaults[3:] for key in entry]
+        assert all(key.startswith("override hydra/") for key in overrides), primary
+        assert list(raw) == ["hydra"], primary
+        assert raw["hydra"]["job"]["name"] == primary
+        assert isinstance(compose_config(primary, []), KilnConfig)
+
+
+def test_every_option_of_every_group_composes() -> None:
     count = 0
     for group in GROUPS:
         for option in options(group):
@@ -97,13 +112,22 @@ def test_every_option_of_every_group_composes(primary: str) -> None:
                     option, "tiny_encoder_decoder"
                 )
                 overrides += [f"model={family}", "data.seq_len=128"]
-            cfg = compose_config(primary, overrides)
+            cfg = compose_config("train", overrides)
             assert isinstance(cfg, KilnConfig)
             if group == "model":
                 assert isinstance(cfg.model, MODEL_FAMILY.get(option, DecoderConfig))
                 assert cfg.model.name == option
             count += 1
     assert count >= 40
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_every_experiment_composes_under_every_subcommand(primary: str) -> None:
+    """Experiments overlay keys from many groups at once (`# @package _global_`): each one
+    composes and validates under each subcommand."""
+    for option in options("experiment"):
+        cfg = compose_config(primary, [f"experiment={option}"])
+        assert cfg.experiment_name == option
 
 
 def test_schema_types_reach_the_code() -> None:
