@@ -18,11 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from pretrain.config import KilnConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ERROR_EXIT_CODE = 1
 
 
@@ -32,14 +29,9 @@ def fail(message: str) -> int:
 
 
 def run(cfg: KilnConfig) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from pretrain.checkpoint_io import CheckpointError, open_checkpoint
-    from pretrain.models.hf import export_model, hf_module_for
-
-    hf_logging.disable_progress_bar()
-
     settings = cfg.export
+    # what a user can fix without a checkpoint being read is said before torch and
+    # transformers are imported (about 3 s of the command's start)
     if settings.checkpoint is None:
         return fail(
             "export.checkpoint is required: pass export.checkpoint=PATH, a consolidated "
@@ -47,7 +39,17 @@ def run(cfg: KilnConfig) -> int:
             "run directory"
         )
     checkpoint = Path(settings.checkpoint)
+    if not checkpoint.exists():
+        return fail(f"export.checkpoint: {checkpoint} does not exist")
     out_dir = Path(settings.output_dir)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from pretrain.checkpoint_io import CheckpointError, open_checkpoint
+    from pretrain.models.hf import export_model, hf_module_for
+
+    hf_logging.disable_progress_bar()
     try:
         source = open_checkpoint(checkpoint)
         model_cfg = source.config
@@ -68,7 +70,7 @@ def run(cfg: KilnConfig) -> int:
             return fail(f"export.tokenizer: {tokenizer} does not exist")
     try:
         export_model(model, model_cfg, out_dir, tokenizer_path=tokenizer,
-                     dtype=DTYPES[settings.dtype], overwrite=cfg.overwrite)  # fmt: skip
+                     dtype=getattr(torch, settings.dtype), overwrite=cfg.overwrite)  # fmt: skip
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         return fail(str(error))
     params = sum(p.numel() for p in model.parameters())

@@ -305,6 +305,14 @@ def test_kiln_export_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     result = kiln(cwd=tmp_path)
     assert result.returncode == 1 and "export.checkpoint is required" in result.stderr
     assert "Traceback" not in result.stderr
+    # both are said before torch and transformers are imported (seconds of the start)
+    probe = ("import sys; from pretrain.config import KilnConfig; from pretrain.export import "
+             "run; cfg = KilnConfig(); cfg.export.checkpoint = sys.argv[1]; code = run(cfg); "
+             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.stdout == "1 False False\n", result.stderr[-2000:]
+    assert f"kiln export: export.checkpoint: {tmp_path}/nowhere does not exist" in result.stderr
 
 
 def export_config(*overrides: str) -> KilnConfig:
