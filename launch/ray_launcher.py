@@ -56,11 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from launch.launcher import write_command, write_config
+from pretrain.exit_codes import DONE, NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
-# The trainer's exit codes (pretrain/trainer.py)
-DONE = 0
-NONFINITE_EXIT_CODE = 3
-REQUEUE_EXIT_CODE = 42
 FAILED_EXIT_CODE = 1
 # Environment variables of the driver passed on to the workers (fault injection in tests,
 # W&B settings and key): Ray workers do not inherit the driver's environment.

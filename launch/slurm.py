@@ -253,7 +253,7 @@ def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) 
 
 
 def _requeue_status() -> int:
-    from pretrain.trainer import REQUEUE_EXIT_CODE
+    from pretrain.exit_codes import REQUEUE_EXIT_CODE
 
     return REQUEUE_EXIT_CODE
 

@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pretrain.exit_codes import USER_ERROR_EXIT_CODE
+
 if TYPE_CHECKING:
     import torch
 
 # torch is imported where a rank needs it, not at the top: the process that only writes the
 # config and starts torchrun (`kiln train` at 2+ ranks, `kiln launch`) then never imports it,
 # which saved one torch import (2 s here) before the ranks could start theirs.
-
-
-USER_ERROR_EXIT_CODE = 1  # a config, data or checkpoint problem, said in one line
 
 
 @dataclass

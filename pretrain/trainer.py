@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointManager, ModelRecord, rank_and_world
+from pretrain.exit_codes import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after saving: the launcher requeues it.
-REQUEUE_EXIT_CODE = 42
 MAX_NONFINITE_IN_A_ROW = 5
 
 
@@ -316,7 +315,7 @@ def train(cfg: Any, context: Any) -> int:
                 if logger is not None:
                     logger.log({"kind": "event", "step": state.step, "event": "stopped",
                                 "reason": f"{state.nonfinite_in_a_row} non-finite steps in a row"})  # fmt: skip
-                exit_code = 3
+                exit_code = NONFINITE_EXIT_CODE
                 break
             if eval_every and state.step % eval_every == 0:
                 if not _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp):

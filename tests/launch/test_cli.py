@@ -177,6 +177,11 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     assert "'--nproc_per_node=2'" in started and "'pretrain.train'" in started
     assert at_exit == "PROBE False None"
     assert (tmp_path / "run" / "config.pkl").is_file()
+    # `kiln launch` writing a Slurm job (the trainer's requeue status in it) imports no torch
+    launch, _ = probe(tmp_path, "launch", "cluster=slurm", "cluster.dry_run=true",
+                      "model=tiny_decoder", "logger=none", f"trainer.run_dir={tmp_path}/job")  # fmt: skip
+    assert launch == ["PROBE False None"]
+    assert "KILN_REQUEUE_STATUS=42\n" in (tmp_path / "job" / "slurm" / "job.sbatch").read_text()
 
 
 def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) -> None:
