@@ -396,15 +396,35 @@ def train_overrides(model: list[str], batch: int, seq: int, data_dir: Path, run_
     ]  # fmt: skip
 
 
-def plan_memory(overrides: list[str], work: Path, name: str, strategy: str, timeout: float
-                ) -> dict[str, Any]:  # fmt: skip
+def plan_json(overrides: list[str]) -> dict[str, Any]:
+    """`kiln plan`'s JSON for these overrides, in this process: composed, validated and planned
+    as `kiln plan` does, without a `kiln plan` process's start-up (Hydra's compose API)."""
+    from hydra import compose, initialize_config_module
+
+    from pretrain.config import build_config, register_configs
+    from pretrain.plan import build_plan
+
+    register_configs()
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        return build_plan(build_config(compose("plan", overrides=overrides))).to_json()
+
+
+def plan_errors() -> tuple[type[BaseException], ...]:
+    """What `plan_json` raises for a config that does not compose or validate."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pretrain.config import ConfigError
+
+    return ConfigError, HydraException, OmegaConfBaseException
+
+
+def plan_memory(overrides: list[str], strategy: str) -> dict[str, Any]:
     """`kiln plan` for the same overrides: the strategy's per-GPU estimate, in bytes."""
-    out = work / f"plan-{name}.json"
-    plan_args = [o for o in overrides if not o.startswith("trainer.")]
-    command = [sys.executable, "-m", "launch.cli", "plan", *plan_args, "plan.format=json",
-               f"plan.output={out}"]  # fmt: skip
-    run_logged(command, work / f"plan-{name}.log", timeout, child_env())
-    plan = json.loads(out.read_text())
+    try:
+        plan = plan_json([o for o in overrides if not o.startswith("trainer.")])
+    except plan_errors() as error:
+        raise StageError(f"kiln plan: {' '.join(str(error).split())}") from error
     memory = plan["memory"][strategy]
     return {
         "strategy": strategy,
@@ -437,10 +457,10 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(engine, engine.removesuffix("_offload"))
     command = [sys.executable, "-m", "launch.cli", "train", *overrides]
     timeout = min(budget.left(), MAX_STAGE_SECONDS)
-    # `kiln plan` runs on the host while the trainer starts up and compiles (its seconds are
+    # the plan is made on the host while the trainer starts up and compiles (its seconds are
     # the GPU's idle seconds otherwise; it ends long before the timed steps)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        planned = pool.submit(plan_memory, overrides, work, name, strategy, min(120.0, timeout))
+        planned = pool.submit(plan_memory, overrides, strategy)
         wall = run_logged(command, work / f"train-{name}.log", timeout, child_env())
         plan = planned.result()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -501,10 +521,10 @@ def skipped_stages(args: argparse.Namespace) -> set[str]:
 
 def check_stages(args: argparse.Namespace) -> int:
     """`--check`: every trainer stage's GPU overrides (the default runs and every extra, the
-    profiled ones with their `trainer.profile` settings; `--skip` leaves some out) through
-    `kiln plan`, on this machine, no training: a config that does not compose or validate
-    fails here, not on the GPU."""
-    work = Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-check-"))
+    profiled ones with their `trainer.profile` settings; `--skip` leaves some out) composed,
+    validated and planned as `kiln plan` does, in this process, no training: a config that
+    does not compose or validate fails here, not on the GPU."""
+    work = Path(tempfile.gettempdir()) / "kiln-bench-gpu-check"  # named, never written
     steps = args.steps or DEFAULT_STEPS
     profiled = {s.strip() for s in args.profile.split(",") if s.strip()}
 
@@ -518,30 +538,23 @@ def check_stages(args: argparse.Namespace) -> int:
                           f"trainer.profile.steps={PROFILE_STEPS}"]  # fmt: skip
         engine = run_engine(model, args.engine)
         strategy = {"ddp": "zero0", "fsdp": "fsdp"}.get(engine, engine.removesuffix("_offload"))
-        out = work / f"plan-{name}.json"
-        command = [sys.executable, "-m", "launch.cli", "plan", *overrides, "plan.format=json",
-                   f"plan.output={out}"]  # fmt: skip
         try:
-            run_logged(command, work / f"plan-{name}.log", 300.0, child_env())
-            memory = json.loads(out.read_text())["memory"][strategy]["total"]
-        except (StageError, KeyError, ValueError) as error:
-            return name, str(error).splitlines()[-1][:300], " ".join(overrides)
+            memory = plan_json(overrides)["memory"][strategy]["total"]
+        except (*plan_errors(), KeyError) as error:
+            return name, " ".join(str(error).split())[:300], " ".join(overrides)
         return name, None, f"{strategy} {memory / 2**30:.2f} GiB"
 
     skip = skipped_stages(args)
     names = [n for n in TRAINER_RUNS
              if n not in skip and not (n in DDP_ONLY and args.engine != "ddp")]  # fmt: skip
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        checked = list(pool.map(check, names))
+    checked = [check(name) for name in names]
     for name, error, detail in checked:
         print(f"[gpu --check] {name}: {'FAILED: ' + error if error else 'ok, plan ' + detail}")
+        if error:
+            print(f"[gpu --check] {name}'s overrides: {detail}")
     failed = [name for name, error, _ in checked if error]
     print(f"[gpu --check] {len(checked) - len(failed)} of {len(checked)} stages resolve"
-          + (f"; failed: {', '.join(failed)} (logs in {work})" if failed else ""))  # fmt: skip
-    if not failed:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
     return 1 if failed else 0
 
 

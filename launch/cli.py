@@ -133,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return NOT_BUILT_EXIT_CODE
     run_subcommand(name, args[1:])
+    if name == "launch":
+        from launch.launcher import finish_sweep
+
+        return finish_sweep()
     if name == "train" and "torch" in sys.modules:
         # this process trained (one rank: the process that starts torchrun never imports
         # torch); its outputs are written, so it skips the interpreter's teardown

@@ -50,21 +50,41 @@ def write_command(directory: Path, command: list[str] | str, note: str = "") -> 
     return path
 
 
+def in_multirun() -> bool:
+    """Whether this launch is one point of a Hydra multirun (`kiln launch -m`)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):  # not inside a Hydra app
+        return False
+
+
+def finish_sweep() -> int:
+    """After the last point of `kiln launch -m`: wait for the Slurm jobs that the points
+    submitted with `launch.wait=true` (all of them running at once, as the cluster allows),
+    then exit 1 unless every one completed."""
+    slurm = sys.modules.get("launch.slurm")
+    jobs = list(getattr(slurm, "SWEEP_JOBS", ()))
+    if not jobs:
+        return 0
+    slurm.SWEEP_JOBS.clear()
+    print(f"kiln launch: waiting for the sweep's {len(jobs)} Slurm job(s): {', '.join(jobs)}",
+          flush=True)  # fmt: skip
+    return slurm.wait_for_jobs(jobs)
+
+
 def sweep_point(cfg: Any) -> None:
     """Under `kiln launch -m` (Hydra multirun), give each sweep point its own run: run
     directory `RUN_DIR/sweep-N` (data jobs: `OUTPUT_DIR/sweep-N`) and W&B run name
     `RUN_NAME-N`, N being Hydra's job number; the overrides of the point are in its
     config.yaml and command.txt."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    if not in_multirun():
+        return
+    from hydra.core.hydra_config import HydraConfig
 
-        hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):  # not inside a Hydra app
-        return
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    number = hydra_cfg.job.num
+    number = HydraConfig.get().job.num
     cfg.run_name = f"{cfg.run_name}-{number}"
     if cfg.job == "data":
         cfg.output_dir = str(Path(cfg.output_dir) / f"sweep-{number}")

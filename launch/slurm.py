@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.launcher import write_command, write_config
+from launch.launcher import in_multirun, write_command, write_config
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.tmpl"
 SCRIPT_NAME = "job.sbatch"
@@ -343,9 +343,32 @@ def launch(cfg: Any, directory: Path) -> int:
           f"sacct --jobs {job_id}; scancel {job_id})")  # fmt: skip
     if not cfg.launch.wait:
         return 0
-    state = job_state(job_id)
-    while state.split()[0] not in TERMINAL:
-        time.sleep(5)
-        state = job_state(job_id)
-    print(f"kiln launch: job {job_id} ended: {state}")
-    return 0 if state == "COMPLETED" else 1
+    if in_multirun():
+        # a sweep's points are submitted one after another; waiting for each before the next
+        # is submitted would run the sweep one job at a time: `kiln launch` waits for them all
+        # after the last point (launch.launcher.finish_sweep)
+        SWEEP_JOBS.append(job_id)
+        return 0
+    return wait_for_jobs([job_id])
+
+
+# The Slurm jobs of this process's sweep points (`kiln launch -m ... launch.wait=true`).
+SWEEP_JOBS: list[str] = []
+
+
+def wait_for_jobs(job_ids: list[str]) -> int:
+    """Poll until every job has ended, saying so as each does: 0 if all completed, else 1.
+    Polled every 0.5 s at first, backing off to every 10 s: a short job's end is seen at
+    once, a long one does not query the controller more than that."""
+    pending, failed, delay = list(job_ids), 0, 0.5
+    while pending:
+        for job_id in list(pending):
+            state = job_state(job_id)
+            if state.split()[0] in TERMINAL:
+                print(f"kiln launch: job {job_id} ended: {state}", flush=True)
+                pending.remove(job_id)
+                failed += state != "COMPLETED"
+        if pending:
+            time.sleep(delay)
+            delay = min(10.0, delay * 1.5)
+    return 1 if failed else 0

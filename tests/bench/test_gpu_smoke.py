@@ -231,8 +231,8 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
 
 def test_check_mode_resolves_every_gpu_stage_and_names_the_ones_that_do_not() -> None:
     """`bench/gpu.py --check`: every GPU stage's own overrides (full size, bf16, compiled; the
-    extras too) through `kiln plan` on the CPU, so a stage whose config no longer composes fails
-    in CI, not on a rented GPU."""
+    extras too) composed, validated and planned as `kiln plan` does, in one process on the CPU,
+    so a stage whose config no longer composes fails in CI, not on a rented GPU."""
     done = subprocess.run([sys.executable, "bench/gpu.py", "--check"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -254,4 +254,8 @@ def test_check_mode_resolves_every_gpu_stage_and_names_the_ones_that_do_not() ->
     assert "[gpu --check] gpt2_124m: ok, plan zero2 " in done.stdout
     failed = next(line for line in done.stdout.splitlines() if "gpt2_124m_float8:" in line)
     assert "FAILED" in failed and "float8" in failed, failed
+    said = next(
+        line for line in done.stdout.splitlines() if "gpt2_124m_float8's overrides:" in line
+    )
+    assert "engine.float8=true" in said and "engine=zero2" in said, said
     assert "1 of 2 stages resolve; failed: gpt2_124m_float8" in done.stdout

@@ -269,12 +269,41 @@ def test_multirun_submits_one_job_per_sweep_point(
     assert result.returncode == 0, result.stderr[-3000:]
     points = sorted(p.name for p in run_dir.iterdir())
     assert points == ["sweep-0", "sweep-1"]
-    jobs = {submitted_job(run_dir / point) for point in points}
-    assert len(jobs) == 2 and result.stdout.count("ended: COMPLETED") == 2
+    jobs = [submitted_job(run_dir / point) for point in points]
+    assert len(set(jobs)) == 2 and result.stdout.count("ended: COMPLETED") == 2
+    # both points submitted before the wait for either: the sweep's jobs run at once
+    said = result.stdout
+    assert said.index(f"submitted Slurm job {jobs[1]}") < said.index("ended: COMPLETED")
+    assert f"waiting for the sweep's 2 Slurm job(s): {jobs[0]}, {jobs[1]}" in said
     for point, lr in zip(points, ("0.001", "0.002"), strict=True):
         config = (run_dir / point / "config.yaml").read_text()
         assert f"  lr: {lr}\n" in config and f"run_name: default-{point[-1]}\n" in config
         assert sorted(losses(run_dir / point)) == [1, 2, 3, 4]
+
+
+def test_a_waited_sweep_fails_if_one_of_its_jobs_did_not_complete(
+    slurm_cluster, corpus: Path, tmp_path: Path
+) -> None:
+    """`kiln launch -m ... launch.wait=true` with a stand-in for the trainer (cluster.python)
+    that fails the second point's task: both jobs are waited for, each reported, and the
+    launch exits 1."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = "-m" ]; then  # -m launch.slurm_task train RUN_DIR/sweep-N/config.pkl\n'
+        '    case "$4" in */sweep-1/*) exit 3;; esac; exit 0\n'
+        "fi\n"
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    run_dir = tmp_path / "sweep"
+    args = launch_args(corpus, run_dir, "cluster.launch_mode=srun", f"cluster.python={stand_in}",
+                       "launch.wait=true", "optim.lr=1e-3,2e-3")  # fmt: skip
+    result = kiln_launch(["-m", *args], tmp_path, slurm_cluster.env())
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    ok, failed = (submitted_job(run_dir / f"sweep-{n}") for n in (0, 1))
+    assert f"job {ok} ended: COMPLETED" in result.stdout
+    assert f"job {failed} ended: FAILED" in result.stdout
 
 
 def test_data_job_builds_shards_on_slurm(slurm_cluster, tmp_path: Path) -> None:
