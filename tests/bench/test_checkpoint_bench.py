@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_checkpoint_bench_smoke_mode(tmp_path: Path) -> None:
+def test_checkpoint_bench_smoke_mode(tmp_path: Path, smoke_data: Path) -> None:
     markdown, results = tmp_path / "BENCHMARKS.md", tmp_path / "checkpoint.json"
     done = subprocess.run(
-        [sys.executable, "bench/checkpoint.py", "--smoke", "--markdown", str(markdown),
-         "--results", str(results)],
+        [sys.executable, "bench/checkpoint.py", "--smoke", "--data", str(smoke_data),
+         "--markdown", str(markdown), "--results", str(results)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -45,10 +45,13 @@ def run_bundle(bundle: Path, bare: Path, out: Path, *args: str) -> subprocess.Co
                           text=True, timeout=600)  # fmt: skip
 
 
-def test_bundle_runs_the_gpu_script_without_the_bundled_packages_installed(tmp_path: Path) -> None:
+def test_bundle_runs_the_gpu_script_without_the_bundled_packages_installed(
+    tmp_path: Path, smoke_data: Path
+) -> None:
     bundle = tmp_path / "bundle"
     built = subprocess.run(
-        [sys.executable, "bench/gpu_bundle.py", "--out", str(bundle), "--smoke"],
+        [sys.executable, "bench/gpu_bundle.py", "--out", str(bundle), "--smoke", "--data",
+         str(smoke_data)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -63,6 +66,7 @@ def test_bundle_runs_the_gpu_script_without_the_bundled_packages_installed(tmp_p
                   and "__pycache__" not in str(f)}  # fmt: skip
         assert all((bundle / "site" / f).is_file() for f in wanted), name
     assert (bundle / "data" / "manifest.json").is_file()
+    assert summary["data"]["source"] == str(smoke_data)  # `--data`: a copy of that build
     assert 0 < summary["bytes"] < 64 * 2**20  # what a device session carries
 
     # the base interpreter and every other package of this environment: hydra, omegaconf,
