@@ -224,6 +224,18 @@ def task_command(cfg: Any) -> tuple[str, str]:
     return f"--ntasks-per-node=1 --kill-on-bad-exit=1{container}", command
 
 
+# launch.rdzv_port=0: the port from the job id, in 20000-29999 (below Linux's ephemeral ports,
+# 32768 up): two jobs on one node (a sweep, single-GPU jobs packed on a node) would otherwise
+# both use one port, and the second job's agents would join the first job's store
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 10000
+
+
+def rdzv_port(cfg: Any) -> str:
+    """The script's KILN_RDZV_PORT value: launch.rdzv_port, or shell arithmetic on the job id."""
+    port = int(cfg.launch.rdzv_port)
+    return str(port) if port else f'"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"'
+
+
 def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) -> str:
     """The sbatch script's text."""
     cluster = cfg.cluster
@@ -241,7 +253,7 @@ def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) 
         "workdir": shlex.quote(str(Path.cwd())),
         "env_lines": "\n".join(env),
         "setup_lines": "\n".join(cluster.setup),
-        "rdzv_port": str(int(cfg.launch.rdzv_port)),
+        "rdzv_port": rdzv_port(cfg),
         "srun_options": srun_options,
         "task_command": command,
     }

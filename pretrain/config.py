@@ -693,7 +693,9 @@ class ReportConfig:
 class LaunchConfig:
     """`kiln launch` settings common to every cluster kind (the job is the top-level `job`)."""
 
-    rdzv_port: int = 29500  # torch c10d rendezvous port on the first node (multi-node)
+    # slurm: the c10d rendezvous (torchrun) or process-group master (srun) port on the job's
+    # first node; 0: 20000 + SLURM_JOB_ID % 10000, so jobs sharing a node do not collide
+    rdzv_port: int = 0
     wait: bool = False  # slurm: block until the job ends and print its final state
 
 
@@ -1117,6 +1119,11 @@ def validate_config(cfg: KilnConfig) -> None:
         )
     if cfg.model.moe.expert_parallel:
         _validate_expert_parallel(cfg)
+    if not 0 <= cfg.launch.rdzv_port <= 65535:
+        raise ConfigError(
+            f"launch.rdzv_port={cfg.launch.rdzv_port} is not a TCP port (1-65535), nor 0 "
+            "(a port from the Slurm job id)"
+        )
     cluster = cfg.cluster
     _check_positive("cluster.nodes", cluster.nodes)
     _check_positive("cluster.gpus_per_node", cluster.gpus_per_node)

@@ -124,6 +124,8 @@ def test_multi_node_script_passes_sbatch_test_only(
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
     assert "#SBATCH --signal=B:USR1@120\n" in script and "#SBATCH --requeue\n" in script
     assert '--nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=2 --rdzv_backend=c10d' in script
+    # the rendezvous port comes from the job id: jobs sharing a node do not share it
+    assert 'export KILN_RDZV_PORT="$((20000 + SLURM_JOB_ID % 10000))"\n' in script
     assert not (run_dir / "slurm" / "job_id").exists()  # a dry run submits nothing
     check = slurm_cluster.run("sbatch", "--test-only", str(run_dir / "slurm" / "job.sbatch"),
                               check=False)  # fmt: skip
@@ -133,6 +135,11 @@ def test_multi_node_script_passes_sbatch_test_only(
     assert "  checkpoint_minutes: 2.5\n" in (run_dir / "config.yaml").read_text()  # 10 min / 4
     command = (run_dir / "command.txt").read_text().splitlines()
     assert command[1].startswith("kiln launch cluster=slurm") and command[3].startswith("sbatch")
+    fixed = kiln_launch(launch_args(corpus, tmp_path / "fixed", "launch.rdzv_port=29400",
+                                    "cluster.dry_run=true"), tmp_path, slurm_cluster.env())  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    script = (tmp_path / "fixed" / "slurm" / "job.sbatch").read_text()
+    assert "export KILN_RDZV_PORT=29400\n" in script
 
 
 HOSTILE = "evil\"' $(touch PWNED1) `touch PWNED2`; touch PWNED3\nrm -rf x #"
@@ -275,6 +282,9 @@ def test_multirun_submits_one_job_per_sweep_point(
     said = result.stdout
     assert said.index(f"submitted Slurm job {jobs[1]}") < said.index("ended: COMPLETED")
     assert f"waiting for the sweep's 2 Slurm job(s): {jobs[0]}, {jobs[1]}" in said
+    # on one node at once, each job's rendezvous on a port of its own (from its job id)
+    for point, job in zip(points, jobs, strict=True):
+        assert f"at 127.0.0.1:{20000 + job % 10000}); " in log_text(run_dir / point)
     for point, lr in zip(points, ("0.001", "0.002"), strict=True):
         config = (run_dir / point / "config.yaml").read_text()
         assert f"  lr: {lr}\n" in config and f"run_name: default-{point[-1]}\n" in config

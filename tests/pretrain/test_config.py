@@ -229,6 +229,7 @@ def test_wrong_type_names_the_key() -> None:
             "data.global_batch_tokens=40960 / data.seq_len=1024 = 40 sequences is not a multiple of data.micro_batch_size=16",
         ),
         (["optim.schedule=linear"], "optim.schedule='linear' is not one of"),
+        (["launch.rdzv_port=70000"], "launch.rdzv_port=70000 is not a TCP port"),
         (
             ["model.rope_scaling.kind=yarn", "model.rope_scaling.factor=0.5"],
             "model.rope_scaling.factor=0.5 must be >= 1",
