@@ -29,6 +29,11 @@ One run, one machine, the same model, batch shape and process count on both side
    allocation history, which made either side 15-40% slower from one run to the next; kiln
    fixing it for itself alone would make the comparison unfair to the minimal loop.
 
+Start-up (no target): the wall time from each side's launch to the end of its step 1 (the
+trainer's first `train` record; the minimal loop's clock after its first step), and at R=2 a
+third run, `kiln train` with `KILN_WARM_AGENT=0` (torchrun's agent started only once the config
+is built, as before the warm agent), two steps long.
+
 The target of the issue: trainer step time / minimal step time <= 1.10 at each R. `--repeat K`
 runs K interleaved rounds (trainer and minimal loop, for each R) and keeps each figure's best
 (lowest) round. Prints a table, writes bench/results/trainer.json and replaces its section of
@@ -148,12 +153,15 @@ def trainer_overrides(data_dir: Path, run_dir: Path, ranks: int, steps: int) -> 
 
 
 def run_trainer(
-    data_dir: Path, run_dir: Path, ranks: int, steps: int, warmup: int, threads: int
-) -> dict[str, Any]:
-    """`kiln train` at `ranks` ranks; step figures from its metrics.jsonl."""
+    data_dir: Path, run_dir: Path, ranks: int, steps: int, warmup: int, threads: int,
+    **env: str,
+) -> dict[str, Any]:  # fmt: skip
+    """`kiln train` at `ranks` ranks (`env` added to its environment); step figures from its
+    metrics.jsonl, and its start-up: from the launch to the end of step 1."""
     overrides = trainer_overrides(data_dir, run_dir, ranks, steps)
     command = [sys.executable, "-m", "launch.cli", "train", *overrides]
-    wall = call(command, run_dir.parent / f"{run_dir.name}.log", threads_env(threads))
+    launched = time.time()
+    wall = call(command, run_dir.parent / f"{run_dir.name}.log", threads_env(threads) | env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
     if [r["step"] for r in train] != list(range(1, steps + 1)):
@@ -170,6 +178,7 @@ def run_trainer(
         "steps": steps,
         "warmup": warmup,
         "wall_seconds": wall,
+        "startup_seconds": train[0]["time"] - launched,
         "step_ms": 1e3 * statistics.median(step_times),
         "step_ms_mean": 1e3 * statistics.fmean(step_times),
         "data_wait_ms": 1e3 * statistics.median(waits),
@@ -196,6 +205,7 @@ def run_minimal(
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
             "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *worker,
         ]  # fmt: skip
+    launched = time.time()
     wall = call(command, out.with_suffix(".log"), threads_env(threads))
     result = json.loads(out.read_text())
     timed = result["step_times"][warmup:]
@@ -206,6 +216,7 @@ def run_minimal(
         "steps": steps,
         "warmup": warmup,
         "wall_seconds": wall,
+        "startup_seconds": result["first_step_end"] - launched,
         "step_ms": 1e3 * statistics.median(timed),
         "step_ms_mean": 1e3 * statistics.fmean(timed),
         "step_times": timed,
@@ -281,7 +292,7 @@ def minimal_worker(config_path: Path, steps: int, out: Path) -> int:
         for _ in range(4 * accumulation)
     ]
     model.train()
-    times, losses = [], []
+    times, losses, first_step_end = [], [], 0.0
     for step in range(steps):
         start = time.perf_counter()
         total = 0.0
@@ -303,8 +314,10 @@ def minimal_worker(config_path: Path, steps: int, out: Path) -> int:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(float(total) / accumulation)
+        first_step_end = first_step_end or time.time()
     if rank == 0:
-        record = {"step_times": times, "losses": losses, "torch_threads": torch.get_num_threads()}
+        record = {"step_times": times, "losses": losses, "torch_threads": torch.get_num_threads(),
+                  "first_step_end": first_step_end}  # fmt: skip
         out.write_text(json.dumps(record) + "\n")
     if world > 1:
         dist.destroy_process_group()
@@ -375,9 +388,16 @@ def summarize(runs: dict[str, list[dict[str, Any]]], ranks: list[int]) -> list[d
         interval = min(run["interval_ms"] for run in runs[f"trainer{r}"])
         minimal_mean = min(run["step_ms_mean"] for run in runs[f"minimal{r}"])
         ratio = trainer["step_ms"] / minimal["step_ms"]
+        startup = min(run["startup_seconds"] for run in runs[f"trainer{r}"])
+        cold = min((run["startup_seconds"] for run in runs.get(f"cold{r}", [])), default=None)
         rows.append(
             {
                 "ranks": r,
+                "startup_seconds": startup,
+                "startup_cold_agent_seconds": cold,
+                "minimal_startup_seconds": min(
+                    run["startup_seconds"] for run in runs[f"minimal{r}"]
+                ),
                 "threads": trainer["threads"],
                 "accumulation": GLOBAL_BATCH // (MICRO_BATCH * r),
                 "trainer": trainer,
@@ -456,6 +476,32 @@ def breakdown_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def startup_lines(results: dict[str, Any]) -> list[str]:
+    """Start-up, launch to the end of step 1 (no target: what a user waits for each run)."""
+    lines = []
+    for row in results["rows"]:
+        if "startup_seconds" not in row:  # results written before start-up was measured
+            continue
+        startup, minimal = row["startup_seconds"], row["minimal_startup_seconds"]
+        line = (
+            f"start-up, {row['ranks']} rank(s), the launch to the end of step 1: `kiln train` "
+            f"{startup:.2f} s (Hydra's composing, the config, the preflight checks, "
+            + ("torchrun, " if row["ranks"] > 1 else "")
+            + f"the imports, the model, the loader), the minimal loop {minimal:.2f} s "
+            + ("(torchrun, " if row["ranks"] > 1 else "(")
+            + f"the imports, the model): {startup / minimal:.2f}x, no target"
+        )
+        cold = row.get("startup_cold_agent_seconds")
+        if cold:
+            line += (
+                f"; with torchrun's agent started once the config is built "
+                f"(`KILN_WARM_AGENT=0`) {cold:.2f} s: the warm agent takes "
+                f"{startup / cold:.3f}x of it ({cold - startup:.2f} s sooner)"
+            )
+        lines.append(line)
+    return lines
+
+
 def profile_lines(results: dict[str, Any]) -> list[str]:
     profile = results.get("profile")
     if not profile:
@@ -478,7 +524,8 @@ def print_table(results: dict[str, Any]) -> None:
         if index == 0:
             print("  ".join("-" * width for width in widths))
     print()
-    for line in [*check_lines(results), *breakdown_lines(results), *profile_lines(results)]:
+    lines = [*check_lines(results), *breakdown_lines(results), *startup_lines(results)]
+    for line in [*lines, *profile_lines(results)]:
         print(line)
 
 
@@ -531,6 +578,7 @@ def markdown_section(results: dict[str, Any]) -> str:
     body.append("")
     body += [f"- {line}" for line in check_lines(results)]
     body += [f"- {line}" for line in breakdown_lines(results)]
+    body += [f"- {line}" for line in startup_lines(results)]
     body += [f"- {line}" for line in profile_lines(results)]
     body += ["", END_MARK]
     return "\n".join(body) + "\n"
@@ -605,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
                 config = Path(trainer["config"])
                 minimal = run_minimal(config, out, r, args.steps, args.warmup, threads)
                 runs.setdefault(f"minimal{r}", []).append(minimal)
+                if r > 1:  # start-up without the warm torchrun agent: two steps are enough
+                    cold = run_trainer(data_dir, work / f"cold{r}-{round_}", r, 2, 1, threads,
+                                       KILN_WARM_AGENT="0")  # fmt: skip
+                    runs.setdefault(f"cold{r}", []).append(cold)
                 print(
                     f"    {r} rank(s), {threads} thread(s): trainer {trainer['step_ms']:.2f} ms "
                     f"(data_wait {trainer['data_wait_ms']:.2f}, between steps "

@@ -10,6 +10,7 @@ the process that only starts torchrun for `kiln train` import torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return NOT_BUILT_EXIT_CODE
+    if (
+        name == "train"
+        and "RANK" not in os.environ
+        and os.environ.get("KILN_WARM_AGENT", "1") != "0"
+        and not any(a.startswith("-") for a in args)
+    ):
+        # a run (not --help, --cfg or a -m sweep) that may start torchrun here: start its agent
+        # now, to import torch while Hydra composes; a run that does not need it discards it
+        from pretrain.train import start_agent
+
+        start_agent()
     run_subcommand(name, args[1:])
     if name == "launch":
         from launch.launcher import finish_sweep

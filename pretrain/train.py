@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import pickle
 import signal
@@ -164,6 +166,65 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
     return path
 
 
+# the warm torchrun agent `kiln train` starts before it composes its config (`start_agent`),
+# and the write end of the pipe its arguments go down; None when there is none
+_agent: tuple[subprocess.Popen, int] | None = None
+
+
+def start_agent() -> None:
+    """Start `python -m pretrain.torchrun --args-fd N` now, ahead of its arguments: it imports
+    torch while this process composes the config, and `run_torchrun` hands it the command
+    (see pretrain/torchrun.py). A run that needs no torchrun discards it (`discard_agent`),
+    as does this process's exit."""
+    global _agent
+    if _agent is not None or len(os.sched_getaffinity(0)) < 2:
+        return  # with one CPU the agent's import would only slow the composing down
+    read, write = os.pipe()
+    try:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "pretrain.torchrun", "--args-fd", str(read)], pass_fds=(read,)
+        )
+    except OSError:
+        os.close(write)
+        return
+    finally:
+        os.close(read)
+    _agent = (agent, write)
+    atexit.register(discard_agent)
+
+
+def discard_agent() -> None:
+    """Stop the warm agent, if one is waiting: this run does not start torchrun here."""
+    global _agent
+    if _agent is None:
+        return
+    agent, write = _agent
+    _agent = None
+    os.close(write)  # nothing to read: an agent past its import ends by itself
+    agent.kill()
+    agent.wait()
+
+
+def _take_agent(command: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+    """The warm agent, told to run `command` (torchrun's arguments after
+    `python -m pretrain.torchrun`) with `env`, or None when there is no agent for it."""
+    global _agent
+    if _agent is None or command[:3] != [sys.executable, "-m", "pretrain.torchrun"]:
+        discard_agent()
+        return None
+    agent, write = _agent
+    _agent = None
+    request = json.dumps({"argv": command[3:], "env": env, "cwd": os.getcwd()}).encode()
+    try:
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(request)
+    except OSError:  # the agent died before it read (it was killed): start one the usual way
+        agent.kill()
+        agent.wait()
+        return None
+    return agent
+
+
 def local_torchrun_command(world: int, config_path: Path) -> list[str]:
     """torchrun on this machine (`pretrain/torchrun.py`: torchrun without its own traceback):
     `world` ranks, each `python -m pretrain.train CONFIG`."""
@@ -198,6 +259,7 @@ def run(cfg: Any) -> int:
     config_path = write_run_config(cfg, run_dir)
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if "RANK" in os.environ or world == 1:
+        discard_agent()  # before this process imports torch itself
         return worker(cfg)
     if cfg.cluster.nodes > 1:
         print(
@@ -221,7 +283,7 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
     exit_file.unlink(missing_ok=True)
     # torchrun forwards SIGTERM/SIGUSR1 to the ranks but reports any failure as 1: the real
     # status (e.g. REQUEUE_EXIT_CODE after a signal) is what rank 0 wrote to exit.json
-    child = subprocess.Popen(command, env=env)
+    child = _take_agent(command, env) or subprocess.Popen(command, env=env)
 
     def forward(signum: int, _frame: Any) -> None:
         # torchrun passes SIGTERM on to the ranks (and dies of SIGUSR1): send SIGTERM

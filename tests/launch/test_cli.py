@@ -134,17 +134,26 @@ def test_multirun_sweeps_plan_over_models(tmp_path: Path) -> None:
 # What a process that only plans, or only starts the ranks, runs: it must not import torch
 # (2 s or more per call; `kiln train` at 2+ ranks paid it before torchrun could start).
 NO_TORCH_PROBE = """
-import atexit, subprocess, sys
+import atexit, json, os, subprocess, sys
 from launch.cli import main
 
 def report(command=None):
     print("PROBE", "torch" in sys.modules, command, file=sys.stderr, flush=True)
 
 class Started:  # stands in for torchrun's process: what matters is the state before it
-    def __init__(self, command, **kwargs):
+    def __init__(self, command, pass_fds=(), **kwargs):
         report(command)
+        # the warm agent's end of the pipe its torchrun arguments come down
+        self.fds = [os.dup(fd) for fd in pass_fds]
     def wait(self):
+        for fd in self.fds:  # what the agent was sent: torchrun's arguments, or nothing
+            with os.fdopen(fd, "rb") as pipe:
+                data = pipe.read()
+            report(json.loads(data)["argv"] if data else "nothing")
+        self.fds = []
         return 0
+    def kill(self):
+        pass
     def send_signal(self, signum):
         pass
 
@@ -172,9 +181,12 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     train, _ = probe(tmp_path, "train", "model=tiny_decoder", "cluster=local_cpu",
                      "cluster.gpus_per_node=2", f"trainer.run_dir={tmp_path}/run", "logger=none",
                      f"data.path={tmp_path}/shards")  # fmt: skip
-    [started, at_exit] = train
-    assert started.startswith("PROBE False [") and "'pretrain.torchrun'" in started
-    assert "'--nproc_per_node=2'" in started and "'pretrain.train'" in started
+    # the warm agent starts before the config is composed, and is then sent torchrun's
+    # arguments (its environment and directory beside them)
+    [agent, started, at_exit] = train
+    assert agent.startswith("PROBE False [") and "'pretrain.torchrun', '--args-fd'" in agent
+    assert started.startswith("PROBE False ['--nproc_per_node=2'")
+    assert "'pretrain.train'" in started and f"{tmp_path}/run/config.pkl" in started
     assert at_exit == "PROBE False None"
     assert (tmp_path / "run" / "config.pkl").is_file()
     # `kiln launch` writing a Slurm job (the trainer's requeue status in it) imports no torch
@@ -203,7 +215,9 @@ def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) ->
     for override, message in cases.items():
         data = [] if override.startswith("data.path") else [f"data.path={tmp_path}/shards"]
         probes, stderr = probe(tmp_path, *base, *data, override, code=1)
-        assert probes == ["PROBE False None"], override  # nothing started, torch not imported
+        # nothing started but the warm agent, which was sent nothing; torch not imported
+        assert probes[0].startswith("PROBE False [") and "'--args-fd'" in probes[0], override
+        assert probes[1:] == ["PROBE False nothing", "PROBE False None"], override
         assert stderr.strip() == message, override
         assert not (tmp_path / "run").exists()
     # both problems at once: both said
@@ -212,3 +226,66 @@ def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) ->
     assert (
         stderr.count("kiln train: ") == 2 and "no manifest" in stderr and "trainer.json" in stderr
     )
+
+
+RANK_SCRIPT = """
+import os
+print("rank", os.environ["RANK"], os.environ["KILN_AGENT_PROBE"], os.getcwd(), flush=True)
+"""
+
+
+def start_warm_agent() -> tuple[subprocess.Popen[str], int]:
+    """`python -m pretrain.torchrun --args-fd N`, as `kiln train` starts it, and the write end
+    of its pipe."""
+    read, write = os.pipe()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.torchrun", "--args-fd", str(read)], pass_fds=(read,),
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    os.close(read)
+    return agent, write
+
+
+def test_the_warm_torchrun_agent_runs_what_it_is_sent_and_ends_when_sent_nothing(
+    tmp_path: Path,
+) -> None:
+    """`kiln train` starts torchrun's agent before composing its config and then sends it
+    torchrun's arguments, the environment and the directory (pretrain/torchrun.py)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    (tmp_path / "elsewhere").mkdir()
+    agent, write = start_warm_agent()
+    argv = ["--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", "--master_port=0"]
+    request = {
+        "argv": [*argv, str(script)],
+        "env": os.environ | {"KILN_AGENT_PROBE": "sent"},
+        "cwd": str(tmp_path / "elsewhere"),
+    }
+    with os.fdopen(write, "w") as pipe:
+        json.dump(request, pipe)
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode == 0, output
+    lines = sorted(line for line in output.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank {r} sent {tmp_path / 'elsewhere'}" for r in (0, 1)], output
+
+    # sent nothing (the run needed no torchrun, or its config was wrong): it ends, quietly
+    agent, write = start_warm_agent()
+    os.close(write)
+    output, _ = agent.communicate(timeout=120)
+    assert (agent.returncode, output) == (0, "")
+
+
+def test_a_train_that_needs_no_torchrun_leaves_no_agent_behind(tmp_path: Path) -> None:
+    """A config error (or one rank) discards the warm agent: when `kiln train` has exited,
+    nothing it started is left in its session."""
+    train = subprocess.Popen(
+        [KILN, "train", "model=tiny_decoder", "cluster=local_cpu", "cluster.gpus_per_node=2",
+         "data.path=missing", "logger=none", f"trainer.run_dir={tmp_path}/run"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _, stderr = train.communicate(timeout=120)
+    assert train.returncode == 1 and "no manifest" in stderr, stderr
+    session = subprocess.run(["ps", "-e", "-o", "sid=,args="], capture_output=True, text=True)
+    left = [line for line in session.stdout.splitlines() if line.split()[0] == str(train.pid)]
+    assert left == []
