@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 
@@ -32,13 +33,18 @@ def read_request(fd: int) -> dict | None:
 
 
 def main() -> int:
+    warm = sys.argv[1:2] == ["--args-fd"]
+    if warm:
+        # a Ctrl-C while `kiln train` composes is for that process, which then stops this one
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    if sys.argv[1:2] == ["--args-fd"]:
+    if warm:
         request = read_request(int(sys.argv[2]))
         if request is None:
             return 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # torchrun's, and the ranks'
         # torchrun reads its environment when it parses its arguments and hands it to the ranks
         os.environ.clear()
         os.environ.update(request["env"])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,8 +271,11 @@ def test_the_warm_torchrun_agent_runs_what_it_is_sent_and_ends_when_sent_nothing
     lines = sorted(line for line in output.splitlines() if line.startswith("rank "))
     assert lines == [f"rank {r} sent {tmp_path / 'elsewhere'}" for r in (0, 1)], output
 
-    # sent nothing (the run needed no torchrun, or its config was wrong): it ends, quietly
+    # sent nothing (the run needed no torchrun, or its config was wrong): it ends, quietly,
+    # and a Ctrl-C while `kiln train` composes is left to `kiln train`
     agent, write = start_warm_agent()
+    time.sleep(0.5)
+    agent.send_signal(signal.SIGINT)
     os.close(write)
     output, _ = agent.communicate(timeout=120)
     assert (agent.returncode, output) == (0, "")
