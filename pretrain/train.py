@@ -177,9 +177,14 @@ def start_agent() -> None:
     (see pretrain/torchrun.py). A run that needs no torchrun discards it (`discard_agent`),
     as does this process's exit."""
     global _agent
-    if _agent is not None or len(os.sched_getaffinity(0)) < 2:
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere, the machine's CPUs
+    cpus = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    if _agent is not None or cpus < 2:
         return  # with one CPU the agent's import would only slow the composing down
-    read, write = os.pipe()
+    try:
+        read, write = os.pipe()
+    except OSError:  # out of file descriptors: torchrun starts the usual way, later
+        return
     try:
         agent = subprocess.Popen(
             [sys.executable, "-m", "pretrain.torchrun", "--args-fd", str(read)], pass_fds=(read,)
