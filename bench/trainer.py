@@ -30,9 +30,10 @@ One run, one machine, the same model, batch shape and process count on both side
    fixing it for itself alone would make the comparison unfair to the minimal loop.
 
 Start-up (no target): the wall time from each side's launch to the end of its step 1 (the
-trainer's first `train` record; the minimal loop's clock after its first step), and at R=2 a
-third run, `kiln train` with `KILN_WARM_AGENT=0` (torchrun's agent started only once the config
-is built, as before the warm agent), two steps long.
+trainer's first `train` record; the minimal loop's clock after its first step), and at R=2 two
+more runs of `kiln train`, two steps long: with `KILN_WARM_AGENT=0` (torchrun's agent started
+only once the config is built, as before the warm agent), and with `KILN_FORK_RANKS=0` (the
+warm agent, but the ranks started as new processes, as before they were forked from it).
 
 The target of the issue: trainer step time / minimal step time <= 1.10 at each R. `--repeat K`
 runs K interleaved rounds (trainer and minimal loop, for each R) and keeps each figure's best
@@ -390,11 +391,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], ranks: list[int]) -> list[d
         ratio = trainer["step_ms"] / minimal["step_ms"]
         startup = min(run["startup_seconds"] for run in runs[f"trainer{r}"])
         cold = min((run["startup_seconds"] for run in runs.get(f"cold{r}", [])), default=None)
+        new_processes = min(
+            (run["startup_seconds"] for run in runs.get(f"newproc{r}", [])), default=None
+        )
         rows.append(
             {
                 "ranks": r,
                 "startup_seconds": startup,
                 "startup_cold_agent_seconds": cold,
+                "startup_new_process_ranks_seconds": new_processes,
                 "minimal_startup_seconds": min(
                     run["startup_seconds"] for run in runs[f"minimal{r}"]
                 ),
@@ -497,6 +502,13 @@ def startup_lines(results: dict[str, Any]) -> list[str]:
                 f"; with torchrun's agent started once the config is built "
                 f"(`KILN_WARM_AGENT=0`) {cold:.2f} s: the warm agent takes "
                 f"{startup / cold:.3f}x of it ({cold - startup:.2f} s sooner)"
+            )
+        new_processes = row.get("startup_new_process_ranks_seconds")
+        if new_processes:
+            line += (
+                f"; with the warm agent but ranks started as new processes, not forked from it "
+                f"(`KILN_FORK_RANKS=0`) {new_processes:.2f} s: forking takes "
+                f"{startup / new_processes:.3f}x of it ({new_processes - startup:.2f} s sooner)"
             )
         lines.append(line)
     return lines
@@ -657,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
                     cold = run_trainer(data_dir, work / f"cold{r}-{round_}", r, 2, 1, threads,
                                        KILN_WARM_AGENT="0")  # fmt: skip
                     runs.setdefault(f"cold{r}", []).append(cold)
+                    new_processes = run_trainer(data_dir, work / f"newproc{r}-{round_}", r, 2, 1,
+                                                threads, KILN_FORK_RANKS="0")  # fmt: skip
+                    runs.setdefault(f"newproc{r}", []).append(new_processes)
                 print(
                     f"    {r} rank(s), {threads} thread(s): trainer {trainer['step_ms']:.2f} ms "
                     f"(data_wait {trainer['data_wait_ms']:.2f}, between steps "

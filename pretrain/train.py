@@ -107,14 +107,15 @@ def malloc_env() -> dict[str, str]:
             "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD)}  # fmt: skip
 
 
-def tune_cpu_malloc() -> bool:
+def tune_cpu_malloc(*, force: bool = False) -> bool:
     """Fix glibc's mmap and trim thresholds in this process (`mallopt`; no Python binding
-    exists), unless the environment already chose them. False where glibc is not the C
-    library (musl, macOS): nothing changes."""
+    exists), unless the environment already chose them (glibc read them at the process's
+    start; `force`: a forked rank, whose environment came after its start). False where glibc
+    is not the C library (musl, macOS): nothing changes."""
     import ctypes
     import ctypes.util
 
-    if any(key in os.environ for key in malloc_env()):
+    if any(key in os.environ for key in malloc_env()) and not force:
         return False
     name = ctypes.util.find_library("c")
     try:
@@ -122,9 +123,12 @@ def tune_cpu_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-    )
+    try:
+        mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD))
+        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", MALLOC_TRIM_THRESHOLD))
+    except ValueError:  # not a number: glibc ignores it too
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
 def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
@@ -210,16 +214,20 @@ def discard_agent() -> None:
     agent.wait()
 
 
-def _take_agent(command: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+def _take_agent(
+    command: list[str], env: dict[str, str], *, fork: bool = False
+) -> subprocess.Popen | None:
     """The warm agent, told to run `command` (torchrun's arguments after
-    `python -m pretrain.torchrun`) with `env`, or None when there is no agent for it."""
+    `python -m pretrain.torchrun`) with `env`, or None when there is no agent for it. `fork`:
+    it forks the ranks from itself once it has imported what they need (`forked_rank`)."""
     global _agent
     if _agent is None or command[:3] != [sys.executable, "-m", "pretrain.torchrun"]:
         discard_agent()
         return None
     agent, write = _agent
     _agent = None
-    request = json.dumps({"argv": command[3:], "env": env, "cwd": os.getcwd()}).encode()
+    request = {"argv": command[3:], "env": env, "cwd": os.getcwd(), "fork": fork}
+    request = json.dumps(request).encode()
     try:
         with os.fdopen(write, "wb") as pipe:
             pipe.write(request)
@@ -288,7 +296,10 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
     exit_file.unlink(missing_ok=True)
     # torchrun forwards SIGTERM/SIGUSR1 to the ranks but reports any failure as 1: the real
     # status (e.g. REQUEUE_EXIT_CODE after a signal) is what rank 0 wrote to exit.json
-    child = _take_agent(command, env) or subprocess.Popen(command, env=env)
+    # CPU ranks are forked from the warm agent (`forked_rank`); CUDA ranks start as new
+    # processes, as torchrun starts them: a process must not fork once CUDA is initialised
+    fork = cfg.cluster.accelerator == "cpu" and os.environ.get("KILN_FORK_RANKS", "1") != "0"
+    child = _take_agent(command, env, fork=fork) or subprocess.Popen(command, env=env)
 
     def forward(signum: int, _frame: Any) -> None:
         # torchrun passes SIGTERM on to the ranks (and dies of SIGUSR1): send SIGTERM
@@ -304,6 +315,97 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
     return code
 
 
+def preload_rank(config_path: str) -> None:
+    """Import, in the warm agent, the modules a rank of this config imports before its first
+    step, so that the ranks forked from the agent start with them (`forked_rank`). On a 2-core
+    machine a rank's own imports took 4-6 s: torch 2.4 s (the agent has it already),
+    torch._dynamo 1.8 s (the optimizers and `use_deterministic_algorithms` import it), kiln's
+    trainer, and for DeepSpeed ZeRO the 1.9 s of DeepSpeed's Muon optimizer (which
+    `deepspeed.initialize` imports: its kernels are wrapped in torch.compile), and W&B's 1 s.
+    The agent runs no tensor code before it forks, as a rank does before its DataLoader
+    forks its workers."""
+    import contextlib
+    import importlib
+
+    import torch._dynamo  # noqa: F401
+
+    import pretrain.checkpoint_io  # noqa: F401
+    import pretrain.data.loader  # noqa: F401
+    import pretrain.engine  # noqa: F401
+    import pretrain.metrics  # noqa: F401
+    import pretrain.models.moe  # noqa: F401
+    import pretrain.profiling  # noqa: F401
+    import pretrain.trainer  # noqa: F401
+
+    cfg = pickle.loads(Path(config_path).read_bytes())  # noqa: S301 - written by `run`
+    if cfg.engine.kind == "deepspeed":
+        import deepspeed  # noqa: F401
+
+        with contextlib.suppress(ImportError):  # DeepSpeed releases without it start without it
+            importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    if cfg.logger.backend == "wandb":
+        import wandb  # noqa: F401 (1 s; rank 0 logs)
+
+
+def as_new_process() -> None:
+    """Give a process forked from the warm agent what a new Python process started with the
+    same environment would have and a fork does not: a session of its own (torchrun starts
+    each rank in a new session: a Ctrl-C in the terminal reaches torchrun, which stops the
+    ranks), Python's signal handlers (torchrun's agent set its own), no exit hooks (the
+    agent's are the agent's to run), unbuffered output (torchrun starts ranks with
+    `python -u`), and the thread count and malloc settings of the environment (the C
+    libraries read them when the agent started, before torchrun gave the ranks their
+    environment)."""
+    import io
+
+    import torch
+
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    atexit._clear()
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        stream.flush()
+        raw = io.FileIO(fd, "w", closefd=False)
+        setattr(sys, name, io.TextIOWrapper(raw, encoding=stream.encoding,
+                                            errors=stream.errors, write_through=True))  # fmt: skip
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    tune_cpu_malloc(force=True)
+
+
+def forked_rank(config_path: str) -> None:
+    """A rank forked from the warm agent (torchrun's function entry point, start method
+    "fork"; pretrain/torchrun.py): `python -m pretrain.train CONFIG` without a new
+    interpreter, and without its imports (`preload_rank`). A finished run returns (torchrun
+    waits for a return value); any other status is the process's exit status, as
+    `end_rank` gives it."""
+    as_new_process()
+    sys.argv = [__file__, config_path]
+    cfg = pickle.loads(Path(config_path).read_bytes())  # noqa: S301 - written by `run`
+    try:
+        code = worker(cfg)
+    except (Exception, KeyboardInterrupt) as error:
+        # what Python does with an exception nothing caught, which torchrun's wrapper of a
+        # forked rank would only hand to the agent: print it (torch's hook writes "[rankN]:"
+        # before each line), run the exit hooks, end with status 1, or of SIGINT
+        sys.excepthook(type(error), error, error.__traceback__)
+        atexit._run_exitfuncs()
+        if isinstance(error, KeyboardInterrupt):
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        raise SystemExit(1) from None
+    if code == USER_ERROR_EXIT_CODE:
+        atexit._run_exitfuncs()  # the rank's own hooks: its logger may be unfinished
+        raise SystemExit(code)
+    finish_rank(code)
+    if code:
+        raise SystemExit(code)
+
+
 def main() -> int:
     config_path = Path(sys.argv[1])
     cfg = pickle.loads(config_path.read_bytes())  # noqa: S301 - written by `run` just before
@@ -316,6 +418,13 @@ def exit_now(code: int) -> NoReturn:
     imported torch and DeepSpeed frees every module's objects one by one (0.5-2 s of CPU per
     rank, measured on a 2-core machine), and it is where gloo's worker threads can outlive the
     interpreter (pytorch/pytorch#179291: "terminate called without an active exception")."""
+    finish_rank(code)
+    os._exit(code)
+
+
+def finish_rank(code: int) -> None:
+    """What a finished rank's exit hooks would do and `exit_now` skips: stop W&B's service
+    process, flush the logs and the output."""
     import logging
 
     wandb = sys.modules.get("wandb")
@@ -324,7 +433,6 @@ def exit_now(code: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
 
 
 def end_rank(code: int) -> NoReturn:

@@ -213,6 +213,8 @@ def train(cfg: Any, context: Any) -> int:
                   f"{initialised.path}{at} (trainer.init_from); the optimizer, the schedule "
                   "and the data start afresh", flush=True)  # fmt: skip
     stop = StopSignal()
+    if os.environ.get("KILN_FAULT_RAISE_RANK") == str(rank):  # tests: a bug in one rank
+        raise RuntimeError(f"KILN_FAULT_RAISE_RANK: rank {rank} fails on purpose")
     nan_steps = fault_steps("KILN_FAULT_NAN_STEPS")
     # narrower faults: only this micro-batch index / only this rank (default: all of them)
     nan_micro = os.environ.get("KILN_FAULT_NAN_MICRO", "")

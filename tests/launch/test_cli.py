@@ -281,6 +281,48 @@ def test_the_warm_torchrun_agent_runs_what_it_is_sent_and_ends_when_sent_nothing
     assert (agent.returncode, output) == (0, "")
 
 
+FORK_SCRIPT = """
+import atexit, json, os, signal, sys
+import torch
+from pretrain.train import as_new_process
+
+marker = sys.argv[1]
+atexit.register(lambda: open(marker, "a").write("agent's hook\\n"))
+signal.signal(signal.SIGTERM, lambda *_: None)  # as torchrun's agent has, and a rank must not
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+torch.set_num_threads(2)
+os.environ["OMP_NUM_THREADS"] = "1"  # the ranks' environment, set after the agent started
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    as_new_process()
+    state = {"session": os.getsid(0) == os.getpid(),
+             "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+             "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+             "threads": torch.get_num_threads()}
+    sys.stdout.write(json.dumps(state) + "\\n")  # not flushed: a rank's output is unbuffered
+    atexit._run_exitfuncs()  # a rank's own hooks: none of the agent's
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_rank_forked_from_the_agent_starts_as_a_new_process_would(tmp_path: Path) -> None:
+    """CPU ranks are forked from the warm agent (`pretrain.train.forked_rank`): they get a
+    session of their own, Python's signal handlers, the environment's thread count, unbuffered
+    output and none of the agent's exit hooks, as `python -u -m pretrain.train` started by
+    torchrun would have."""
+    marker = tmp_path / "hooks"
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(marker)], cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"session": True, "sigterm": True, "sigint": True,
+                                         "threads": 1}  # fmt: skip
+    assert marker.read_text() == "agent's hook\n"  # the agent's exit alone ran it
+
+
 def test_a_train_that_needs_no_torchrun_leaves_no_agent_behind(tmp_path: Path) -> None:
     """A config error (or one rank) discards the warm agent: when `kiln train` has exited,
     nothing it started is left in its session."""

@@ -64,9 +64,22 @@ def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None
     assert model_cfg.name == "tiny_decoder" and sum(p.numel() for p in model.parameters()) > 0
 
 
+def running(pid: str) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie waits for its parent's wait)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_sigkill_and_resume_gives_bitwise_identical_losses(corpus: Path, tmp_path: Path) -> None:
+    """Killed and resumed, the run's losses are the uninterrupted run's, bit for bit; the
+    uninterrupted run's ranks start as new processes (`KILN_FORK_RANKS=0`, as CUDA ranks do),
+    the killed run's are forked from torchrun's agent: both start alike."""
     reference = tmp_path / "reference"
-    assert kiln_train(train_args(corpus, reference), tmp_path).returncode == 0
+    env = dict(os.environ, KILN_FORK_RANKS="0")
+    assert kiln_train(train_args(corpus, reference), tmp_path, env).returncode == 0
     run_dir = tmp_path / "killed"
     process = subprocess.Popen([str(KILN), "train", *train_args(corpus, run_dir)], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -76,8 +89,20 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(corpus: Path, tmp_pat
     while not latest.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,sid=,args="], capture_output=True,
+                        text=True).stdout  # fmt: skip
+    rows = [line.split(None, 3) for line in ps.splitlines()]
+    (agent,) = [pid for pid, _, sid, args in rows
+                if sid == str(process.pid) and "pretrain.torchrun" in args]  # fmt: skip
+    ranks = {pid: args for pid, ppid, _, args in rows if ppid == agent}
+    os.killpg(process.pid, signal.SIGKILL)  # `kiln train` and torchrun's agent
     process.wait()
+    # the 2 ranks are forks of the agent (not `python -m pretrain.train`), each in a session of
+    # its own as torchrun starts them, and they end with the agent
+    assert len(ranks) == 2 and all("pretrain.torchrun" in args for args in ranks.values()), ranks
+    while any(map(running, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, ranks)), "a rank outlived torchrun's agent"
     assert latest.read_text() in ("step_00000004", "step_00000008")
     result = kiln_train(train_args(corpus, run_dir), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

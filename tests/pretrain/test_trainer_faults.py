@@ -171,6 +171,23 @@ def test_a_rank_says_a_bad_shard_in_one_line(corpus: Path, tmp_path: Path) -> No
     assert "DataError" not in result.stderr  # no rank's traceback
 
 
+def test_a_bug_in_one_rank_prints_its_traceback_and_fails_the_run(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """An exception nothing expects, in one rank forked from torchrun's agent: its traceback
+    is printed as Python prints an uncaught one (torch's "[rankN]:" before each line, where
+    torchrun's wrapper of forked ranks would only hand it to the agent), the run fails with
+    status 1, and the agent adds one line and its failure table, not its own stack."""
+    result = kiln_train(train_args(corpus, tmp_path / "run"), tmp_path, KILN_FAULT_RAISE_RANK="1")
+    assert result.returncode == 1
+    assert "[rank1]: RuntimeError: KILN_FAULT_RAISE_RANK: rank 1 fails on purpose\n" in (
+        result.stderr
+    ), result.stderr[-3000:]
+    assert "[rank1]: Traceback (most recent call last):" in result.stderr
+    assert "FAILED" in result.stderr and "Root Cause" in result.stderr
+    assert "ProcessExitedException" not in result.stderr, result.stderr[-3000:]
+
+
 def test_resuming_another_models_checkpoint_is_one_line_per_rank(
     corpus: Path, tmp_path: Path, reference: Path
 ) -> None:

@@ -80,7 +80,8 @@ def test_garbage_collector_freezes_start_up_and_collects_on_schedule() -> None:
 
 def test_cpu_ranks_get_fixed_malloc_thresholds() -> None:
     """In-process (`mallopt`) unless the environment already chose, which is how torchrun's
-    ranks get them (`malloc_env`, set by `run_torchrun`)."""
+    ranks get them (`malloc_env`, set by `run_torchrun`); a rank forked from the warm agent got
+    its environment after its start, so it sets them whatever the environment says."""
     import os
     import subprocess
     import sys
@@ -92,6 +93,12 @@ def test_cpu_ranks_get_fixed_malloc_thresholds() -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     for env, expected in ((clean, "True"), (clean | malloc_env(), "False")):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert done.stdout.strip() == expected
+    forced = code.replace("tune_cpu_malloc()", "tune_cpu_malloc(force=True)")
+    for env, expected in ((clean | malloc_env(), "True"),
+                          (clean | {"MALLOC_MMAP_THRESHOLD_": "lots"}, "False")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", forced], env=env, capture_output=True,
                               text=True, check=True)  # fmt: skip
         assert done.stdout.strip() == expected
 
