@@ -7,8 +7,8 @@ One run, one machine, the same model, batch shape and process count on both side
 2. Trainer: `kiln train model=tiny_decoder objective=clm engine=ddp cluster=local_cpu`,
    `data.seq_len=128 data.global_batch_size=16 data.micro_batch_size=8 data.num_workers=0`,
    `logger=none logger.log_every=1`, no evaluation, no checkpoint before the last step, at
-   `cluster.gpus_per_node` R = 1 and 2 (one rank in the `kiln train` process; two ranks under
-   the torchrun it starts). Step time = the median of metrics.jsonl's `step_time` over the
+   `cluster.gpus_per_node` R = 1 and 2 (one rank in the warm agent `kiln train` starts; two
+   ranks under torchrun in that agent, forked from it). Step time = the median of metrics.jsonl's `step_time` over the
    steps after the first `--warmup`. The mean wall time between consecutive `train` records
    (which also holds what `step_time` leaves out: the one all-reduce of the loss and the
    stop flags, logging) and the median `data_wait` are reported beside it.
@@ -30,10 +30,11 @@ One run, one machine, the same model, batch shape and process count on both side
    fixing it for itself alone would make the comparison unfair to the minimal loop.
 
 Start-up (no target): the wall time from each side's launch to the end of its step 1 (the
-trainer's first `train` record; the minimal loop's clock after its first step), and at R=2 two
-more runs of `kiln train`, two steps long: with `KILN_WARM_AGENT=0` (torchrun's agent started
-only once the config is built, as before the warm agent), and with `KILN_FORK_RANKS=0` (the
-warm agent, but the ranks started as new processes, as before they were forked from it).
+trainer's first `train` record; the minimal loop's clock after its first step), and more runs
+of `kiln train`, two steps long: with `KILN_WARM_AGENT=0` (at R=1 the rank trained in the
+`kiln train` process, at R=2 torchrun's agent started only once the config is built: as before
+the warm agent), and at R=2 with `KILN_FORK_RANKS=0` (the warm agent, but the ranks started as
+new processes, as before they were forked from it).
 
 The target of the issue: trainer step time / minimal step time <= 1.10 at each R. `--repeat K`
 runs K interleaved rounds (trainer and minimal loop, for each R) and keeps each figure's best
@@ -343,15 +344,38 @@ PROFILED = {
 }
 
 
+# `kiln ARGS` under cProfile, its profile written to argv[1]. A finished one-rank `kiln train`
+# ends with os._exit (`pretrain.train.exit_now`: no interpreter teardown), which would end the
+# process before `python -m cProfile` writes anything: here it ends with SystemExit instead.
+PROFILED_KILN = """
+import cProfile, sys
+import pretrain.train
+from launch.cli import main
+
+def exit_now(code):
+    raise SystemExit(code)
+
+pretrain.train.exit_now = exit_now
+out, sys.argv = sys.argv[1], ["kiln", *sys.argv[2:]]
+profiler = cProfile.Profile()
+try:
+    code = profiler.runcall(main)
+except SystemExit as end:
+    code = end.code
+profiler.dump_stats(out)
+sys.exit(code)
+"""
+
+
 def profile_trainer(data_dir: Path, run_dir: Path, steps: int, threads: int) -> dict[str, Any]:
     """`kiln train` at one rank under cProfile: time per call of the loop's parts."""
     import pstats
 
     profile = run_dir.parent / "trainer.prof"
     overrides = trainer_overrides(data_dir, run_dir, 1, steps)
-    command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "launch.cli",
-               "train", *overrides]  # fmt: skip
-    call(command, run_dir.parent / "profile.log", threads_env(threads))
+    command = [sys.executable, "-c", PROFILED_KILN, str(profile), "train", *overrides]
+    # the rank in the `kiln train` process, where the profiler is
+    call(command, run_dir.parent / "profile.log", threads_env(threads) | {"KILN_WARM_AGENT": "0"})
     stats = pstats.Stats(str(profile))
     # site-packages first: the virtual environment may sit inside the repository
     roots = [p + os.sep for p in sys.path if p.endswith("site-packages")]
@@ -498,9 +522,13 @@ def startup_lines(results: dict[str, Any]) -> list[str]:
         )
         cold = row.get("startup_cold_agent_seconds")
         if cold:
+            without = (
+                "torchrun's agent started once the config is built"
+                if row["ranks"] > 1
+                else "the rank trained in the `kiln train` process, not in the warm agent"
+            )
             line += (
-                f"; with torchrun's agent started once the config is built "
-                f"(`KILN_WARM_AGENT=0`) {cold:.2f} s: the warm agent takes "
+                f"; with {without} (`KILN_WARM_AGENT=0`) {cold:.2f} s: the warm agent takes "
                 f"{startup / cold:.3f}x of it ({cold - startup:.2f} s sooner)"
             )
         new_processes = row.get("startup_new_process_ranks_seconds")
@@ -665,10 +693,12 @@ def main(argv: list[str] | None = None) -> int:
                 config = Path(trainer["config"])
                 minimal = run_minimal(config, out, r, args.steps, args.warmup, threads)
                 runs.setdefault(f"minimal{r}", []).append(minimal)
-                if r > 1:  # start-up without the warm torchrun agent: two steps are enough
-                    cold = run_trainer(data_dir, work / f"cold{r}-{round_}", r, 2, 1, threads,
-                                       KILN_WARM_AGENT="0")  # fmt: skip
-                    runs.setdefault(f"cold{r}", []).append(cold)
+                # start-up without the warm agent (and at 2+ ranks, without forked ranks): two
+                # steps are enough
+                cold = run_trainer(data_dir, work / f"cold{r}-{round_}", r, 2, 1, threads,
+                                   KILN_WARM_AGENT="0")  # fmt: skip
+                runs.setdefault(f"cold{r}", []).append(cold)
+                if r > 1:
                     new_processes = run_trainer(data_dir, work / f"newproc{r}-{round_}", r, 2, 1,
                                                 threads, KILN_FORK_RANKS="0")  # fmt: skip
                     runs.setdefault(f"newproc{r}", []).append(new_processes)

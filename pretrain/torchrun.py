@@ -12,8 +12,10 @@ A warm agent: `python -m pretrain.torchrun --args-fd N` imports torchrun (torch:
 on a 2-core machine) first, then reads one JSON object from file descriptor N: torchrun's
 arguments, the environment for the ranks and the working directory. `kiln train` starts it
 before it composes its config (about 1.5 s of Hydra), so the two overlap and the ranks start
-that much sooner (`pretrain.train.start_agent`). Nothing to read (the run needed no torchrun:
-one rank, a config error) ends it with status 0.
+that much sooner (`pretrain.train.start_agent`). Nothing to read (the run needed no agent:
+a config error) ends it with status 0. A run of one rank sends `{"rank": CONFIG, ...}`: the
+agent trains it itself, as `python -m pretrain.train CONFIG` would (`KILN_WARM_AGENT=0`: the
+`kiln train` process trains it).
 
 Forked ranks: a request with `"fork": true` (CPU ranks; `KILN_FORK_RANKS=0` turns it off) runs
 the same torchrun, with its function entry point and "fork" start method: the agent imports
@@ -85,6 +87,11 @@ def main() -> int:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
+        if "rank" in request:  # one rank: trained here, as `python -m pretrain.train CONFIG`
+            from pretrain import train
+
+            sys.argv = [train.__file__, request["rank"]]
+            train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
     try:
         if warm and request.get("fork"):

@@ -220,22 +220,49 @@ def _take_agent(
     """The warm agent, told to run `command` (torchrun's arguments after
     `python -m pretrain.torchrun`) with `env`, or None when there is no agent for it. `fork`:
     it forks the ranks from itself once it has imported what they need (`forked_rank`)."""
-    global _agent
-    if _agent is None or command[:3] != [sys.executable, "-m", "pretrain.torchrun"]:
+    if command[:3] != [sys.executable, "-m", "pretrain.torchrun"]:
         discard_agent()
+        return None
+    return _send_to_agent({"argv": command[3:], "env": env, "fork": fork})
+
+
+def _send_to_agent(request: dict[str, Any]) -> subprocess.Popen | None:
+    """The warm agent, sent `request` (with this process's directory), or None when there is
+    no agent (or it died before it read)."""
+    global _agent
+    if _agent is None:
         return None
     agent, write = _agent
     _agent = None
-    request = {"argv": command[3:], "env": env, "cwd": os.getcwd(), "fork": fork}
-    request = json.dumps(request).encode()
+    data = json.dumps(request | {"cwd": os.getcwd()}).encode()
     try:
         with os.fdopen(write, "wb") as pipe:
-            pipe.write(request)
+            pipe.write(data)
     except OSError:  # the agent died before it read (it was killed): start one the usual way
         agent.kill()
         agent.wait()
         return None
     return agent
+
+
+def _rank_in_agent(config_path: Path) -> int | None:
+    """Train the one rank of this run in the warm agent (`python -m pretrain.train CONFIG`
+    there, pretrain/torchrun.py), which imported torch while this process composed the
+    config; its exit status, or None when there is no agent (this process trains). SIGTERM
+    and SIGUSR1 sent to this process (a scheduler's warning) are passed on; a Ctrl-C in the
+    terminal reaches the agent itself."""
+    agent = _send_to_agent({"rank": str(config_path), "env": dict(os.environ)})
+    if agent is None:
+        return None
+
+    def forward(signum: int, _frame: Any) -> None:
+        agent.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = agent.wait()
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
 
 
 def local_torchrun_command(world: int, config_path: Path) -> list[str]:
@@ -272,6 +299,9 @@ def run(cfg: Any) -> int:
     config_path = write_run_config(cfg, run_dir)
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if "RANK" in os.environ or world == 1:
+        code = _rank_in_agent(config_path) if "RANK" not in os.environ else None
+        if code is not None:
+            return code
         discard_agent()  # before this process imports torch itself
         return worker(cfg)
     if cfg.cluster.nodes > 1:
@@ -444,5 +474,10 @@ def end_rank(code: int) -> NoReturn:
     exit_now(code)
 
 
-if __name__ == "__main__":
+def rank_main() -> NoReturn:
+    """`python -m pretrain.train CONFIG`: one rank, trained, then this process ends."""
     end_rank(main())
+
+
+if __name__ == "__main__":
+    rank_main()

@@ -148,10 +148,11 @@ class Started:  # stands in for torchrun's process: what matters is the state be
         # the warm agent's end of the pipe its torchrun arguments come down
         self.fds = [os.dup(fd) for fd in pass_fds]
     def wait(self):
-        for fd in self.fds:  # what the agent was sent: torchrun's arguments, or nothing
-            with os.fdopen(fd, "rb") as pipe:
+        for fd in self.fds:  # what the agent was sent: torchrun's arguments, the config of
+            with os.fdopen(fd, "rb") as pipe:  # the one rank it trains, or nothing
                 data = pipe.read()
-            report(json.loads(data)["argv"] if data else "nothing")
+            request = json.loads(data) if data else {}
+            report(request.get("argv") or request.get("rank") or "nothing")
         self.fds = []
         return 0
     def kill(self):
@@ -191,6 +192,11 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     assert "'pretrain.train'" in started and f"{tmp_path}/run/config.pkl" in started
     assert at_exit == "PROBE False None"
     assert (tmp_path / "run" / "config.pkl").is_file()
+    # one rank: the agent trains it (`python -m pretrain.train CONFIG` there)
+    one, _ = probe(tmp_path, "train", "model=tiny_decoder", "cluster=local_cpu",
+                   "cluster.gpus_per_node=1", f"trainer.run_dir={tmp_path}/one", "logger=none",
+                   f"data.path={tmp_path}/shards")  # fmt: skip
+    assert one[1:] == [f"PROBE False {tmp_path}/one/config.pkl", "PROBE False None"], one
     # `kiln launch` writing a Slurm job (the trainer's requeue status in it) imports no torch
     launch, _ = probe(tmp_path, "launch", "cluster=slurm", "cluster.dry_run=true",
                       "model=tiny_decoder", "logger=none", f"trainer.run_dir={tmp_path}/job")  # fmt: skip

@@ -123,13 +123,17 @@ def test_injected_nan_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> No
     assert all(v == v for v in (train[s]["loss"] for s in (5, 6, 7, 8)))  # finite again
 
 
-def test_sigterm_saves_and_exits_with_the_requeue_status(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_sigterm_saves_and_exits_with_the_requeue_status(
+    corpus: Path, tmp_path: Path, ranks: int
+) -> None:
+    """SIGTERM (Slurm's warning) to every process of the run at 2 ranks; at 1 rank to the
+    `kiln train` process alone, which passes it on to the rank it started (the warm agent)."""
     from pretrain.trainer import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "term"
-    args = train_args(
-        corpus, run_dir, "trainer.max_steps=100000", "trainer.checkpoint_every=100000"
-    )
+    args = train_args(corpus, run_dir, "trainer.max_steps=100000",
+                      "trainer.checkpoint_every=100000", f"cluster.gpus_per_node={ranks}")  # fmt: skip
     process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
@@ -139,7 +143,10 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(corpus: Path, tmp_path:
         not metrics.is_file() or len(metrics.read_text().splitlines()) < 4
     ) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)  # what Slurm sends at the time limit
+    if ranks == 1:
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)  # what Slurm sends at the time limit
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text()
