@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         and os.environ.get("KILN_WARM_AGENT", "1") != "0"
         and not any(a.startswith("-") for a in args)
     ):
-        # a run (not --help, --cfg or a -m sweep) that may start torchrun here: start its agent
-        # now, to import torch while Hydra composes; a run that does not need it discards it
+        # a run (not --help, --cfg or a -m sweep): start the agent that trains its one rank or
+        # runs its torchrun now, to import torch while Hydra composes; a config error discards it
         from pretrain.train import start_agent
 
         start_agent()
@@ -150,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return finish_sweep()
     if name == "train" and "torch" in sys.modules:
-        # this process trained (one rank: the process that starts torchrun never imports
-        # torch); its outputs are written, so it skips the interpreter's teardown
+        # this process trained (one rank without the warm agent: a process that hands the
+        # ranks to the agent never imports torch); its outputs are written, so it skips the
+        # interpreter's teardown
         from pretrain.train import exit_now
 
         exit_now(0)
