@@ -12,6 +12,10 @@ STAMP := $(VENV)/.kiln-installed
 # would pull a multi-GB CUDA build); on a GPU host the CUDA build already there is kept.
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs in this many pytest-xdist workers; tests/conftest.py makes each module one unit
+# of work (the Slurm and the Ray modules one each) and orders them. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install demo test test-fast lint format services bench gpu-bundle clean
 
@@ -38,11 +42,11 @@ services:
 	bash scripts/install-services.sh
 
 test: install services
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Everything but the tests that need the Slurm and Ray services.
 test-fast: install
-	$(PY) -m pytest -m "not slurm and not ray and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slurm and not ray and not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
