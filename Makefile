@@ -8,9 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
 STAMP := $(VENV)/.kiln-installed
-# On a machine without a GPU we install PyTorch's CPU build first (a range such as torch>=2.4
-# would pull a multi-GB CUDA build); on a GPU host the CUDA build already there is kept.
-TORCH_CPU ?= torch==2.13.0
+# On a machine without a GPU we install PyTorch's CPU build first (PyPI's Linux torch wheel is
+# the multi-GB CUDA build): from the sources pip is configured with (a local wheel, a mirror)
+# when they have it, else from PyTorch's CPU index. On a GPU host the CUDA build is kept.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 # The suite runs in this many pytest-xdist workers; tests/conftest.py makes each module one unit
 # of work (the Slurm and the Ray modules one each) and orders them. TEST_WORKERS=0: one process.
@@ -26,7 +28,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 		if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-		else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; \
+		else $(PY) -m pip install -q "$(TORCH_CPU)" 2>/dev/null || { \
+			echo "$(TORCH_CPU) is not on pip's configured index: trying $(TORCH_CPU_INDEX)"; \
+			$(PY) -m pip install -q --index-url "$(TORCH_CPU_INDEX)" "$(TORCH_CPU)"; }; fi; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
@@ -58,7 +62,7 @@ format: install
 
 # The CPU benchmark suite (issue #9): each script replaces its own section of BENCHMARKS.md
 # (machine, date, commit, every ratio with its target) and writes bench/results/NAME.json.
-# About 15 minutes on 2 cores. The GPU script is `python bench/gpu.py` on an H100/H200.
+# About 20 minutes on 2 cores. The GPU script is `python bench/gpu.py` on an H100/H200.
 bench: install
 	$(PY) bench/data_pipeline.py --repeat 3
 	$(PY) bench/loader.py --repeat 3

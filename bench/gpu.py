@@ -751,6 +751,21 @@ def wall_tokens_per_s(run: dict[str, Any]) -> float:
     return run.get("tokens_per_s_between_steps") or run["tokens_per_s"]
 
 
+def wall_mfu(run: dict[str, Any], key: str) -> float | None:
+    """A run's MFU (`mfu_989` or `mfu_measured_peak`) over the wall clock: older results
+    computed it from the median step, so it is scaled to their between-records tokens/s."""
+    value = run.get(key)
+    if value is None or "wall_ms" in run:
+        return value
+    return value * wall_tokens_per_s(run) / run["tokens_per_s"]
+
+
+def predates_wall_clock(results: dict[str, Any]) -> bool:
+    """Results of a `bench/gpu.py` from before tokens/s came from the wall clock (the recorded
+    H200 run of 2026-11-28): its runs have no `wall_ms`."""
+    return bool(results["runs"]) and not any("wall_ms" in r for r in results["runs"].values())
+
+
 def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = [("run", "step ms (median)", "wall ms per step", "tokens/s (wall)", "MFU vs 989",
              "MFU vs measured peak",
@@ -767,9 +782,9 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                 run["name"],
                 f"{run['step_ms']:.2f}",
                 f"{wall_ms(run):.2f}",
-                f"{run['tokens_per_s']:,.0f}",
-                fmt(run.get("mfu_989"), ".1%"),
-                fmt(run.get("mfu_measured_peak"), ".1%"),
+                f"{wall_tokens_per_s(run):,.0f}",
+                fmt(wall_mfu(run, "mfu_989"), ".1%"),
+                fmt(wall_mfu(run, "mfu_measured_peak"), ".1%"),
                 wait,
                 f"{run['peak_memory_gib']:.2f}",
                 fmt(run.get("plan_memory_gib"), ".2f"),
@@ -1018,6 +1033,16 @@ def markdown_section(results: dict[str, Any], before: dict[str, Any] | None = No
         "- MFU = tokens/s x `kiln plan`'s FLOPs/token (6N + 12LHQT, no causal halving) / peak.",
         "",
     ]
+    if predates_wall_clock(results):
+        # the prose above is today's script's; say where this older run's work differed
+        body[-1:-1] = [
+            "- Recorded by an older `bench/gpu.py` (the commit above), whose work differed from "
+            "the lines above: its plain loop compiled the model alone (the fp32 cross-entropy "
+            "eager), its FSDP2 and DeepSpeed runs left the cross-entropy eager, and it recorded "
+            "no wall time per step: the table's wall column and the tokens/s and MFU from it "
+            "are the interval between a trainer run's records (a plain loop's median step); "
+            "its checks below used the median step.",
+        ]
     rows = table_rows(results)
     body.append("| " + " | ".join(rows[0]) + " |")
     body.append("|" + "|".join("---" for _ in rows[0]) + "|")

@@ -14,9 +14,11 @@ def launch(cfg: Any, directory: Path) -> int:
     if cfg.job == "data":
         from data_pipeline.pipeline import run as run_data
 
-        write_config(cfg, directory)
-        write_command(directory, [sys.executable, "-m", "data_pipeline", "(in this process)"],
-                      note="the data pipeline in the kiln process")  # fmt: skip
+        config_path = write_config(cfg, directory)
+        # it runs in this process; the line runs the same pipeline on the same config
+        write_command(directory, [sys.executable, "-m", "launch.slurm_task", "data",
+                                  str(config_path)],
+                      note="the data pipeline, in the kiln process")  # fmt: skip
         return run_data(cfg) or 0
     from pretrain.preflight import preflight
     from pretrain.train import USER_ERROR_EXIT_CODE, local_torchrun_command, run_torchrun, worker

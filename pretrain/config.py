@@ -13,6 +13,7 @@ composed object has the right type for dispatch.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -224,6 +225,8 @@ class UL2Config(ObjectiveConfig):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # scaled_dot_product_attention's kernels, as engine.attention_backends names them
 ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
+# torchao's float8 training recipes, as engine.float8_recipe names them
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 @dataclass
@@ -877,16 +880,16 @@ def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
 
 
 def _validate_float8(engine: EngineConfig) -> None:
-    from pretrain.engine.float8 import RECIPES, torchao_available
-
-    _check_choice("engine.float8_recipe", engine.float8_recipe, RECIPES)
+    _check_choice("engine.float8_recipe", engine.float8_recipe, FLOAT8_RECIPES)
     if isinstance(engine, DeepSpeedEngineConfig):
         raise ConfigError(
             f"engine.float8=true converts layers with torchao's float8 training, which runs under "
             f"engine=ddp or engine=fsdp (torchao does not support DeepSpeed ZeRO); this run has "
             f"engine.kind={engine.kind!r}"
         )
-    if not torchao_available():
+    # found, not imported: torchao imports torch (seconds), which neither `kiln plan` nor the
+    # launching `kiln train` process does; the ranks import it (pretrain.engine.float8)
+    if importlib.util.find_spec("torchao") is None:
         raise ConfigError("engine.float8=true needs torchao (pip install torchao)")
 
 

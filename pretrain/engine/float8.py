@@ -25,8 +25,6 @@ from typing import Any
 
 from torch import nn
 
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-
 
 def float8_targets(model: nn.Module) -> tuple[list[str], int]:
     """(names of the linear layers `apply_float8` converts, linear layers in the blocks other
@@ -55,15 +53,6 @@ def quiet_torchao_import() -> None:
     and torch a deprecation notice about how torchao registers an enum with pytree."""
     for name in ("torchao", "torchao.utils", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def torchao_available() -> bool:
-    quiet_torchao_import()
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def apply_float8(model: nn.Module, engine_cfg: Any, *, fsdp: bool) -> tuple[int, int]:

@@ -26,14 +26,20 @@ NOT_ON_THE_GPU_HOST = ("deepspeed", "ray", "wandb", "webdataset", "datasketch", 
 
 def bare_site(tmp: Path, also_without: tuple[str, ...] = ()) -> Path:
     """This environment's site-packages without the bundled packages, those the GPU host lacks
-    (nor kiln's editable install: run.sh puts the repository on the path), as symlinks."""
-    site = Path(sysconfig.get_paths()["purelib"])
+    (nor kiln's editable install: run.sh puts the repository on the path), as symlinks. Under
+    scripts/test-with-torch.sh the environment is two: that torch's venv first, then (through
+    a .pth file) the project's venv for everything else; the first of a name wins."""
+    sites = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("-packages"))]
     bare = tmp / ("bare" + "".join(f"-{name}" for name in also_without))
     bare.mkdir()
     left_out = (*BUNDLED, *NOT_ON_THE_GPU_HOST, *also_without, "__editable__", "kiln")
-    for entry in site.iterdir():
-        if not entry.name.lower().startswith(left_out):
-            (bare / entry.name).symlink_to(entry)
+    taken: set[str] = set()
+    for site in dict.fromkeys(Path(p) for p in sites):
+        names = {entry.name: entry.name.split("-")[0].lower() for entry in site.iterdir()}
+        for name, project in names.items():  # a package's directory and its .dist-info
+            if not name.lower().startswith(left_out) and project not in taken:
+                (bare / name).symlink_to(site / name)
+        taken |= set(names.values())
     return bare
 
 

@@ -249,3 +249,25 @@ def test_check_mode_resolves_every_gpu_stage_and_names_the_ones_that_do_not() ->
     )
     assert "engine.float8=true" in said and "engine=zero2" in said, said
     assert "1 of 2 stages resolve; failed: gpt2_124m_float8" in done.stdout
+
+
+def test_the_recorded_h200_run_renders_with_its_own_wall_clock(tmp_path: Path) -> None:
+    """The recorded H200 run (issue #9's "before") predates wall-clock tokens/s: re-rendered,
+    its table takes tokens/s and MFU from the interval between the trainer's records, and the
+    section says where that older script's work differed from today's prose."""
+    markdown = tmp_path / "BENCHMARKS.md"
+    rendered = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--render", "bench/results/gpu_h200_2026-11-28.json",
+         "--before", "", "--markdown", str(markdown)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    text = markdown.read_text()
+    assert "- Recorded by an older `bench/gpu.py`" in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    # moe: median step 278.33 ms, 1,540.63 ms between records: 16 x 1024 / 1.54063 s
+    assert rows["moe"][1:4] == ["278.33", "1540.63", "10,635"]
+    assert rows["plain_124m"][1:4] == ["44.62", "44.62", "367,191"]  # a plain loop: its step
+    # the checks are the recorded ones (median step): 210,659 / 478,600
+    assert "478,600 tokens/s (no document masking, nanoGPT's work): 0.440x" in text

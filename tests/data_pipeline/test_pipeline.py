@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -394,6 +395,28 @@ def test_changed_config_is_refused_unless_overwrite(
     with pytest.raises(PipelineError, match=r"tokenizer\.vocab_size: 800 -> 900.*overwrite=true"):
         build_outputs(make_config(hydra_context, changed))
     assert output_hashes(reference) == before  # nothing was touched
+
+
+def test_local_launch_of_a_data_job_records_a_command_that_reruns_it(
+    corpus: tuple[Path, dict], ray_head: RayHead, reference: Path, tmp_path: Path
+) -> None:
+    """`kiln launch job=data cluster=local` runs the pipeline in its own process; command.txt's
+    line runs the same pipeline on the same config (here: finds the build up to date)."""
+    before = output_hashes(reference)
+    args = ["job=data", "cluster=local", *mix_overrides(corpus[0]), f"output_dir={reference}",
+            f"ray.address={ray_head.address}"]  # fmt: skip
+    launched = subprocess.run([str(KILN), "launch", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    invoked, runs = (reference / "launch" / "command.txt").read_text().splitlines()[1::2]
+    assert shlex.split(invoked) == ["kiln", "launch", *args]
+    command = shlex.split(runs)
+    config = reference / "launch" / "config.pkl"
+    assert command[1:] == ["-m", "launch.slurm_task", "data", str(config)]
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "up to date" in rerun.stdout + rerun.stderr
+    assert output_hashes(reference) == before
 
 
 def test_reused_tokenizer_gives_the_same_shards(

@@ -181,6 +181,9 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     write_corpus(tmp_path / "shards", {"web": [20]}, {"web": 1.0})
     plan, _ = probe(tmp_path, "plan", "model=llama_8b", "cluster.nodes=8")
     assert plan == ["PROBE False None"]
+    # FP8's check finds torchao without importing it (torchao imports torch)
+    plan, _ = probe(tmp_path, "plan", "model=llama_8b", "engine=fsdp", "engine.float8=true")
+    assert plan == ["PROBE False None"]
     train, _ = probe(tmp_path, "train", "model=tiny_decoder", "cluster=local_cpu",
                      "cluster.gpus_per_node=2", f"trainer.run_dir={tmp_path}/run", "logger=none",
                      f"data.path={tmp_path}/shards")  # fmt: skip
