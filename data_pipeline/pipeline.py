@@ -349,6 +349,11 @@ def run_tasks(
             except ray.exceptions.RayError as error:
                 for other in pending:
                     ray.cancel(other, force=True)
+                from data_pipeline.tokenizer import TokenizerError
+
+                # settings the data cannot meet: their one line, not the task's traceback
+                if isinstance(getattr(error, "cause", None), TokenizerError):
+                    raise PipelineError(f"{stage}: {error.cause}") from error
                 raise PipelineError(f"{stage} failed on {key}:\n{error}") from error
             on_result(key, result)
 

@@ -31,7 +31,7 @@ SKIP_REASONS = (
     "empty",  # empty or whitespace-only text
     "too_large",  # a document over max_doc_bytes
     "truncated",  # a cut-off or corrupt .gz/.zst; the documents before the damage are kept
-    "unreadable",  # missing, permission denied, a directory, a corrupt parquet: one per piece
+    "unreadable",  # missing, permission denied, not a regular file, a corrupt parquet: one per piece
 )
 DOCUMENTS_READ = "documents_read"
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "stdlib")
@@ -299,6 +299,11 @@ def read_unit(
     Counts are added as the iterator advances, so they are complete once it is exhausted.
     """
     for piece in unit.pieces:
+        # only regular files (or links to them) are read: opening a FIFO or a device would
+        # block the worker for good; those, and what vanished since planning, are unreadable
+        if not os.path.isfile(piece.path):
+            counter.add(piece.path, "unreadable")
+            continue
         relative = Path(os.path.relpath(piece.path, unit.root)).as_posix()
         if unit.format in WHOLE_FILE_FORMATS:
             read = _read_whole_file

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ def training_sentences(texts: Iterable[str]) -> Iterator[str]:
             yield "".join(piece)
 
 
+class TokenizerError(ValueError):
+    """Tokenizer settings this corpus cannot train; the message names the key to change."""
+
+
 def train_tokenizer(
     texts: Iterable[str], cfg: TokenizerConfig, path: Path, threads: int = 1
 ) -> TokenizerInfo:
@@ -78,6 +83,26 @@ def train_tokenizer(
     spm.set_random_generator_seed(1)
     model = io.BytesIO()
     specials = [MASK] + [sentinel(i) for i in range(cfg.n_sentinels)]
+    try:
+        _train(texts, cfg, model, specials, threads)
+    except RuntimeError as error:
+        # SentencePiece's own words: "Vocabulary size too high (600). Please set it to a
+        # value <= 533."
+        found = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(error))
+        if found is None:
+            raise
+        raise TokenizerError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is more than this corpus's tokenizer sample "
+            f"supports (at most {found[2]} pieces); lower tokenizer.vocab_size, or give it more "
+            "text (more documents or sources, tokenizer.sample_bytes)"
+        ) from None
+    atomic_write_bytes(path, model.getvalue())
+    return load_tokenizer_info(path)
+
+
+def _train(
+    texts: Iterable[str], cfg: TokenizerConfig, model: io.BytesIO, specials: list[str], threads: int
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_sentences(texts),
         model_writer=model,
@@ -105,8 +130,6 @@ def train_tokenizer(
         num_threads=threads,
         minloglevel=2,
     )
-    atomic_write_bytes(path, model.getvalue())
-    return load_tokenizer_info(path)
 
 
 def load_tokenizer_info(path: Path) -> TokenizerInfo:

@@ -109,7 +109,13 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
         if subcommand.handler is None:
             print(f"kiln {name}: {subcommand.pending}; nothing was run.", file=sys.stderr)
             sys.exit(NOT_BUILT_EXIT_CODE)
-        code = load_handler(subcommand.handler)(cfg)
+        try:
+            code = load_handler(subcommand.handler)(cfg)
+        except OSError as error:
+            # a path the command cannot use (a file where a directory goes, no permission, a
+            # full disk): the message names it; a traceback would add only kiln's call stack
+            print(f"kiln {name}: {error}", file=sys.stderr)
+            sys.exit(1)
         if code:
             sys.exit(code)
 

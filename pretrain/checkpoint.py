@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -175,11 +176,15 @@ class CheckpointManager:
         self._group: Any = None  # the background writers' own process group (gloo)
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / TRAINER_STATE).is_file() else None
+        """The checkpoint `latest` names; None before the first one; CheckpointError when it
+        names no complete checkpoint (see `pretrain.preflight.latest_checkpoint`)."""
+        from pretrain.checkpoint_io import CheckpointError
+        from pretrain.preflight import latest_checkpoint
+
+        path, problem = latest_checkpoint(self.root.parent)
+        if problem:
+            raise CheckpointError(problem)
+        return path
 
     def save(self, engine: Any, trainer_state: dict[str, Any], step: int,
              background: bool = False) -> Path:  # fmt: skip
@@ -258,13 +263,39 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine: Any, path: Path) -> dict[str, Any]:
-        """Restore `engine` and this rank's RNG from `path`; returns the trainer state."""
-        state = json.loads((Path(path) / TRAINER_STATE).read_text())
+        """Restore `engine` and this rank's RNG from `path`; returns the trainer state. A
+        damaged checkpoint (unreadable trainer.json, engine files that do not load) is a
+        CheckpointError naming it, not a traceback per rank."""
+        from pretrain.checkpoint_io import CheckpointError
+
+        path = Path(path)
+        try:
+            state = json.loads((path / TRAINER_STATE).read_text())
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        except (OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{path / TRAINER_STATE}: unreadable ({error}): a damaged checkpoint; resume "
+                "from another with trainer.resume=PATH"
+            ) from error
         if self.model is not None:
-            self.model.check(state, Path(path))
-        engine.load(Path(path))
-        rng = Path(path) / f"rng_rank{self.rank}.pt"
-        if rng.is_file() and state.get("world_size") == self.world:
-            set_rng_state(torch.load(rng, weights_only=False))
+            self.model.check(state, path)
+        try:
+            engine.load(path)
+        except CheckpointError:
+            raise
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError) as error:
+            # a file torch cannot read (truncated, missing), or the engine's own refusal
+            raise CheckpointError(
+                f"{path}: cannot resume from it: {type(error).__name__}: {error}"
+            ) from error
+        rng = path / f"rng_rank{self.rank}.pt"
+        if state.get("world_size") == self.world:
+            if rng.is_file():
+                set_rng_state(torch.load(rng, weights_only=False))
+            else:  # the weights and the data position are restored; the random draws are not
+                print(f"kiln train: rank {self.rank}: {rng} is missing: this rank's random "
+                      "generators start afresh, so the resumed run is not bitwise the "
+                      "uninterrupted one", file=sys.stderr, flush=True)  # fmt: skip
         barrier()
         return state

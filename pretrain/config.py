@@ -1170,6 +1170,14 @@ def validate_config(cfg: KilnConfig) -> None:
         )
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)
+    _check_positive("trainer.max_steps", cfg.trainer.max_steps)
+    # eval_every=0 turns evaluation off; eval_steps=0 would log a loss over no batches
+    _check_positive("trainer.eval_steps", cfg.trainer.eval_steps)
+    if cfg.trainer.keep_checkpoints < 1:
+        raise ConfigError(
+            f"trainer.keep_checkpoints={cfg.trainer.keep_checkpoints} must be >= 1 (the "
+            "checkpoints kept; the newest is the one a run resumes from)"
+        )
     _validate_profile(cfg.trainer, cluster.nodes * cluster.gpus_per_node)
     if cfg.trainer.async_checkpoint and isinstance(engine, DeepSpeedEngineConfig):
         raise ConfigError(
@@ -1209,6 +1217,8 @@ def validate_config(cfg: KilnConfig) -> None:
     _check_choice("plan.format", cfg.plan.format, ("table", "json"))
     if not 0.0 < cfg.plan.mfu <= 1.0:
         raise ConfigError(f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
+    if not 0.0 <= cfg.plan.memory_reserve < 1.0:
+        raise ConfigError(f"plan.memory_reserve={cfg.plan.memory_reserve} must be in [0, 1)")
     _check_positive("plan.tokens", cfg.plan.tokens)
     _check_positive("plan.compute_flops", cfg.plan.compute_flops)
     _check_choice("job", cfg.job, ("train", "data"))

@@ -347,7 +347,8 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     bad = events = 0
-    with Path(path).open(encoding="utf-8") as lines:
+    # undecodable bytes (a damaged line) make that line a bad one, not the whole file
+    with Path(path).open(encoding="utf-8", errors="replace") as lines:
         for line in lines:
             if not line.strip():
                 continue

@@ -754,7 +754,11 @@ def run(cfg: KilnConfig) -> int:
         path = Path(cfg.plan.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(text + "\n")
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # e.g. plan.output names a directory
+            raise
     sys.stdout.write((text if cfg.plan.format == "json" else render_table(plan)) + "\n")
     return 0

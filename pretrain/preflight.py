@@ -27,6 +27,8 @@ def preflight(cfg: Any) -> list[str]:
         except DataError as error:
             problems.append(str(error))
     problem = resume_problem(cfg.trainer.resume)
+    if cfg.trainer.resume == "auto":
+        _, problem = latest_checkpoint(cfg.trainer.run_dir)
     if problem:
         problems.append(problem)
     init_from = cfg.trainer.init_from
@@ -41,6 +43,31 @@ def _will_resume(cfg: Any) -> bool:
     if resume == "auto":
         return (Path(cfg.trainer.run_dir) / "checkpoints" / "latest").is_file()
     return resume != "none"
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint `RUN_DIR/checkpoints/latest` names, None), (None, None) when there is no
+    `latest` yet (a new run), or (None, why it cannot be resumed from): a `latest` that names
+    no complete checkpoint is damage, not a new run, and starting over would overwrite the
+    run's other checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None, None
+    name = pointer.read_text(errors="replace").strip()
+    path = root / name
+    if name and (path / "trainer.json").is_file():
+        return path, None
+    complete = sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file())
+    hint = (
+        f"resume from the newest complete one with trainer.resume={complete[-1]}"
+        if complete
+        else "no complete checkpoint is left"
+    )
+    return None, (
+        f"{pointer} names {name!r}, which holds no trainer.json (damaged or deleted); {hint}, "
+        "or start over with trainer.resume=none"
+    )
 
 
 def resume_problem(resume: str) -> str | None:

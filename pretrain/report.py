@@ -94,7 +94,9 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ReportError(f"no {METRICS_FILE} in {run_dir} (has the run logged a step yet?)")
-    records, _ = read_records(path)
+    records, bad = read_records(path)
+    if bad:  # skipped, and said: e.g. the last line cut by a killed run
+        print(f"kiln report: skipped {bad} malformed line(s) in {path}", file=sys.stderr)
     if not any(r["kind"] in ("train", "eval") for r in records):
         raise ReportError(f"{path} has no train or eval records")
     events = ("profile", "start")

@@ -151,7 +151,7 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
         if not one_line_errors:
             raise
         # one write: the ranks share the terminal, and print() writes the newline apart
-        sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {error}\n")
+        sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {one_line(error)}\n")
         sys.stderr.flush()
         return USER_ERROR_EXIT_CODE
     finally:
@@ -278,11 +278,30 @@ def local_torchrun_command(world: int, config_path: Path) -> list[str]:
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions whose message says all a user needs (the config key, shard or
     checkpoint at fault): a rank prints that one line instead of a traceback."""
+    from data_pipeline.shards import ShardFormatError
     from pretrain.checkpoint_io import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.data.manifest import DataError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, ShardFormatError)
+
+
+def one_line(error: BaseException) -> str:
+    """A user error's message as a rank prints it. One raised in a DataLoader worker process
+    arrives as "Caught X in DataLoader worker process N" and the worker's traceback, whose last
+    line holds the message; a shard found malformed while training gets the settings that
+    find it before training or skip it."""
+    from data_pipeline.shards import ShardFormatError
+
+    message = str(error).rstrip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(error, ShardFormatError):
+        message += (
+            " (data.verify=shard checks every shard before training; data.on_bad_shard=skip "
+            "skips bad shards)"
+        )
+    return message
 
 
 def run(cfg: Any) -> int:

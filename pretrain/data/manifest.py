@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import Manifest, ShardFormatError, read_manifest
+from data_pipeline.shards import Manifest, ShardFormatError, read_manifest, sha256_file
 
 
 class DataError(ValueError):
@@ -27,6 +27,16 @@ def open_manifest(cfg: Any, out_dir: Path) -> Manifest:
     except ShardFormatError as error:
         raise DataError(str(error)) from error
     tokenizer = manifest.tokenizer
+    # a tokenizer changed since the build would fail only at the end of the run (its sample)
+    # and be copied into every checkpoint; one that is missing is left out of them (tests
+    # write shards without one)
+    path = out_dir / tokenizer.path
+    if path.is_file() and sha256_file(path) != tokenizer.sha256:
+        raise DataError(
+            f"{path}: sha256 differs from the manifest (the tokenizer changed since the "
+            f"shards were built); restore it, or rebuild with `kiln data output_dir={out_dir} "
+            "overwrite=true`"
+        )
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise DataError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of "

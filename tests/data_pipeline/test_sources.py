@@ -161,16 +161,17 @@ def test_unreadable_files_are_counted_once_each(tmp_path: Path) -> None:
     (tmp_path / "d.txt").symlink_to(tmp_path / "nowhere.txt")
     (tmp_path / "e.jsonl").write_bytes(jsonl_bytes(["vanishes"]))
     (tmp_path / "f.jsonl").write_bytes(jsonl_bytes(["after"]))
+    os.mkfifo(tmp_path / "g.jsonl")  # opening it would wait for a writer forever
     source = SourceConfig(name="src", paths=[str(tmp_path / "*")], text_field="body")
     units = plan_source(source)
     (tmp_path / "e.jsonl").unlink()  # gone between planning and reading
     counter = SkipCounter()
     docs = [doc for unit in units for doc in read_unit(unit, counter)]
     assert [doc.text for doc in docs] == ["before", "after"]
-    assert counter.counts == {"documents_read": 2, "unreadable": 4}
+    assert counter.counts == {"documents_read": 2, "unreadable": 5}
     unreadable = {path for path, counts in counter.per_file.items() if "unreadable" in counts}
     assert unreadable == {
-        str(tmp_path / name) for name in ["b.jsonl", "c.parquet", "d.txt", "e.jsonl"]
+        str(tmp_path / name) for name in ["b.jsonl", "c.parquet", "d.txt", "e.jsonl", "g.jsonl"]
     }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from data_pipeline.tokenizer import (
     MASK,
+    TokenizerError,
     load_processor,
     load_tokenizer_info,
     sentinel,
@@ -81,3 +82,14 @@ def test_unigram_model(sample: list[str], tmp_path: Path) -> None:
 def test_missing_model_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.model"):
         load_tokenizer_info(tmp_path / "nope.model")
+
+
+def test_a_vocabulary_the_sample_cannot_fill_names_the_key(tmp_path: Path) -> None:
+    """SentencePiece's refusal of a vocabulary larger than the sample supports becomes one line
+    naming tokenizer.vocab_size and the largest it could be; nothing is written."""
+    sample = ["a few words, ", "not many at all. "] * 5
+    with pytest.raises(
+        TokenizerError, match=r"tokenizer.vocab_size=600 is more than .* \(at most \d+ pieces\)"
+    ):
+        train_tokenizer(sample, TokenizerConfig(vocab_size=600), tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()

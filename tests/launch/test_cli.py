@@ -207,6 +207,16 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     assert "KILN_REQUEUE_STATUS=42\n" in (tmp_path / "job" / "slurm" / "job.sbatch").read_text()
 
 
+def test_a_path_a_command_cannot_write_is_one_line(tmp_path: Path) -> None:
+    """An OSError out of a subcommand (here plan.output naming a directory) is its message,
+    which names the path, with no traceback and nothing half-written left behind."""
+    taken = tmp_path / "plan.json"
+    taken.mkdir()
+    _, stderr = probe(tmp_path, "plan", f"plan.output={taken}", code=1)
+    assert stderr.strip() == (f"kiln plan: [Errno 21] Is a directory: '{taken}.tmp' -> '{taken}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
 def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) -> None:
     """The shards' manifest and an explicit resume checkpoint are checked in the launching
     process: one line each, no traceback, no run directory, and torchrun never starts."""
@@ -236,6 +246,16 @@ def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) ->
                            code=1)  # fmt: skip
     assert (
         stderr.count("kiln train: ") == 2 and "no manifest" in stderr and "trainer.json" in stderr
+    )
+    # a tokenizer changed since the shards were built (it would fail at the run's end)
+    changed = tmp_path / "changed"
+    shutil.copytree(tmp_path / "shards", changed)
+    (changed / "tokenizer.model").write_bytes(b"not a SentencePiece model")
+    _, stderr = probe(tmp_path, *base, f"data.path={changed}", code=1)
+    assert stderr.strip() == (
+        f"kiln train: {changed}/tokenizer.model: sha256 differs from the manifest (the tokenizer "
+        f"changed since the shards were built); restore it, or rebuild with `kiln data "
+        f"output_dir={changed} overwrite=true`"
     )
 
 

@@ -246,6 +246,10 @@ def test_wrong_type_names_the_key() -> None:
         ),
         (["corpus.sources.0.name=my.source"], r"corpus.sources\[0\].name='my.source'"),
         (["trainer.profile.steps=0"], "trainer.profile.steps=0 must be > 0"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0"),
+        (["trainer.eval_steps=0"], "trainer.eval_steps=0 must be > 0"),
+        (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 must be >= 1"),
+        (["plan.memory_reserve=1.5"], r"plan.memory_reserve=1.5 must be in \[0, 1\)"),
         (
             ["trainer.max_steps=10", "trainer.profile.start_step=9"],
             "trainer.profile.start_step=9 with trainer.profile.steps=3 ends at step 11, after "

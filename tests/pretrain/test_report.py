@@ -83,7 +83,9 @@ def test_run_report_writes_one_png_per_metric_and_a_summary(
     run_dir = tmp_path / "run"
     write_metrics(run_dir)
     assert run(config(run_dir=str(run_dir))) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # the line cut by a kill is skipped and said
+    assert err == f"kiln report: skipped 1 malformed line(s) in {run_dir}/metrics.jsonl\n"
     names = ["loss.png", "lr.png", "tokens_per_s.png", "mfu.png"]
     assert sorted(p.name for p in (run_dir / "report").iterdir()) == sorted(names)
     for name in names:
@@ -93,6 +95,12 @@ def test_run_report_writes_one_png_per_metric_and_a_summary(
     assert "best eval loss      1.5000 at step 20" in out  # the repeat of step 20 won
     assert "MFU (median)        35.0%" in out
     assert "tokens seen         205K (204,800)" in out
+    # bytes that are not UTF-8 spoil their line only
+    with open(run_dir / "metrics.jsonl", "ab") as metrics:
+        metrics.write(b'{"step": 52, "kind": "train", \xff\xfe}\n')
+    assert run(config(run_dir=str(run_dir))) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 2 malformed line(s)" in err and "1 .. 50" in out
 
 
 def test_only_logged_metrics_are_plotted_and_output_is_honoured(tmp_path: Path) -> None:

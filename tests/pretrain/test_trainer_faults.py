@@ -181,6 +181,27 @@ def test_a_rank_says_a_bad_shard_in_one_line(corpus: Path, tmp_path: Path) -> No
                       "from the manifest (data.on_bad_shard=skip skips bad shards)\n")  # fmt: skip
     assert "DataError" not in result.stderr  # no rank's traceback
 
+    # damaged in place, its size kept, with the default data.verify=none: the rank that reads
+    # it says so, naming the shard and how to find such shards before training
+    for record in manifest["shards"]:  # the run reads only the shards it gets to
+        shard = shards / record["path"]
+        damaged = bytearray(shard.read_bytes())
+        damaged[:512] = bytes(b ^ 0xFF for b in damaged[:512])  # the first tar header
+        shard.write_bytes(bytes(damaged))
+    result = kiln_train(train_args(shards, tmp_path / "run2"), tmp_path)
+    assert result.returncode == 1
+    said = [line for line in result.stderr.splitlines() if line.startswith("kiln train: rank")]
+    assert said, result.stderr[-3000:]
+    for line in said:
+        assert re.fullmatch(
+            rf"kiln train: rank [01]: {re.escape(str(shards))}/\S+\.tar: unreadable or "
+            r"truncated shard "
+            r"\(.+\) \(data.verify=shard checks every shard before training; "
+            r"data.on_bad_shard=skip skips bad shards\)",
+            line,
+        ), line
+    assert "Traceback" not in result.stderr
+
 
 def test_a_bug_in_one_rank_prints_its_traceback_and_fails_the_run(
     corpus: Path, tmp_path: Path
@@ -215,6 +236,58 @@ def test_resuming_another_models_checkpoint_is_one_line_per_rank(
         "model.d_model=64 (now 96). Resume it with the model it was trained with, or train this "
         "one in a new trainer.run_dir\n"))  # fmt: skip
     assert "size mismatch" not in result.stderr  # the engine never tried
+
+
+def test_a_damaged_checkpoint_is_named_and_never_silently_replaced(
+    corpus: Path, tmp_path: Path, reference: Path
+) -> None:
+    """`latest` naming a checkpoint without its trainer.json stops `trainer.resume=auto` before
+    any rank starts (a new run from step 0 would overwrite the run's good checkpoints); an
+    engine file that no longer loads is one line per rank; a missing RNG file is said, and the
+    run goes on from the checkpoint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_00000012" / "trainer.json").unlink()
+    kept = {p.name: sorted(f.name for f in p.iterdir()) for p in checkpoints.glob("step_*")}
+    result = kiln_train(train_args(corpus, run_dir, "trainer.max_steps=16"), tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"kiln train: {checkpoints / 'latest'} names 'step_00000012', which holds no "
+        "trainer.json (damaged or deleted); resume from the newest complete one with "
+        f"trainer.resume={checkpoints / 'step_00000008'}, or start over with trainer.resume=none"
+    )
+    assert {p.name: sorted(f.name for f in p.iterdir()) for p in checkpoints.glob("step_*")} == kept
+
+    step_8 = checkpoints / "step_00000008"
+    engine_file = step_8 / "engine.pt"
+    engine_file.write_bytes(engine_file.read_bytes()[:4096])  # truncated
+    resume_8 = train_args(corpus, run_dir, f"trainer.resume={step_8}", "trainer.max_steps=10")
+    result = kiln_train(resume_8, tmp_path)
+    assert result.returncode == 1
+    refusals = [line for line in result.stderr.splitlines() if "cannot resume" in line]
+    assert refusals, result.stderr[-3000:]
+    for line in refusals:
+        assert re.fullmatch(
+            rf"kiln train: rank [01]: {re.escape(str(step_8))}: cannot resume from it: \w+: .+",
+            line,
+        ), line
+    assert "Traceback" not in result.stderr
+
+    step_4 = checkpoints / "step_00000004"
+    (step_4 / "rng_rank1.pt").unlink()
+    args = train_args(corpus, run_dir, f"trainer.resume={step_4}", "trainer.max_steps=6")
+    result = kiln_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"kiln train: rank 1: {step_4 / 'rng_rank1.pt'} is missing: this rank's random "
+        "generators start afresh, so the resumed run is not bitwise the uninterrupted one\n"
+    ) in result.stderr
+    assert "rank 0: " not in result.stderr
+    rows = records(run_dir)
+    last_start = max(i for i, r in enumerate(rows) if r.get("event") == "start")
+    assert rows[last_start]["step"] == 4
+    assert sorted(train_losses(rows[last_start:])) == [5, 6]
 
 
 def test_init_from_starts_a_new_run_on_another_engine(
