@@ -219,8 +219,17 @@ def prepare_output(out: Path, payload: dict[str, Any], fp: str, overwrite: bool)
             recorded = {"fingerprint": manifest.fingerprint, "payload": manifest.config}
             what = "a finished build"
     elif state_path.is_file():
-        recorded = stages.read_json(state_path)
         what = "an unfinished build"
+        try:  # written atomically: unreadable means damaged from outside
+            recorded = stages.read_json(state_path)
+            if not isinstance(recorded, dict) or "fingerprint" not in recorded:
+                raise ValueError("not a build state")
+        except ValueError as error:  # JSON and UTF-8 errors included
+            if not overwrite:
+                raise PipelineError(
+                    f"{state_path}: unreadable ({error}); rerun with overwrite=true to rebuild"
+                ) from error
+            recorded = None  # overwrite: deleted below with the rest
     elif (out / "shards").is_dir() and any((out / "shards").iterdir()) and not overwrite:
         raise PipelineError(
             f"{out}/shards holds files but {out} has no manifest.json or {WORK_DIR}: not a "

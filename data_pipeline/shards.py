@@ -302,6 +302,8 @@ def read_manifest(out_dir: Path) -> Manifest:
         data = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ShardFormatError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ShardFormatError(f"{path}: a JSON {type(data).__name__}, not a manifest object")
     if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
         raise ShardFormatError(
             f"{path}: format {data.get('format')!r} version {data.get('version')!r}, "

@@ -281,8 +281,12 @@ def init_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> CheckpointSo
 def _training_checkpoint(path: Path) -> CheckpointSource:
     try:
         state = json.loads((path / TRAINER_STATE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # JSON and UTF-8 errors
         raise CheckpointError(f"{path / TRAINER_STATE}: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path / TRAINER_STATE}: a JSON {type(state).__name__}, not a checkpoint's state"
+        )
     if (path / "engine.pt").is_file():
         kind = "ddp"
     elif (path / "fsdp").is_dir():

@@ -217,10 +217,13 @@ def load_data_report(data_dir: Path) -> dict[str, Any]:
         raise ReportError(f"no {DATA_REPORT_FILE} in {data_dir} (is it a `kiln data` output?)")
     try:
         report = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSON and UTF-8 errors
         raise ReportError(f"{path} is not JSON: {error}") from error
     if not isinstance(report, dict) or not isinstance(report.get("sources"), dict):
         raise ReportError(f"{path} has no 'sources' (is it a `kiln data` report?)")
+    bad = sorted(name for name, source in report["sources"].items() if not isinstance(source, dict))
+    if bad:
+        raise ReportError(f"{path}: sources {bad} are not objects (is it a `kiln data` report?)")
     return report
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from hydra import compose, initialize_config_module
 from services import RayHead
 
 from data_pipeline.filters import normalize
-from data_pipeline.pipeline import PipelineError, build_outputs
+from data_pipeline.pipeline import PipelineError, build_outputs, prepare_output
 from data_pipeline.shards import SPLITS, iter_blocks, iter_documents, read_manifest
 from data_pipeline.tokenizer import load_processor, load_tokenizer_info
 from pretrain.config import KilnConfig, NormalizeConfig, build_config, register_configs
@@ -417,6 +418,20 @@ def test_local_launch_of_a_data_job_records_a_command_that_reruns_it(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "up to date" in rerun.stdout + rerun.stderr
     assert output_hashes(reference) == before
+
+
+def test_a_damaged_build_state_is_named_and_overwrite_clears_it(tmp_path: Path) -> None:
+    """OUT/.work/state.json (written atomically) damaged from outside: a one-line refusal that
+    names it, and overwrite=true starts afresh instead of failing on it too."""
+    state = tmp_path / ".work" / "state.json"
+    state.parent.mkdir()
+    state.write_text('{"fingerprint": "ab')  # cut short
+    with pytest.raises(
+        PipelineError, match=rf"{re.escape(str(state))}: unreadable .*overwrite=true"
+    ):
+        prepare_output(tmp_path, {}, "cd", overwrite=False)
+    assert prepare_output(tmp_path, {"k": 1}, "cd", overwrite=True) == "fresh"
+    assert json.loads(state.read_text()) == {"fingerprint": "cd", "payload": {"k": 1}}
 
 
 def test_reused_tokenizer_gives_the_same_shards(

@@ -127,6 +127,9 @@ def test_manifest_round_trip_and_totals(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"format": "other", "version": 1}')
     with pytest.raises(ShardFormatError, match="expected 'kiln-shards' version 1"):
         read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(ShardFormatError, match="manifest.json: a JSON list, not a manifest"):
+        read_manifest(tmp_path)
     with pytest.raises(ShardFormatError, match="no manifest"):
         read_manifest(tmp_path / "elsewhere")
 

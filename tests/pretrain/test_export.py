@@ -239,6 +239,10 @@ def test_training_checkpoints_open_with_their_model_and_tokenizer(
     (run_dir / "config.pkl").write_bytes(pickle.dumps(run_config))
     source = open_checkpoint(step)
     assert source.config == cfg and source.tokenizer is None  # the shards are gone
+    (step / "trainer.json").write_text("42")  # valid JSON, not a checkpoint's state
+    with pytest.raises(CheckpointError, match=r"trainer.json: a JSON int, not a checkpoint's"):
+        open_checkpoint(step)
+    (step / "trainer.json").write_text(json.dumps({"step": 3}))
     (step / "engine.pt").unlink()
     with pytest.raises(CheckpointError, match="a training checkpoint of no engine kiln knows"):
         open_checkpoint(step)

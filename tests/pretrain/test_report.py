@@ -194,6 +194,12 @@ def test_data_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     (tmp_path / "report.json").write_text("{not json")
     assert run(config(data_dir=str(tmp_path))) == 1
     assert "is not JSON" in capsys.readouterr().err
+    (tmp_path / "report.json").write_bytes(b'{"sources": "\xff"}')  # not UTF-8
+    assert run(config(data_dir=str(tmp_path))) == 1
+    assert "is not JSON" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text('{"sources": {"a": 5}}')
+    assert run(config(data_dir=str(tmp_path))) == 1
+    assert "sources ['a'] are not objects" in capsys.readouterr().err
 
 
 def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
