@@ -119,7 +119,26 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
         if code:
             sys.exit(code)
 
-    app()
+    if "--help" in args or "-h" in args:
+        print_app_help(app)
+    else:
+        app()
+
+
+def print_app_help(app: Callable[[], None]) -> None:
+    """Hydra's `--help` without the `schema/*` groups: those hold the typed defaults the
+    presets extend (ConfigStore entries), not options a user picks, and Hydra lists every group
+    it can find, with no setting to hide some."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            app()
+    finally:
+        lines = text.getvalue().splitlines(keepends=True)
+        sys.stdout.write("".join(line for line in lines if not line.startswith("schema/")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
