@@ -473,9 +473,11 @@ def build_outputs(cfg: KilnConfig) -> Manifest:
         config=payload,
     )
     check_sources_nonempty(build, manifest)
-    write_manifest(out, manifest)
+    # the manifest marks the build complete, so it comes last: a process killed between the two
+    # writes leaves a build that resumes (and writes both), not one whose report is gone
     report = make_report(build, manifest, status="ok")
     stages.write_json(out / "report.json", report)
+    write_manifest(out, manifest)
     _cleanup(out, manifest)
     print_summary(report)
     return manifest

@@ -243,6 +243,11 @@ def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) 
     env = []
     if cluster.accelerator == "cpu":
         env = ["export DS_ACCELERATOR=cpu", "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"]
+    if cfg.job == "train":
+        # a signalled torchrun gives its ranks this long to finish the step and save before it
+        # kills them (torch >= 2.12 reads it; 30 s before): the warning's lead time
+        env.append("export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="
+                   f"${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{int(cluster.signal_seconds)}}}")  # fmt: skip
     values = {
         "sbatch_lines": "\n".join(sbatch_lines(cfg, log_path)),
         "run_dir": shlex.quote(str(directory.resolve())),

@@ -258,8 +258,14 @@ class CheckpointManager:
             ) from error
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / TRAINER_STATE).is_file())
-        for old in done[: max(0, len(done) - self.keep)]:
+        """Rank 0, after a save: keep the newest `keep` checkpoints. Also removes what a
+        process killed part way left: a save's `.step_N.tmp` (none other is in flight: `save`
+        waits for the one before) and a `step_N` without its trainer.json (a removal cut
+        short; `latest` names a complete one)."""
+        steps = sorted(self.root.glob("step_*"))
+        done = [p for p in steps if (p / TRAINER_STATE).is_file()]
+        stale = [p for p in steps if p not in done] + list(self.root.glob(".step_*.tmp"))
+        for old in done[: max(0, len(done) - self.keep)] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine: Any, path: Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,10 @@ def save_consolidated(
     replacing one that exists. Returns `path`."""
     from safetensors.torch import save_model
 
+    from pretrain.atomic_dir import staged
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged(path) as staging:
         save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
         config = {
             "format": FORMAT_NAME,
@@ -69,16 +67,6 @@ def save_consolidated(
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, staging / TOKENIZER)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-        staging.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return path
 
 

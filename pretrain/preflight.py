@@ -14,13 +14,17 @@ from typing import Any
 
 def preflight(cfg: Any) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
-    the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
+    a run directory another run trains in, the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
     `data.mixture` names its sources), an explicit `trainer.resume` checkpoint, and the
     `trainer.init_from` path of a run that starts afresh."""
     from pretrain.data import remote
     from pretrain.data.manifest import DataError, open_manifest
+    from pretrain.run_lock import busy
 
     problems = []
+    in_use = busy(cfg.trainer.run_dir)
+    if in_use:
+        return [in_use]  # the other checks read what that run is writing
     if not remote.is_remote(cfg.data.path):
         try:
             open_manifest(cfg, remote.local_path(cfg.data.path))

@@ -33,6 +33,9 @@ import os
 import signal
 import sys
 
+from pretrain.exit_codes import REQUEUE_EXIT_CODE
+from pretrain.train import PARENT_ENV, die_with_parent
+
 
 def read_request(fd: int) -> dict | None:
     """The request on `fd` (read to its end), or None when the sender wrote nothing."""
@@ -70,11 +73,25 @@ def _no_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+def _not_a_requeue(record: logging.LogRecord) -> bool:
+    """Drop torchrun's "failed (exitcode: 42)" for a rank that stopped on a signal after
+    saving: rank 0 has said so, and the status is what `kiln train` exits with."""
+    return not (
+        str(record.msg).startswith("failed (exitcode: %s)")
+        and isinstance(record.args, tuple)
+        and record.args[:1] == (REQUEUE_EXIT_CODE,)
+    )
+
+
 def main() -> int:
+    parent = os.environ.pop(PARENT_ENV, "")
+    if parent.isdigit():  # started by `kiln train`: stop (SIGTERM, as torchrun stops) with it
+        die_with_parent(int(parent))
     warm = sys.argv[1:2] == ["--args-fd"]
     if warm:
         # a Ctrl-C while `kiln train` composes is for that process, which then stops this one
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -86,6 +103,7 @@ def main() -> int:
         # torchrun reads its environment when it parses its arguments and hands it to the ranks
         os.environ.clear()
         os.environ.update(request["env"])
+        os.environ.pop(PARENT_ENV, None)
         os.chdir(request["cwd"])
         if "rank" in request:  # one rank: trained here, as `python -m pretrain.train CONFIG`
             from pretrain import train
@@ -93,14 +111,24 @@ def main() -> int:
             sys.argv = [train.__file__, request["rank"]]
             train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_requeue)
     try:
         if warm and request.get("fork"):
             fork_ranks(request["argv"])
         else:
             torchrun()  # parses sys.argv[1:], as `python -m torch.distributed.run` does
     except ChildFailedError as error:
-        print(error, file=sys.stderr, flush=True)
+        codes = {failure.exitcode for failure in error.failures.values()}
+        if codes != {REQUEUE_EXIT_CODE}:
+            print(error, file=sys.stderr, flush=True)
+        # else every failed rank stopped on a signal after saving and said so: no table
         return 1
+    except SignalException as error:
+        # torchrun was signalled itself (its parent `kiln train` died, or a kill sent to it):
+        # it has stopped the ranks the way it stops them; its stack would say nothing more
+        print(f"torchrun: stopped by {signal.Signals(error.sigval).name}; the ranks were "
+              "stopped", file=sys.stderr, flush=True)  # fmt: skip
+        return 128 + int(error.sigval)
     return 0
 
 

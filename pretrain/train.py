@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import pickle
@@ -138,6 +139,7 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
     import torch
     import torch.distributed as dist
 
+    from pretrain.run_lock import hold
     from pretrain.trainer import train
 
     if cfg.cluster.accelerator == "cpu":
@@ -146,7 +148,9 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
         tune_cpu_malloc()
     try:
         context = init_distributed(cfg)
-        return train(cfg, context)
+        # rank 0 holds the run directory while it trains (pretrain/run_lock.py)
+        with hold(cfg.trainer.run_dir) if context.rank == 0 else contextlib.nullcontext():
+            return train(cfg, context)
     except user_errors() as error:
         if not one_line_errors:
             raise
@@ -170,6 +174,33 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
     return path
 
 
+# set by `kiln train` in the environment of the torchrun it starts: that process's pid, so the
+# agent stops when `kiln train` dies (`die_with_parent`), even of SIGKILL
+PARENT_ENV = "KILN_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SECONDS = 120  # what a stopped rank may take to finish its step and save (as Slurm's lead)
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process `sig` when `parent` (its parent now) exits, however it
+    exits (Linux's PR_SET_PDEATHSIG; elsewhere nothing). A `kiln train` killed with SIGKILL
+    would otherwise leave its torchrun agent and ranks training on, and a rerun would train
+    beside them in the same run directory. SIGTERM is the stop a rank answers by finishing its
+    step and saving. A parent already gone (before the call) sends it at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
 # the warm torchrun agent `kiln train` starts before it composes its config (`start_agent`),
 # and the write end of the pipe its arguments go down; None when there is none
 _agent: tuple[subprocess.Popen, int] | None = None
@@ -191,8 +222,9 @@ def start_agent() -> None:
         return
     try:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "pretrain.torchrun", "--args-fd", str(read)], pass_fds=(read,)
-        )
+            [sys.executable, "-m", "pretrain.torchrun", "--args-fd", str(read)],
+            pass_fds=(read,), env=os.environ | {PARENT_ENV: str(os.getpid())},
+        )  # fmt: skip
     except OSError:
         os.close(write)
         return
@@ -282,8 +314,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pretrain.checkpoint_io import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.data.manifest import DataError
+    from pretrain.run_lock import RunDirBusy
 
-    return (ConfigError, DataError, CheckpointError, ShardFormatError)
+    return (ConfigError, DataError, CheckpointError, ShardFormatError, RunDirBusy)
 
 
 def one_line(error: BaseException) -> str:
@@ -341,6 +374,10 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
         for key, value in malloc_env().items():
             env.setdefault(key, value)
+    # torchrun signalled itself (a SIGTERM to the process group, or `kiln train`'s death) gives
+    # the ranks this long to finish the step and save before it kills them (torch >= 2.12;
+    # 30 s before); a signal to `kiln train` goes to the ranks themselves (`stop_ranks`)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_SECONDS))
     exit_file = run_dir / "exit.json"
     exit_file.unlink(missing_ok=True)
     # torchrun forwards SIGTERM/SIGUSR1 to the ranks but reports any failure as 1: the real
@@ -348,11 +385,12 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
     # CPU ranks are forked from the warm agent (`forked_rank`); CUDA ranks start as new
     # processes, as torchrun starts them: a process must not fork once CUDA is initialised
     fork = cfg.cluster.accelerator == "cpu" and os.environ.get("KILN_FORK_RANKS", "1") != "0"
-    child = _take_agent(command, env, fork=fork) or subprocess.Popen(command, env=env)
+    child = _take_agent(command, env, fork=fork) or subprocess.Popen(
+        command, env=env | {PARENT_ENV: str(os.getpid())}
+    )
 
     def forward(signum: int, _frame: Any) -> None:
-        # torchrun passes SIGTERM on to the ranks (and dies of SIGUSR1): send SIGTERM
-        child.send_signal(signal.SIGTERM)
+        stop_ranks(child)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
@@ -362,6 +400,34 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
 
         return int(json.loads(exit_file.read_text())["exit_code"])
     return code
+
+
+def stop_ranks(agent: subprocess.Popen) -> None:
+    """Send SIGTERM (the trainer's "finish the step, save, exit 42") to the ranks of the torchrun
+    `agent`, its child processes. Sent to torchrun itself, it would stop the ranks with SIGTERM
+    too, but kill them 30 s later (torch's shutdown timeout), which a step and a checkpoint can
+    outlast, and print its own traceback; sent to the ranks, torchrun sees them exit. Before
+    torchrun has started them, the agent gets it."""
+    import psutil  # DeepSpeed's dependency, and Ray's
+
+    sent = 0
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process(agent.pid)
+        own = process.cmdline()
+        for child in process.children():
+            with contextlib.suppress(psutil.Error):
+                # a forked rank has the agent's command line, a started one runs
+                # pretrain.train; not a helper process torchrun's multiprocessing started
+                command = child.cmdline()
+                if command == own or "pretrain.train" in command:
+                    child.send_signal(signal.SIGTERM)
+                    sent += 1
+    if not sent:
+        agent.send_signal(signal.SIGTERM)
+
+
+# the warm agent's pid, in it and in the ranks forked from it (`preload_rank`)
+_agent_pid: int | None = None
 
 
 def preload_rank(config_path: str) -> None:
@@ -376,6 +442,8 @@ def preload_rank(config_path: str) -> None:
     import contextlib
     import importlib
 
+    global _agent_pid
+    _agent_pid = os.getpid()
     import torch._dynamo  # noqa: F401
 
     import pretrain.checkpoint_io  # noqa: F401
@@ -412,6 +480,8 @@ def as_new_process() -> None:
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
+    if _agent_pid is not None:  # the agent's death stops the rank (SIGTERM, as torchrun stops)
+        die_with_parent(_agent_pid)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit._clear()
     for name, fd in (("stdout", 1), ("stderr", 2)):

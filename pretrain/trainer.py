@@ -364,6 +364,13 @@ def train(cfg: Any, context: Any) -> int:
             "nonfinite_steps": state.nonfinite_steps,
         }
         atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
+        if exit_code == REQUEUE_EXIT_CODE:
+            sys.stderr.write(
+                f"kiln train: stopped by a signal at step {state.step}, saved "
+                f"{checkpoints.root / f'step_{state.step:08d}'}; exit {exit_code} (a "
+                "launcher requeues it; trainer.resume=auto continues from it)\n"
+            )
+            sys.stderr.flush()
     return exit_code
 
 

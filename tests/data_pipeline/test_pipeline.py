@@ -384,6 +384,32 @@ def test_resume_after_sigkill_gives_identical_outputs(
     assert output_hashes(out) == output_hashes(reference)
 
 
+def test_a_build_stopped_at_its_last_write_resumes_with_its_report(
+    hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The manifest marks a build complete: a process stopped as it writes it (the last write)
+    has its report.json, and the rerun resumes and writes both."""
+    import data_pipeline.pipeline as pipeline
+
+    out = tmp_path / "out"
+    overrides = mix_overrides(corpus[0]) + [f"output_dir={out}", f"ray.address={ray_head.address}"]
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_manifest", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_outputs(make_config(hydra_context, overrides))
+    assert (out / "report.json").is_file() and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    build_outputs(make_config(hydra_context, overrides))
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["stages"]["shard"]["resumed"] > 0, report["stages"]
+    assert output_hashes(out) == output_hashes(reference)
+    assert not (out / ".work").exists()
+
+
 def test_changed_config_is_refused_unless_overwrite(
     hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path
 ) -> None:

@@ -156,3 +156,19 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_engine_loads(tmp_pa
         tmp_path, keep=2, model=ModelRecord("decoder", asdict(wider), build_model(wider))
     ).load(engine, tmp_path / "checkpoints" / "step_00000002")
     assert len(loaded) == 2
+
+
+def test_a_save_clears_what_a_killed_save_or_prune_left(tmp_path: Path) -> None:
+    """A process killed in a save leaves its `.step_N.tmp`; one killed while pruning, a
+    `step_N` without trainer.json. Neither is ever resumed from; the next save removes both,
+    and keeps the complete checkpoints `keep` allows."""
+    engine = TensorEngine()
+    checkpoints = CheckpointManager(tmp_path, keep=2)
+    checkpoints.save(engine, {}, step=1)
+    root = tmp_path / "checkpoints"
+    (root / ".step_00000002.tmp").mkdir()  # a save killed mid-write (never saved again)
+    (root / ".step_00000002.tmp" / "engine.pt").write_bytes(b"partial")
+    (root / "step_00000000").mkdir()  # a pruned checkpoint whose removal was cut short
+    (root / "step_00000000" / "engine.pt").write_bytes(b"left over")
+    checkpoints.save(engine, {}, step=3)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000003"]

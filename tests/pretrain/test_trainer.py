@@ -123,12 +123,14 @@ def test_injected_nan_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> No
     assert all(v == v for v in (train[s]["loss"] for s in (5, 6, 7, 8)))  # finite again
 
 
-@pytest.mark.parametrize("ranks", [2, 1])
+@pytest.mark.parametrize(("ranks", "to"), [(2, "group"), (2, "kiln"), (1, "kiln")])
 def test_sigterm_saves_and_exits_with_the_requeue_status(
-    corpus: Path, tmp_path: Path, ranks: int
+    corpus: Path, tmp_path: Path, ranks: int, to: str
 ) -> None:
-    """SIGTERM (Slurm's warning) to every process of the run at 2 ranks; at 1 rank to the
-    `kiln train` process alone, which passes it on to the rank it started (the warm agent)."""
+    """SIGTERM (Slurm's warning) to every process of the run's process group, or to the
+    `kiln train` process alone, which passes it on to the ranks (at 2 ranks to torchrun's
+    ranks themselves, not to torchrun, which would kill them 30 s later and print its stack;
+    at 1 rank to the warm agent that trains it)."""
     from pretrain.trainer import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "term"
@@ -137,13 +139,8 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(
     process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while (
-        not metrics.is_file() or len(metrics.read_text().splitlines()) < 4
-    ) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if ranks == 1:
+    wait_for_steps(run_dir, 3)
+    if to == "kiln":
         process.send_signal(signal.SIGTERM)
     else:
         os.killpg(process.pid, signal.SIGTERM)  # what Slurm sends at the time limit
@@ -152,6 +149,72 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(
     latest = (run_dir / "checkpoints" / "latest").read_text()
     step = json.loads((run_dir / "checkpoints" / latest / "trainer.json").read_text())["step"]
     assert step >= 3 and latest == f"step_{step:08d}"
+    said = f"kiln train: stopped by a signal at step {step}, saved {run_dir}/checkpoints/{latest}"
+    assert said in stderr, stderr[-3000:]
+    if to == "kiln":  # nothing but the ranks' own lines: no torchrun stack, no failure table
+        assert "Traceback" not in stderr and "death signal" not in stderr, stderr[-3000:]
+        assert "exitcode" not in stderr, stderr[-3000:]
+
+
+def wait_for_steps(run_dir: Path, steps: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (
+        not metrics.is_file() or len(metrics.read_text().splitlines()) < steps + 1
+    ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_killed_kiln_train_stops_its_ranks(corpus: Path, tmp_path: Path) -> None:
+    """SIGKILL to `kiln train` (no handler runs) stops its torchrun agent and ranks too: the
+    kernel sends the agent SIGTERM when its parent dies, and the ranks get it from torchrun,
+    save and exit. Before, they trained on, and a rerun trained beside them in the same run
+    directory."""
+    import psutil
+
+    run_dir = tmp_path / "killed"
+    args = train_args(corpus, run_dir, "trainer.max_steps=100000",
+                      "trainer.checkpoint_every=100000", "cluster.gpus_per_node=2")  # fmt: skip
+    process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    wait_for_steps(run_dir, 3)
+    tree = psutil.Process(process.pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in tree]
+    assert sum("pretrain.torchrun" in c for c in commands) >= 3, commands  # agent, 2 ranks
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 120
+
+    def running(p: psutil.Process) -> bool:
+        try:  # an orphan's zombie waits for whoever reaps it: it has stopped
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(running(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p.pid for p in tree if running(p)], "processes of the run outlived kiln train"
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    step = json.loads((run_dir / "checkpoints" / latest / "trainer.json").read_text())["step"]
+    assert step >= 3  # the ranks saved as they stopped
+    assert json.loads((run_dir / "exit.json").read_text())["exit_code"] == 42
+
+
+def test_a_run_directory_in_use_is_refused_before_any_rank_starts(
+    corpus: Path, tmp_path: Path
+) -> None:
+    from pretrain.run_lock import hold
+
+    run_dir = tmp_path / "busy"
+    with hold(run_dir):  # what rank 0 of a run training there holds
+        result = kiln_train(train_args(corpus, run_dir, "cluster.gpus_per_node=2"), tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"kiln train: trainer.run_dir={run_dir} is in use by another training run (pid "
+        f"{os.getpid()} on "
+    ), result.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written there
 
 
 def test_timed_checkpoints(corpus: Path, tmp_path: Path) -> None:

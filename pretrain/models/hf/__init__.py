@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -163,12 +160,13 @@ def export_model(
         from pretrain.models.hf.tokenizer import check_tokenizer
 
         check_tokenizer(Path(tokenizer_path), cfg.vocab_size)
+    from pretrain.atomic_dir import say_recovered, staged
+
+    say_recovered(out_dir)  # an export cut short: its previous directory back in place first
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty (overwrite=true replaces it)")
     hf_model = build_hf_model(module.HF_CLASS, hf_config, module.to_hf_state_dict(model), dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged(out_dir) as staging:
         hf_model.save_pretrained(staging)
         if tokenizer_path is not None:
             from pretrain.models.hf.tokenizer import export_tokenizer
@@ -180,22 +178,7 @@ def export_model(
                 # decoders generate after the prompt: pad batches on the left
                 padding_side="left" if isinstance(cfg, DecoderConfig) else "right",
             )
-        _replace_dir(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, moving an existing `target` aside first."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------------------------
