@@ -28,7 +28,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -316,6 +318,10 @@ def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
                 f"cannot start or join Ray (ray.address={cfg.address}): {error}"
             ) from error
         started = True
+    # a SIGTERM stops the driver as Ctrl-C does (Ray's own handler aborts with a stack dump)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(cfg.workers or cpus, cpus)
@@ -323,6 +329,16 @@ def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
     finally:
         if started:
             ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Stopped(Exception):
+    """The driver got SIGTERM; the build stops where it is (finished units are kept)."""
+
+
+def _stop_on_signal(signum: int, _frame: Any) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 def run_tasks(
@@ -435,6 +451,13 @@ def run(cfg: KilnConfig) -> int:
     except PipelineError as error:
         print(f"kiln data: {error}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Stopped) as error:
+        # stopped at once; every unit finished so far is kept in OUT/.work: one line, not the
+        # traceback of wherever the driver was waiting
+        what = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else str(error)
+        print(f"kiln data: stopped by {what}; the units finished so far are kept: rerun the "
+              "same command to resume", file=sys.stderr)  # fmt: skip
+        return 130 if isinstance(error, KeyboardInterrupt) else 143
     return 0
 
 

@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 
-from pretrain.exit_codes import REQUEUE_EXIT_CODE
+from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
 from pretrain.train import PARENT_ENV, die_with_parent
 
 
@@ -73,13 +73,17 @@ def _no_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def _not_a_requeue(record: logging.LogRecord) -> bool:
-    """Drop torchrun's "failed (exitcode: 42)" for a rank that stopped on a signal after
-    saving: rank 0 has said so, and the status is what `kiln train` exits with."""
+# ranks that stopped on a signal (after saving, or at once on Ctrl-C) and said so on rank 0
+STOPPED = (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE)
+
+
+def _not_a_stop(record: logging.LogRecord) -> bool:
+    """Drop torchrun's "failed (exitcode: N)" for a rank that stopped on a signal: rank 0 has
+    said where the run stands, and the status is what `kiln train` exits with."""
     return not (
         str(record.msg).startswith("failed (exitcode: %s)")
         and isinstance(record.args, tuple)
-        and record.args[:1] == (REQUEUE_EXIT_CODE,)
+        and record.args[:1] in [(code,) for code in STOPPED]
     )
 
 
@@ -111,7 +115,7 @@ def main() -> int:
             sys.argv = [train.__file__, request["rank"]]
             train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_requeue)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_stop)
     try:
         if warm and request.get("fork"):
             fork_ranks(request["argv"])
@@ -119,9 +123,9 @@ def main() -> int:
             torchrun()  # parses sys.argv[1:], as `python -m torch.distributed.run` does
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
-        if codes != {REQUEUE_EXIT_CODE}:
+        if not codes <= set(STOPPED):
             print(error, file=sys.stderr, flush=True)
-        # else every failed rank stopped on a signal after saving and said so: no table
+        # else every failed rank stopped on a signal and rank 0 said so: no table
         return 1
     except SignalException as error:
         # torchrun was signalled itself (its parent `kiln train` died, or a kill sent to it):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pretrain.exit_codes import USER_ERROR_EXIT_CODE
+from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 
 if TYPE_CHECKING:
     import torch
@@ -158,9 +158,28 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
         sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {one_line(error)}\n")
         sys.stderr.flush()
         return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        if not one_line_errors:
+            raise
+        # Ctrl-C stops at once, as it should; where the run stands is one line, not a
+        # traceback per rank of wherever each was
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"kiln train: interrupted; {resume_hint(cfg.trainer.run_dir)}\n")
+            sys.stderr.flush()
+        return INTERRUPTED_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def resume_hint(run_dir: str | Path) -> str:
+    """Where a stopped run would continue from, for the line that says it stopped."""
+    from pretrain.preflight import latest_checkpoint
+
+    path, _ = latest_checkpoint(run_dir)
+    if path is None:
+        return "no checkpoint was written yet"
+    return f"the latest checkpoint is {path} (trainer.resume=auto continues from it)"
 
 
 def write_run_config(cfg: Any, run_dir: Path) -> Path:
@@ -394,7 +413,12 @@ def run_torchrun(cfg: Any, command: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
-    code = child.wait()
+    # a Ctrl-C in the terminal reaches torchrun (this process group), which stops the ranks
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, interrupt)  # `kiln launch -m` starts the next job
     if exit_file.is_file():
         import json
 

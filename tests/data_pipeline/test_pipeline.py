@@ -384,6 +384,41 @@ def test_resume_after_sigkill_gives_identical_outputs(
     assert output_hashes(out) == output_hashes(reference)
 
 
+@pytest.mark.parametrize(("sig", "to", "status"), [(signal.SIGINT, "group", 130),
+                                                   (signal.SIGTERM, "driver", 143)])  # fmt: skip
+def test_a_stopped_build_says_so_in_one_line_and_resumes(
+    sig: signal.Signals, to: str, status: int, corpus: tuple[Path, dict], ray_head: RayHead,
+    reference: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Ctrl-C (SIGINT to the terminal's process group) or a SIGTERM to the driver stops the
+    build at once with one line, not a traceback or Ray's abort; the rerun resumes."""
+    out = tmp_path / "out"
+    args = mix_overrides(corpus[0]) + [f"output_dir={out}", f"ray.address={ray_head.address}",
+                                       "ray.workers=1"]  # fmt: skip
+    process = subprocess.Popen([str(KILN), "data", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while (
+        len(list((out / ".work/scan").glob("*.json"))) < 2
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    if to == "group":
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr[-3000:]
+    assert f"kiln data: stopped by {'Ctrl-C' if to == 'group' else sig.name}; the units " in stderr
+    assert "Traceback" not in stderr and "***" not in stderr, stderr[-3000:]
+    result = kiln_data(*args, cwd=tmp_path)
+    assert result.returncode == 0 and "resuming" in result.stderr, result.stderr[-3000:]
+    assert output_hashes(out) == output_hashes(reference)
+
+
 def test_a_build_stopped_at_its_last_write_resumes_with_its_report(
     hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -98,12 +98,14 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(corpus: Path, tmp_pat
     os.killpg(process.pid, signal.SIGKILL)  # `kiln train` and torchrun's agent
     process.wait()
     # the 2 ranks are forks of the agent (not `python -m pretrain.train`), each in a session of
-    # its own as torchrun starts them, and they end with the agent
+    # its own as torchrun starts them, and they end with the agent: the kernel sends them
+    # SIGTERM as it dies, and they save the step they are at first
     assert len(ranks) == 2 and all("pretrain.torchrun" in args for args in ranks.values()), ranks
     while any(map(running, ranks)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(map(running, ranks)), "a rank outlived torchrun's agent"
-    assert latest.read_text() in ("step_00000004", "step_00000008")
+    saved = json.loads((latest.parent / latest.read_text() / "trainer.json").read_text())["step"]
+    assert 4 <= saved < 12 and latest.read_text() == f"step_{saved:08d}"
     result = kiln_train(train_args(corpus, run_dir), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = losses(run_dir), losses(reference)
@@ -199,6 +201,26 @@ def test_a_killed_kiln_train_stops_its_ranks(corpus: Path, tmp_path: Path) -> No
     step = json.loads((run_dir / "checkpoints" / latest / "trainer.json").read_text())["step"]
     assert step >= 3  # the ranks saved as they stopped
     assert json.loads((run_dir / "exit.json").read_text())["exit_code"] == 42
+
+
+def test_ctrl_c_stops_at_once_and_says_where_the_run_stands(corpus: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the terminal (SIGINT to the foreground process group: `kiln train` and its
+    torchrun agent; the ranks have sessions of their own and get it from torchrun): exit 130,
+    one line naming the checkpoint to continue from, no traceback per rank."""
+    run_dir = tmp_path / "interrupted"
+    args = train_args(corpus, run_dir, "trainer.max_steps=100000", "trainer.checkpoint_every=2",
+                      "cluster.gpus_per_node=2")  # fmt: skip
+    process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    wait_for_steps(run_dir, 3)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    said = (f"kiln train: interrupted; the latest checkpoint is {latest} (trainer.resume=auto "
+            "continues from it)")  # fmt: skip
+    assert said in stderr and "Traceback" not in stderr, stderr[-3000:]
 
 
 def test_a_run_directory_in_use_is_refused_before_any_rank_starts(
