@@ -24,6 +24,7 @@ config keys that differ, not the engine's size-mismatch list per rank.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -31,6 +32,7 @@ import random
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,8 @@ class CheckpointManager:
         self.rank, self.world = rank_and_world()
         self._writer: threading.Thread | None = None  # the background save in flight
         self._failure: tuple[str, BaseException] | None = None
+        # background saves on disk, (path, seconds the write took), until `written` takes them
+        self._written: collections.deque[tuple[Path, float]] = collections.deque()
         self._group: Any = None  # the background writers' own process group (gloo)
 
     def latest(self) -> Path | None:
@@ -222,14 +226,25 @@ class CheckpointManager:
 
     def _write_in_background(self, write: Callable[[], None], rng: dict[str, Any], tmp: Path,
                              final: Path, payload: str, step: int) -> None:  # fmt: skip
+        started = time.perf_counter()
         try:
             write()
             torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
             if self._group is not None:
                 dist.barrier(group=self._group)  # every rank's part is on disk
             self._finish(tmp, final, payload, step)
+            self._written.append((final, time.perf_counter() - started))
         except BaseException as error:  # raised in the training thread by wait()
             self._failure = (final.name, error)
+
+    def written(self) -> list[tuple[Path, float]]:
+        """The background saves completed since the last call: (path, seconds the write took
+        after the loop went on). Complete on every rank; rank 0 has renamed them and moved
+        `latest` to them."""
+        done = []
+        while self._written:
+            done.append(self._written.popleft())
+        return done
 
     def _finish(self, tmp: Path, final: Path, payload: str, step: int) -> None:
         """Rank 0, once every rank's part is written: trainer.json, the rename, `latest`."""

@@ -323,6 +323,7 @@ def train(cfg: Any, context: Any) -> int:
                 if not _evaluate(cfg, engine, state, logger, dp_rank, dp_world, cp_rank, cp):
                     eval_every = 0  # no held-out split: said once, not retried
                 collector.full()
+            _log_written(checkpoints, logger, state.step)
             if (
                 signalled
                 or due
@@ -350,6 +351,7 @@ def train(cfg: Any, context: Any) -> int:
         profiler.close()
         collector.stop()
     checkpoints.wait()  # a background save still in flight (a run stopped early)
+    _log_written(checkpoints, logger, state.step)
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
         _finish_run(cfg, engine, loader, run_dir, logger, state)
@@ -372,6 +374,15 @@ def train(cfg: Any, context: Any) -> int:
             )
             sys.stderr.flush()
     return exit_code
+
+
+def _log_written(checkpoints: CheckpointManager, logger: Any, step: int) -> None:
+    """A `checkpoint_written` event for each background save found on disk since the last
+    call (`checkpoint` marks the step its state was taken at; this, when `latest` names it)."""
+    for path, seconds in checkpoints.written():
+        if logger is not None:
+            logger.log({"kind": "event", "step": step, "event": "checkpoint_written",
+                        "path": str(path), "seconds": seconds})  # fmt: skip
 
 
 def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,

@@ -395,9 +395,11 @@ def test_a_stopped_build_says_so_in_one_line_and_resumes(
     out = tmp_path / "out"
     args = mix_overrides(corpus[0]) + [f"output_dir={out}", f"ray.address={ray_head.address}",
                                        "ray.workers=1"]  # fmt: skip
+    # as a terminal starts it: a pytest-xdist worker ignores SIGINT, and so would its child
     process = subprocess.Popen([str(KILN), "data", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     while (
         len(list((out / ".work/scan").glob("*.json"))) < 2

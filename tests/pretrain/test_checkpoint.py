@@ -63,9 +63,12 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path: Path) -> None:
     path = checkpoints.save(engine, {"tokens": 10}, step=1, background=True)
     assert path.name == "step_00000001" and not path.exists() and checkpoints.latest() is None
     engine.weight.add_(5)  # training goes on
+    assert checkpoints.written() == []  # not on disk yet
     engine.gate.set()
     checkpoints.wait()
     assert checkpoints.latest() == path
+    ((written, seconds),) = checkpoints.written()  # said once: the trainer logs it
+    assert written == path and seconds > 0 and checkpoints.written() == []
     assert torch.equal(saved_weight(path), torch.zeros(4))
     assert json.loads((path / "trainer.json").read_text()) == {"tokens": 10, "step": 1,
                                                                "world_size": 1}  # fmt: skip

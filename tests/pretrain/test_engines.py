@@ -253,6 +253,10 @@ def test_background_checkpoints_equal_the_foreground_ones(
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     saves = [r for r in map(json.loads, lines) if r.get("event") == "checkpoint"]
     assert [(r["step"], r["background"]) for r in saves] == [(4, True), (8, True), (12, False)]
+    # a background save is logged again once on disk, at the step the loop found it there
+    written = [r for r in map(json.loads, lines) if r.get("event") == "checkpoint_written"]
+    assert [Path(r["path"]).name for r in written] == ["step_00000004", "step_00000008"]
+    assert [r["step"] >= step for r, step in zip(written, (4, 8), strict=True)] == [True, True]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     for step in (4, 8, 12):
