@@ -125,24 +125,27 @@ def test_injected_nan_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> No
     assert all(v == v for v in (train[s]["loss"] for s in (5, 6, 7, 8)))  # finite again
 
 
-@pytest.mark.parametrize(("ranks", "to"), [(2, "group"), (2, "kiln"), (1, "kiln")])
+@pytest.mark.parametrize(("ranks", "to"), [(2, "group"), (2, "kiln"), (2, "kiln-started"),
+                                           (1, "kiln")])  # fmt: skip
 def test_sigterm_saves_and_exits_with_the_requeue_status(
     corpus: Path, tmp_path: Path, ranks: int, to: str
 ) -> None:
     """SIGTERM (Slurm's warning) to every process of the run's process group, or to the
     `kiln train` process alone, which passes it on to the ranks (at 2 ranks to torchrun's
-    ranks themselves, not to torchrun, which would kill them 30 s later and print its stack;
-    at 1 rank to the warm agent that trains it)."""
+    ranks themselves, forked from its agent or started as new processes as CUDA ranks are,
+    not to torchrun, which would kill them 30 s later and print its stack; at 1 rank to the
+    warm agent that trains it)."""
     from pretrain.trainer import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "term"
     args = train_args(corpus, run_dir, "trainer.max_steps=100000",
                       "trainer.checkpoint_every=100000", f"cluster.gpus_per_node={ranks}")  # fmt: skip
-    process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path,
+    env = dict(os.environ, KILN_FORK_RANKS="0" if to == "kiln-started" else "1")
+    process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
     wait_for_steps(run_dir, 3)
-    if to == "kiln":
+    if to.startswith("kiln"):
         process.send_signal(signal.SIGTERM)
     else:
         os.killpg(process.pid, signal.SIGTERM)  # what Slurm sends at the time limit
@@ -153,7 +156,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(
     assert step >= 3 and latest == f"step_{step:08d}"
     said = f"kiln train: stopped by a signal at step {step}, saved {run_dir}/checkpoints/{latest}"
     assert said in stderr, stderr[-3000:]
-    if to == "kiln":  # nothing but the ranks' own lines: no torchrun stack, no failure table
+    if to.startswith("kiln"):  # the ranks' own lines alone: no torchrun stack, no failure table
         assert "Traceback" not in stderr and "death signal" not in stderr, stderr[-3000:]
         assert "exitcode" not in stderr, stderr[-3000:]
 
