@@ -93,7 +93,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     bias: bool = False  # biases in linear layers and LayerNorms
     position: str = "rope"  # rope | learned | alibi | relative (T5 bucketed bias)
-    max_seq_len: int = 2048  # size of learned position tables; RoPE cache length
+    max_seq_len: int = 2048  # longest data.seq_len: learned table size; RoPE's declared context
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     tie_embeddings: bool = True  # output projection shares the token embedding
@@ -1163,10 +1163,17 @@ def validate_config(cfg: KilnConfig) -> None:
             f"data.micro_batch_size={data.micro_batch_size} x {ranks} data-parallel ranks "
             f"(cluster.nodes={cluster.nodes} x cluster.gpus_per_node={cluster.gpus_per_node})"
         )
-    if cfg.model.position == "learned" and data.seq_len > cfg.model.max_seq_len:
+    declared = {
+        "learned": "the size of its learned position table",
+        # RoPE itself has no limit, but an export would declare max_position_embeddings below
+        # the trained length, and YaRN's default original length is max_seq_len / factor
+        "rope": "the context the model declares: its export's max_position_embeddings",
+    }
+    if cfg.model.position in declared and data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-            "(learned position table)"
+            f"({declared[cfg.model.position]}); set model.max_seq_len={data.seq_len} or "
+            f"data.seq_len<={cfg.model.max_seq_len}"
         )
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)

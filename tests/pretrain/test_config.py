@@ -217,6 +217,11 @@ def test_wrong_type_names_the_key() -> None:
             "data.seq_len=2048 exceeds model.max_seq_len=1024",
         ),
         (
+            ["model=llama_1b", "data.seq_len=16384"],
+            "data.seq_len=16384 exceeds model.max_seq_len=8192 (the context the model "
+            "declares: its export's max_position_embeddings",
+        ),
+        (
             ["model=tiny_moe", "model.moe.top_k=5"],
             "model.moe.top_k=5 must be between 1 and model.moe.n_experts=4",
         ),
