@@ -106,6 +106,10 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
         except ConfigError as error:
             print(f"kiln {name}: config error: {error}", file=sys.stderr)
             sys.exit(CONFIG_ERROR_EXIT_CODE)
+        if name in ("train", "data"):
+            from launch.launcher import sweep_point
+
+            sweep_point(cfg)  # under -m, each point in its own directory (kiln launch does too)
         if subcommand.handler is None:
             print(f"kiln {name}: {subcommand.pending}; nothing was run.", file=sys.stderr)
             sys.exit(NOT_BUILT_EXIT_CODE)

@@ -76,7 +76,7 @@ def finish_sweep() -> int:
 
 
 def sweep_point(cfg: Any) -> None:
-    """Under `kiln launch -m` (Hydra multirun), give each sweep point its own run: run
+    """Under `kiln launch|train|data -m` (Hydra multirun), give each sweep point its own run: run
     directory `RUN_DIR/sweep-N` (data jobs: `OUTPUT_DIR/sweep-N`) and W&B run name
     `RUN_NAME-N`, N being Hydra's job number; the overrides of the point are in its
     config.yaml and command.txt."""

@@ -14,7 +14,8 @@ from typing import Any
 
 def preflight(cfg: Any) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
-    a run directory another run trains in, the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
+    a run directory another run trains in, checkpoints a run with `trainer.resume=none` would
+    overwrite, the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
     `data.mixture` names its sources), an explicit `trainer.resume` checkpoint, and the
     `trainer.init_from` path of a run that starts afresh."""
     from pretrain.data import remote
@@ -33,6 +34,8 @@ def preflight(cfg: Any) -> list[str]:
     problem = resume_problem(cfg.trainer.resume)
     if cfg.trainer.resume == "auto":
         _, problem = latest_checkpoint(cfg.trainer.run_dir)
+    elif cfg.trainer.resume == "none":
+        problem = checkpoints_in_the_way(cfg.trainer.run_dir)
     if problem:
         problems.append(problem)
     init_from = cfg.trainer.init_from
@@ -70,7 +73,22 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, str | None]:
     )
     return None, (
         f"{pointer} names {name!r}, which holds no trainer.json (damaged or deleted); {hint}, "
-        "or start over with trainer.resume=none"
+        "or start over in a new trainer.run_dir"
+    )
+
+
+def checkpoints_in_the_way(run_dir: str | Path) -> str | None:
+    """Why a run that starts afresh (`trainer.resume=none`) cannot train in `run_dir`: its
+    checkpoints would be pruned as older than the new run's, `latest` and `final/` overwritten,
+    and metrics.jsonl would mix two runs."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    if not found:
+        return None
+    return (
+        f"trainer.resume=none, but {root} holds {len(found)} checkpoint(s) (up to {found[-1]}) "
+        "that a new run there would prune and overwrite; continue them with trainer.resume=auto,"
+        " start over in a new trainer.run_dir, or delete the directory first"
     )
 
 

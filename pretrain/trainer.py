@@ -189,6 +189,12 @@ def train(cfg: Any, context: Any) -> int:
     # source gave in samples of the new length (context extension; see LoaderState.seq_len)
     saved_seq_len = loader_state.seq_len if loader_state is not None else None
     remaining = max(0, trainer.max_steps - state.step)
+    if resume_from is not None and not remaining and rank == 0:
+        sys.stderr.write(
+            f"kiln train: {resume_from} is at step {state.step}, trainer.max_steps="
+            f"{trainer.max_steps}: nothing to train (final/ is written from it; a larger "
+            "trainer.max_steps trains on)\n"
+        )
     loader = build_run_loader(cfg, rank=dp_rank, world=dp_world, state=loader_state,
                               num_steps=remaining)  # fmt: skip
     checkpoints.tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
@@ -278,7 +284,9 @@ def train(cfg: Any, context: Any) -> int:
             step_time = time.perf_counter() - started
             profiled = profiler.in_window(state.step)
             profile = profiler.after_step(state.step, step_time)
-            log_now = state.step % cfg.logger.log_every == 0 or skipped  # alike on every rank
+            # alike on every rank; the last step always, so a short run shows its loss
+            log_now = state.step % cfg.logger.log_every == 0 or skipped
+            log_now = log_now or state.step == trainer.max_steps
             moe: dict[str, float] = {}
             timed = trainer.checkpoint_minutes > 0 and rank == 0
             due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes

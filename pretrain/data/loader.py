@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,8 +443,26 @@ def build_loader(
         prefetch_factor=2 if workers else None,  # blocks of TRANSFER_BLOCK micro-batches
         persistent_workers=False,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        worker_init_fn=_leave_the_stop_to_the_rank if workers else None,
     )
     return Loader(MicroBatches(loader), dataset, state, manifest, skipped)
+
+
+def _leave_the_stop_to_the_rank(_worker: int) -> None:
+    """In each DataLoader worker: ignore the first SIGTERM, die of the second.
+
+    A SIGTERM meant as "finish the step, save, exit 42" reaches the workers too: torchrun
+    signals each rank's process group, and Slurm (`scancel --signal=TERM`, the preemption
+    warning) every process of the step. A worker that died of it would end its rank at the next
+    batch ("DataLoader worker ... is killed by signal: Terminated") before it saved. Its rank
+    shuts it down once saved; a second SIGTERM (its DataLoader terminating a stuck worker, or
+    multiprocessing's at exit) still ends it. torch's own handler, replaced here, exits only
+    for a SIGTERM from the rank itself."""
+
+    def first(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, first)
 
 
 def _stride(objective: Objective, seq_len: int, causal: bool) -> int:

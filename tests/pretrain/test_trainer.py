@@ -64,6 +64,31 @@ def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None
     assert model_cfg.name == "tiny_decoder" and sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_path: Path) -> None:
+    """`kiln train -m`: point N trains in RUN_DIR/sweep-N (in one directory the second point
+    resumed the first's last checkpoint and trained nothing); the last step's loss is logged
+    whatever logger.log_every; resuming a finished run says there is nothing to train."""
+    run_dir = tmp_path / "run"
+    args = [a for a in train_args(corpus, run_dir, "trainer.max_steps=5", "logger.log_every=3")
+            if a != "optim.lr=3e-3"]  # fmt: skip
+    result = kiln_train(["-m", *args, "optim.lr=1e-3,3e-3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["sweep-0", "sweep-1"]
+    points = [losses(run_dir / f"sweep-{n}") for n in (0, 1)]
+    assert [sorted(p) for p in points] == [[3, 5], [3, 5]]
+    assert points[0][5] != points[1][5]
+    configs = [(run_dir / f"sweep-{n}" / "config.yaml").read_text() for n in (0, 1)]
+    assert "lr: 0.001\n" in configs[0] and "lr: 0.003\n" in configs[1]
+
+    again = kiln_train(train_args(corpus, run_dir / "sweep-0", "trainer.max_steps=5"), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"kiln train: {run_dir / 'sweep-0' / 'checkpoints' / 'step_00000005'} is at step 5, "
+        "trainer.max_steps=5: nothing to train"
+    ) in again.stderr
+    assert sorted(losses(run_dir / "sweep-0")) == [3, 5]
+
+
 def running(pid: str) -> bool:
     """Whether process `pid` exists and has not ended (a zombie waits for its parent's wait)."""
     try:
@@ -125,8 +150,8 @@ def test_injected_nan_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> No
     assert all(v == v for v in (train[s]["loss"] for s in (5, 6, 7, 8)))  # finite again
 
 
-@pytest.mark.parametrize(("ranks", "to"), [(2, "group"), (2, "kiln"), (2, "kiln-started"),
-                                           (1, "kiln")])  # fmt: skip
+@pytest.mark.parametrize(("ranks", "to"), [(2, "group"), (2, "group-started-workers"),
+                                           (2, "kiln"), (2, "kiln-started"), (1, "kiln")])  # fmt: skip
 def test_sigterm_saves_and_exits_with_the_requeue_status(
     corpus: Path, tmp_path: Path, ranks: int, to: str
 ) -> None:
@@ -134,13 +159,15 @@ def test_sigterm_saves_and_exits_with_the_requeue_status(
     `kiln train` process alone, which passes it on to the ranks (at 2 ranks to torchrun's
     ranks themselves, forked from its agent or started as new processes as CUDA ranks are,
     not to torchrun, which would kill them 30 s later and print its stack; at 1 rank to the
-    warm agent that trains it)."""
+    warm agent that trains it). With DataLoader workers, which get the signal too, as in
+    Slurm's step (group-started-workers)."""
     from pretrain.trainer import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "term"
     args = train_args(corpus, run_dir, "trainer.max_steps=100000",
-                      "trainer.checkpoint_every=100000", f"cluster.gpus_per_node={ranks}")  # fmt: skip
-    env = dict(os.environ, KILN_FORK_RANKS="0" if to == "kiln-started" else "1")
+                      "trainer.checkpoint_every=100000", f"cluster.gpus_per_node={ranks}",
+                      f"data.num_workers={int(to.endswith('workers'))}")  # fmt: skip
+    env = dict(os.environ, KILN_FORK_RANKS="0" if "started" in to else "1")
     process = subprocess.Popen([str(KILN), "train", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip

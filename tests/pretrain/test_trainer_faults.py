@@ -255,9 +255,20 @@ def test_a_damaged_checkpoint_is_named_and_never_silently_replaced(
     assert result.stderr.strip() == (
         f"kiln train: {checkpoints / 'latest'} names 'step_00000012', which holds no "
         "trainer.json (damaged or deleted); resume from the newest complete one with "
-        f"trainer.resume={checkpoints / 'step_00000008'}, or start over with trainer.resume=none"
+        f"trainer.resume={checkpoints / 'step_00000008'}, or start over in a new trainer.run_dir"
     )
     assert {p.name: sorted(f.name for f in p.iterdir()) for p in checkpoints.glob("step_*")} == kept
+    # starting afresh there would prune those checkpoints and overwrite latest and final/
+    config = (run_dir / "config.yaml").read_bytes()
+    result = kiln_train(train_args(corpus, run_dir, "trainer.resume=none"), tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"kiln train: trainer.resume=none, but {checkpoints} holds 3 checkpoint(s) (up to "
+        "step_00000012) that a new run there would prune and overwrite; continue them with "
+        "trainer.resume=auto, start over in a new trainer.run_dir, or delete the directory first"
+    )
+    assert {p.name: sorted(f.name for f in p.iterdir()) for p in checkpoints.glob("step_*")} == kept
+    assert (run_dir / "config.yaml").read_bytes() == config
 
     step_8 = checkpoints / "step_00000008"
     engine_file = step_8 / "engine.pt"
