@@ -310,6 +310,11 @@ def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
         if cfg.address is None:
             options |= {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": False}
         else:
+            from data_pipeline.ray_address import unreachable
+
+            problem = unreachable(cfg.address)
+            if problem:
+                raise PipelineError(f"cannot join Ray at ray.address={cfg.address}: {problem}")
             options["address"] = cfg.address
         try:
             ray.init(**options)

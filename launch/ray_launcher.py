@@ -331,8 +331,13 @@ def _fit(job: TrainJob, cfg: Any) -> BaseException | None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from data_pipeline.ray_address import unreachable
+
     started = False
     if not ray.is_initialized():
+        problem = unreachable(job.address)
+        if problem:
+            raise ClusterUnreachable(problem)
         try:
             ray.init(address=job.address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:

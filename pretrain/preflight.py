@@ -14,7 +14,7 @@ from typing import Any
 
 def preflight(cfg: Any) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
-    a run directory another run trains in, checkpoints a run with `trainer.resume=none` would
+    a run directory another run trains in, a CUDA run on a machine without a GPU, checkpoints a run with `trainer.resume=none` would
     overwrite, the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
     `data.mixture` names its sources), an explicit `trainer.resume` checkpoint, and the
     `trainer.init_from` path of a run that starts afresh."""
@@ -26,6 +26,12 @@ def preflight(cfg: Any) -> list[str]:
     in_use = busy(cfg.trainer.run_dir)
     if in_use:
         return [in_use]  # the other checks read what that run is writing
+    if cfg.cluster.accelerator == "cuda" and no_gpu():
+        problems.append(
+            f"cluster.accelerator=cuda ({cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} "
+            f"{cfg.cluster.gpu_name}), but torch sees no CUDA device on this machine; on the "
+            "CPU use cluster=local_cpu, or experiment=demo for a run sized for it"
+        )
     if not remote.is_remote(cfg.data.path):
         try:
             open_manifest(cfg, remote.local_path(cfg.data.path))
@@ -42,6 +48,24 @@ def preflight(cfg: Any) -> list[str]:
     if init_from and not Path(init_from).exists() and not _will_resume(cfg):
         problems.append(f"trainer.init_from={init_from} does not exist")
     return problems
+
+
+def gpu_device_files() -> list[str]:
+    """The device files of an NVIDIA (or, under ROCm, AMD; or WSL's) GPU driver on this
+    machine, found without importing torch."""
+    import glob
+
+    return sorted(glob.glob("/dev/nvidia*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg"))
+
+
+def no_gpu() -> bool:
+    """Whether torch would see no CUDA device here: no driver device file, and (asked only
+    then, as importing it takes seconds) torch itself sees none."""
+    if gpu_device_files():
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _will_resume(cfg: Any) -> bool:

@@ -131,6 +131,41 @@ def test_settings_that_cannot_work_fail_before_joining_a_cluster(
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
+def test_an_address_where_no_cluster_runs_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """ray.init given a host:port where nothing listens retried for minutes, printing Ray's
+    "Failed to get cluster ID" every 35 s; kiln launch and kiln data now say so at once."""
+    import socket
+
+    from data_pipeline.ray_address import unreachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert unreachable(f"127.0.0.1:{port}") is None
+        assert unreachable(f"ray://127.0.0.1:{port}") is None
+    assert unreachable("auto") is None and unreachable(None) is None
+    said = (f"nothing listens at 127.0.0.1:{port} (Connection refused): start the cluster "
+            f"there (`ray start --head --port={port}` on its head node) or correct the address")  # fmt: skip
+    assert unreachable(f"127.0.0.1:{port}") == said
+
+    launch = subprocess.run([str(KILN), "launch", "cluster=ray", f"cluster.address=127.0.0.1:{port}",
+                             f"trainer.run_dir={tmp_path / 'run'}", "logger=none"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert launch.returncode == 1
+    assert launch.stderr.strip().splitlines()[-1] == (
+        f"kiln launch cluster=ray: cannot join the Ray cluster at cluster.address=127.0.0.1:{port}:"
+        f" {said}"
+    ), launch.stderr[-3000:]
+    data = subprocess.run([str(KILN), "data", f"ray.address=127.0.0.1:{port}",
+                           f"output_dir={tmp_path / 'data'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert data.returncode == 1
+    assert data.stderr.strip().splitlines()[-1] == (
+        f"kiln data: cannot join Ray at ray.address=127.0.0.1:{port}: {said}"
+    ), data.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # On a two-node cluster
 

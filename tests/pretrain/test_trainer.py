@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from test_loader import write_corpus
 
+from pretrain.preflight import no_gpu
+
 KILN = Path(sys.executable).parent / "kiln"
 pytestmark = pytest.mark.slow
 
@@ -267,6 +269,22 @@ def test_a_run_directory_in_use_is_refused_before_any_rank_starts(
         f"{os.getpid()} on "
     ), result.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written there
+
+
+@pytest.mark.skipif(not no_gpu(), reason="this machine has a GPU")
+def test_a_cuda_run_on_a_machine_without_a_gpu_is_refused(corpus: Path, tmp_path: Path) -> None:
+    """cluster=local (8 x H100) on a CPU machine trained its 8 ranks on the CPU instead, at a
+    batch sized for GPUs: a step took minutes."""
+    run_dir = tmp_path / "run"
+    args = [a for a in train_args(corpus, run_dir) if a != "cluster=local_cpu"]
+    result = kiln_train(["cluster=local", "cluster.gpus_per_node=2", *args], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "kiln train: cluster.accelerator=cuda (1 x 2 H100-SXM), but torch sees no CUDA device "
+        "on this machine; on the CPU use cluster=local_cpu, or experiment=demo for a run sized "
+        "for it"
+    )
+    assert not run_dir.exists()
 
 
 def test_timed_checkpoints(corpus: Path, tmp_path: Path) -> None:
