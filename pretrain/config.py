@@ -13,6 +13,7 @@ composed object has the right type for dispatch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -801,6 +802,9 @@ def build_config(raw: Any) -> KilnConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
+    unknown = unknown_keys(raw)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     try:
         cfg = OmegaConf.to_object(raw)
     except MissingMandatoryValue as error:
@@ -814,6 +818,35 @@ def build_config(raw: Any) -> KilnConfig:
         resolve_micro_batch(cfg)
     validate_config(cfg)
     return cfg
+
+
+def unknown_keys(node: Any, path: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have, each said with the closest
+    names it has. Hydra refuses a misspelled `key=value`, but suggests `+key=value`, which adds
+    the key and which `OmegaConf.to_object` then drops without a word."""
+    import difflib
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    problems: list[str] = []
+    if isinstance(node, ListConfig):
+        for index in range(len(node)):
+            problems += unknown_keys(node._get_node(index), f"{path}{index}.")
+        return problems
+    if not isinstance(node, DictConfig):
+        return problems
+    schema = OmegaConf.get_type(node)
+    names = (
+        [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
+        if names is not None and key not in names:
+            close = difflib.get_close_matches(str(key), names, n=2)
+            hint = f" (did you mean {' or '.join(f'{path}{c}' for c in close)}?)" if close else ""
+            problems.append(f"{path}{key} is not a setting of kiln{hint}")
+        else:
+            problems += unknown_keys(node._get_node(key), f"{path}{key}.")
+    return problems
 
 
 def plan_strategy(engine: EngineConfig) -> str:

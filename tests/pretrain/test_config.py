@@ -217,6 +217,10 @@ def test_wrong_type_names_the_key() -> None:
             "data.seq_len=2048 exceeds model.max_seq_len=1024",
         ),
         (
+            ["+trainer.max_stpes=5"],  # Hydra's own hint for a misspelled key adds it
+            "trainer.max_stpes is not a setting of kiln (did you mean trainer.max_steps",
+        ),
+        (
             ["model=llama_1b", "data.seq_len=16384"],
             "data.seq_len=16384 exceeds model.max_seq_len=8192 (the context the model "
             "declares: its export's max_position_embeddings",
