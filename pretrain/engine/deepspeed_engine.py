@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -167,6 +168,13 @@ def import_deepspeed() -> Any:
     and the collectives stay torch.distributed's (gloo)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    # ZeRO-3 calls torch's deprecated names of these collectives, in zero.Init and each step:
+    # ~16 copies of the same FutureWarning per step (filter changes reset the registry that
+    # shows a warning once per place), not kiln's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|"
+                            r"reduce_scatter_tensor)` is deprecated")  # fmt: skip
 
     if get_accelerator().device_name() == "cpu":
         import deepspeed.ops

@@ -160,6 +160,7 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(
     assert latest.read_text() in ("step_00000004", "step_00000008")
     result = kiln_train(train_args(corpus, run_dir, engine), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "all_gather_into_tensor" not in result.stderr  # ZeRO-3's FutureWarning, 16 a step
     ours = losses(run_dir)
     assert ours.keys() == theirs.keys()
     assert ours == theirs  # bitwise: the same floats, step by step
