@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import atomic_write_bytes
+from pretrain.preflight import config_differences
 
 TRAINER_STATE = "trainer.json"
 
@@ -142,24 +143,6 @@ def shape_differences(theirs: dict[str, list[int]], ours: dict[str, list[int]]) 
         if names:
             parts.append(f"{len(names)} parameter(s) {where} ({names[0]}, ...)")
     return parts
-
-
-def config_differences(
-    there: dict[str, Any], here: dict[str, Any], prefix: str = "model"
-) -> list[str]:
-    """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts
-    (but the model's name)."""
-    found = []
-    for key in sorted(set(there) | set(here), key=str):
-        a, b = there.get(key), here.get(key)
-        name = f"{prefix}.{key}"
-        if name == "model.name":
-            continue  # a preset's (or export directory's) label: no weight depends on it
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += config_differences(a, b, name)
-        elif a != b:
-            found.append(f"{name}={a} (now {b})")
-    return found
 
 
 class CheckpointManager:

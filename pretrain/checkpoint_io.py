@@ -247,7 +247,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> CheckpointSo
     """`trainer.init_from`: copy the weights of the checkpoint at `path` (anything
     `open_checkpoint` takes) into `model`, the run's unwrapped module built from `cfg`;
     CheckpointError when their names or shapes are not the model's."""
-    from pretrain.checkpoint import config_differences, shape_differences
+    from pretrain.checkpoint import shape_differences
+    from pretrain.preflight import config_differences
 
     source = open_checkpoint(path)
     ours = model.state_dict()

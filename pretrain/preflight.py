@@ -14,10 +14,11 @@ from typing import Any
 
 def preflight(cfg: Any) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
-    a run directory another run trains in, a CUDA run on a machine without a GPU, checkpoints a run with `trainer.resume=none` would
-    overwrite, the shards' manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
-    `data.mixture` names its sources), an explicit `trainer.resume` checkpoint, and the
-    `trainer.init_from` path of a run that starts afresh."""
+    a run directory another run trains in, a CUDA run on a machine without a GPU, the shards'
+    manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
+    `data.mixture` names its sources), the checkpoint to resume (complete; of this engine
+    family and model size), checkpoints a run with `trainer.resume=none` would overwrite, and
+    the `trainer.init_from` path of a run that starts afresh."""
     from pretrain.data import remote
     from pretrain.data.manifest import DataError, open_manifest
     from pretrain.run_lock import busy
@@ -38,10 +39,13 @@ def preflight(cfg: Any) -> list[str]:
         except DataError as error:
             problems.append(str(error))
     problem = resume_problem(cfg.trainer.resume)
+    resume = None if problem or cfg.trainer.resume in ("auto", "none") else cfg.trainer.resume
     if cfg.trainer.resume == "auto":
-        _, problem = latest_checkpoint(cfg.trainer.run_dir)
+        resume, problem = latest_checkpoint(cfg.trainer.run_dir)
     elif cfg.trainer.resume == "none":
         problem = checkpoints_in_the_way(cfg.trainer.run_dir)
+    if resume is not None:
+        problem = resume_mismatch(cfg, Path(resume))
     if problem:
         problems.append(problem)
     init_from = cfg.trainer.init_from
@@ -116,9 +120,106 @@ def checkpoints_in_the_way(run_dir: str | Path) -> str | None:
     )
 
 
+ENGINE_KINDS = {"ddp": "engine=ddp", "fsdp": "engine=fsdp (or hsdp)",
+                "deepspeed": "DeepSpeed (engine=zero1, zero2, zero3)"}  # fmt: skip
+
+
+def engine_kind(engine: Any) -> str:
+    """ "ddp", "fsdp" or "deepspeed": the engine family whose checkpoints `engine` reads."""
+    from pretrain.config import DeepSpeedEngineConfig, FSDPEngineConfig
+
+    if isinstance(engine, DeepSpeedEngineConfig):
+        return "deepspeed"
+    return "fsdp" if isinstance(engine, FSDPEngineConfig) else "ddp"
+
+
+def resume_mismatch(cfg: Any, path: Path) -> str | None:
+    """Why this run cannot continue the checkpoint at `path` (found before any rank starts,
+    which would each refuse it, after writing the run's config over the old one): it was
+    written by another engine family, or holds a model of another size. Shape differences at
+    an equal size, and damage, are left to the ranks' own checks."""
+    import json
+
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    written = next((kind for kind, mark in (("ddp", "engine.pt"), ("fsdp", "fsdp"),
+                                            ("deepspeed", "deepspeed")) if (path / mark).exists()),
+                   None)  # fmt: skip
+    ours = engine_kind(cfg.engine)
+    if written is not None and written != ours:
+        return (
+            f"{path} was written by {ENGINE_KINDS[written]}, and this run uses "
+            f"{ENGINE_KINDS[ours]}: resume it with its engine, or start a new run from its "
+            f"weights (trainer.init_from={path} and a new trainer.run_dir)"
+        )
+    family, model = state.get("model_family"), state.get("model")
+    if family is None or not isinstance(model, dict):
+        return None  # written before checkpoints recorded their model
+    theirs, ours_total = _parameters(family, model), None
+    if family == cfg.model.family:
+        from pretrain.models.accounting import count_parameters
+
+        ours_total = count_parameters(cfg.model).total
+        if theirs is None or theirs == ours_total:
+            return None
+    import dataclasses
+
+    if family != cfg.model.family:
+        differences = [f"a {family} model (now {cfg.model.family})"]
+    else:
+        differences = config_differences(model, dataclasses.asdict(cfg.model))
+    if family == cfg.model.family and theirs is not None:
+        differences.insert(0, f"{theirs:,} parameters (now {ours_total:,})")
+    return (
+        f"{path} holds another model: {'; '.join(differences)}. Resume it with the model it "
+        "was trained with, or train this one in a new trainer.run_dir"
+    )
+
+
+def _parameters(family: str, model: dict[str, Any]) -> int | None:
+    """The parameter count of a checkpoint's recorded model config, or None if it is not one
+    this version reads."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pretrain.config import GROUP_SCHEMAS
+    from pretrain.models.accounting import count_parameters
+
+    schema = GROUP_SCHEMAS["model"].get(family)
+    if schema is None:
+        return None
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), model))
+    except OmegaConfBaseException:
+        return None
+    return count_parameters(config).total
+
+
 def resume_problem(resume: str) -> str | None:
     """Why `trainer.resume` cannot be resumed from, or None (`auto`, `none`, or a directory
     holding a checkpoint's trainer.json)."""
     if resume in ("auto", "none") or (Path(resume) / "trainer.json").is_file():
         return None
     return f"trainer.resume={resume}: not a checkpoint directory (no trainer.json there)"
+
+
+def config_differences(
+    there: dict[str, Any], here: dict[str, Any], prefix: str = "model"
+) -> list[str]:
+    """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts
+    (but the model's name)."""
+    found = []
+    for key in sorted(set(there) | set(here), key=str):
+        a, b = there.get(key), here.get(key)
+        name = f"{prefix}.{key}"
+        if name == "model.name":
+            continue  # a preset's (or export directory's) label: no weight depends on it
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, name)
+        elif a != b:
+            found.append(f"{name}={a} (now {b})")
+    return found

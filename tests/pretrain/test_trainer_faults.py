@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -223,18 +224,37 @@ def test_a_bug_in_one_rank_prints_its_traceback_and_fails_the_run(
 def test_resuming_another_models_checkpoint_is_one_line_per_rank(
     corpus: Path, tmp_path: Path, reference: Path
 ) -> None:
-    """The reference run's last checkpoint, resumed by a wider model: refused before the engine
-    loads it, with the parameter and the config key that differ (checkpoint.ModelRecord)."""
+    """The reference run's last checkpoint, resumed by a wider model, or by another engine:
+    refused in one line before any rank starts and before the run directory is written (the
+    ranks' own check, checkpoint.ModelRecord, is for launches without this preflight)."""
+    from pretrain.models.accounting import count_parameters
+    from pretrain.preflight import resume_mismatch
+
     checkpoint = reference / "checkpoints" / "step_00000012"
     run_dir = tmp_path / "wider"
     args = train_args(corpus, run_dir, f"trainer.resume={checkpoint}", "model.d_model=96")
     result = kiln_train(args, tmp_path)
     assert result.returncode == 1
-    said_by_the_ranks(result.stderr, (
-        f"kiln train: rank {{rank}}: {checkpoint} holds another model: embed.weight is "
-        "[4096, 64] there, [4096, 96] here (and 19 more); the model config differs in "
-        "model.d_model=64 (now 96). Resume it with the model it was trained with, or train this "
-        "one in a new trainer.run_dir\n"))  # fmt: skip
+    cfg = pickle.loads((reference / "config.pkl").read_bytes())  # noqa: S301
+    before = count_parameters(cfg.model).total
+    cfg.model.d_model = 96
+    assert result.stderr == (
+        f"kiln train: {checkpoint} holds another model: {before:,} parameters (now "
+        f"{count_parameters(cfg.model).total:,}); model.d_model=64 (now 96). Resume it with the "
+        "model it was trained with, or train this one in a new trainer.run_dir\n"
+    )
+    assert not run_dir.exists()
+    cfg.model.d_model = 64
+    assert resume_mismatch(cfg, checkpoint) is None
+
+    args = train_args(corpus, run_dir, f"trainer.resume={checkpoint}")
+    result = kiln_train([{"engine=ddp": "engine=fsdp"}.get(a, a) for a in args], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"kiln train: {checkpoint} was written by engine=ddp, and this run uses engine=fsdp (or "
+        "hsdp): resume it with its engine, or start a new run from its weights (trainer.init_from="
+        f"{checkpoint} and a new trainer.run_dir)\n"
+    )
     assert "size mismatch" not in result.stderr  # the engine never tried
 
 
