@@ -94,7 +94,8 @@ def train_tokenizer(
         raise TokenizerError(
             f"tokenizer.vocab_size={cfg.vocab_size} is more than this corpus's tokenizer sample "
             f"supports (at most {found[2]} pieces); lower tokenizer.vocab_size, or give it more "
-            "text (more documents or sources, tokenizer.sample_bytes)"
+            "text (more documents or sources, tokenizer.sample_bytes), and add overwrite=true "
+            "(this unfinished build's outputs are for its own settings)"
         ) from None
     atomic_write_bytes(path, model.getvalue())
     return load_tokenizer_info(path)
