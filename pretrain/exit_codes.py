@@ -3,6 +3,8 @@
 
 - `DONE` (0): trained to `trainer.max_steps`.
 - `USER_ERROR_EXIT_CODE` (1): a config, data or checkpoint problem, said in one line per rank.
+- `SAID_EXIT_CODE` (2): a rank under kiln's torchrun (`UNDER_TORCHRUN` set) that said its
+  user error in one line; torchrun then prints no failure table, and `kiln train` exits 1.
 - `NONFINITE_EXIT_CODE` (3): too many non-finite steps in a row; the last good checkpoint is
   intact, and a restart would diverge again, so no launcher restarts it.
 - `REQUEUE_EXIT_CODE` (42): stopped by SIGTERM/SIGUSR1 after saving; the launcher requeues it.
@@ -12,6 +14,18 @@
 
 DONE = 0
 USER_ERROR_EXIT_CODE = 1
+SAID_EXIT_CODE = 2
+UNDER_TORCHRUN = "KILN_UNDER_TORCHRUN"
 NONFINITE_EXIT_CODE = 3
 REQUEUE_EXIT_CODE = 42
 INTERRUPTED_EXIT_CODE = 130
+
+
+def rank_status(code: int) -> int:
+    """A rank process's exit status for `worker`'s `code`: a user error is SAID_EXIT_CODE
+    under kiln's torchrun (its line said it all), else the code itself."""
+    import os
+
+    if code == USER_ERROR_EXIT_CODE and os.environ.get(UNDER_TORCHRUN):
+        return SAID_EXIT_CODE
+    return code

@@ -33,7 +33,12 @@ import os
 import signal
 import sys
 
-from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE
+from pretrain.exit_codes import (
+    INTERRUPTED_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    SAID_EXIT_CODE,
+    UNDER_TORCHRUN,
+)
 from pretrain.train import PARENT_ENV, die_with_parent
 
 
@@ -73,13 +78,15 @@ def _no_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-# ranks that stopped on a signal (after saving, or at once on Ctrl-C) and said so on rank 0
-STOPPED = (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE)
+# ranks that stopped on a signal (after saving, or at once on Ctrl-C) and said so on rank 0,
+# or that said their user error in one line each
+STOPPED = (REQUEUE_EXIT_CODE, INTERRUPTED_EXIT_CODE, SAID_EXIT_CODE)
 
 
 def _not_a_stop(record: logging.LogRecord) -> bool:
-    """Drop torchrun's "failed (exitcode: N)" for a rank that stopped on a signal: rank 0 has
-    said where the run stands, and the status is what `kiln train` exits with."""
+    """Drop torchrun's "failed (exitcode: N)" for a rank that stopped on a signal (rank 0 has
+    said where the run stands, and the status is what `kiln train` exits with) or said its
+    user error."""
     return not (
         str(record.msg).startswith("failed (exitcode: %s)")
         and isinstance(record.args, tuple)
@@ -116,6 +123,7 @@ def main() -> int:
             train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_stop)
+    os.environ[UNDER_TORCHRUN] = "1"  # the ranks' environment (forked or started)
     try:
         if warm and request.get("fork"):
             fork_ranks(request["argv"])
@@ -125,7 +133,7 @@ def main() -> int:
         codes = {failure.exitcode for failure in error.failures.values()}
         if not codes <= set(STOPPED):
             print(error, file=sys.stderr, flush=True)
-        # else every failed rank stopped on a signal and rank 0 said so: no table
+        # else every failed rank stopped on a signal and rank 0 said so, or said its error
         return 1
     except SignalException as error:
         # torchrun was signalled itself (its parent `kiln train` died, or a kill sent to it):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
+from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, rank_status
 
 if TYPE_CHECKING:
     import torch
@@ -543,7 +543,7 @@ def forked_rank(config_path: str) -> None:
         raise SystemExit(1) from None
     if code == USER_ERROR_EXIT_CODE:
         atexit._run_exitfuncs()  # the rank's own hooks: its logger may be unfinished
-        raise SystemExit(code)
+        raise SystemExit(rank_status(code))
     finish_rank(code)
     if code:
         raise SystemExit(code)
@@ -583,7 +583,7 @@ def end_rank(code: int) -> NoReturn:
     stopped for a requeue or diverged) skips the teardown (`exit_now`); a user error, whose
     logger may be unfinished, exits the ordinary way."""
     if code == USER_ERROR_EXIT_CODE:
-        raise SystemExit(code)
+        raise SystemExit(rank_status(code))
     exit_now(code)
 
 

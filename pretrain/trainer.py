@@ -172,10 +172,21 @@ def train(cfg: Any, context: Any) -> int:
     initialised = None
     # weights only, into the unwrapped model (or into rank 0's weights, which the engine shards)
     target = weights if sharded else model
-    if weights_from == "init_from" and target is not None:
-        from pretrain.checkpoint_io import init_weights
+    if weights_from == "init_from":
+        from pretrain.checkpoint_io import CheckpointError, init_weights
 
-        initialised = init_weights(target, cfg.model, Path(trainer.init_from))
+        refused = None
+        if target is not None:
+            try:
+                initialised = init_weights(target, cfg.model, Path(trainer.init_from))
+            except CheckpointError as error:
+                refused = str(error)
+        if sharded:  # only rank 0 read them: the others, waiting to be sent shards, learn why
+            said = [refused]
+            dist.broadcast_object_list(said, src=0)
+            refused = said[0]
+        if refused is not None:
+            raise CheckpointError(refused)
     engine = build_engine(cfg, model, accumulation=accumulation, max_steps=trainer.max_steps,
                           device=context.device, weights=weights,
                           scatter=sharded and weights_from != "checkpoint")  # fmt: skip
