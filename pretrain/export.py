@@ -42,6 +42,11 @@ def run(cfg: KilnConfig) -> int:
     if not checkpoint.exists():
         return fail(f"export.checkpoint: {checkpoint} does not exist")
     out_dir = Path(settings.output_dir)
+    from pretrain.atomic_dir import say_recovered
+
+    say_recovered(out_dir)  # an export cut short: its previous directory back in place first
+    if out_dir.exists() and not cfg.overwrite and any(out_dir.iterdir()):
+        return fail(f"{out_dir} exists and is not empty (overwrite=true replaces it)")
 
     import torch
     from transformers.utils import logging as hf_logging

@@ -269,7 +269,7 @@ class MetricsLogger:
             return None
         return Path(self._wandb_run.settings.sync_dir)
 
-    def log(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def log(self, record: Mapping[str, Any], *, echo: bool = True) -> dict[str, Any]:
         """Write one record; returns it as written.
 
         Args:
@@ -277,6 +277,8 @@ class MetricsLogger:
                 default "train") and fields: numbers, strings, booleans or None. 0-d tensors
                 and numpy scalars become Python numbers (a tensor's `.item()` syncs its
                 device). `time` (Unix seconds) is added unless given.
+            echo: also print it on the console (when the logger has one); False for a record
+                the caller has printed in its own form.
 
         Returns:
             The record as written: `step`, `kind`, `time` first, then the fields in order.
@@ -294,7 +296,7 @@ class MetricsLogger:
         written |= {str(k): _plain(v) for k, v in record.items() if k not in written}
         self._file.write(json.dumps(written) + "\n")
         self._file.flush()
-        if self.console:
+        if self.console and echo:
             print(format_record(written), flush=True)
         if self._wandb_run is not None:
             # Numbers (and booleans) only: text and None stay in metrics.jsonl.

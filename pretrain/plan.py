@@ -48,6 +48,7 @@ from pretrain.config import (
     EncoderDecoderConfig,
     KilnConfig,
     ModelConfig,
+    plan_strategy,
     use_fused,
 )
 from pretrain.models.accounting import (
@@ -567,6 +568,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "gpu_memory_gib": cluster.gpu_memory_gib,
             "peak_tflops": cluster.peak_tflops,
             "precision": precision_bytes(cfg).name,
+            "strategy": plan_strategy(cfg.engine),  # the memory row of this config's engine
         },
         batch=seq
         | {
@@ -686,7 +688,7 @@ def render_table(plan: Plan) -> str:
         title=f"memory per GPU in GiB (device {c['gpu_memory_gib']:g} GiB; +AC = with activation "
         "checkpointing; start-up = while the engine takes the model over: DDP and ZeRO-1/2 "
         "ranks build it whole in fp32, FSDP2 and ZeRO-3 ranks get rank 0's one tensor at a "
-        "time; fits also checks it)",
+        "time; fits also checks it; * = this config's engine)",
         title_justify="left",
     )
     for column in (
@@ -704,9 +706,10 @@ def render_table(plan: Plan) -> str:
         "start-up",
     ):
         memory.add_column(column, justify="left" if column == "strategy" else "right")
+    ours = c.get("strategy")
     for e in plan.memory:
         memory.add_row(
-            e.strategy,
+            f"{e.strategy} *" if e.strategy == ours else e.strategy,
             *(
                 f"{value / GIB:.2f}"
                 for value in (

@@ -24,6 +24,9 @@ def preflight(cfg: Any) -> list[str]:
     from pretrain.run_lock import busy
 
     problems = []
+    run_dir = Path(cfg.trainer.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"trainer.run_dir={run_dir} is a file, not a directory"]
     in_use = busy(cfg.trainer.run_dir)
     if in_use:
         return [in_use]  # the other checks read what that run is writing

@@ -187,10 +187,33 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
     from omegaconf import OmegaConf
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    (run_dir / "config.yaml").write_text(config_header(cfg) + yaml)
     path = run_dir / "config.pkl"
     path.write_bytes(pickle.dumps(cfg))
     return path
+
+
+def config_header(cfg: Any) -> str:
+    """Comment lines naming what the YAML below leaves implicit: the option picked in each
+    config group (as Hydra composed them; absent outside a Hydra app) and the schema class of
+    each group node (which engine, objective and model family: `objective: {}` is CLM)."""
+    lines = ["# The resolved config of this run."]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+        picked = [f"{group}={option}" for group, option in sorted(choices.items())
+                  if option is not None and not group.startswith(("hydra", "schema"))
+                  and "/" not in group]  # fmt: skip
+        lines.append(f"# groups: {' '.join(picked)}")
+    except ValueError:  # not inside a Hydra app
+        pass
+    nodes = ("model", "objective", "engine", "optim", "cluster", "logger")
+    schemas = [f"{name}={type(getattr(cfg, name)).__name__}" for name in nodes
+               if hasattr(cfg, name)]  # fmt: skip
+    lines.append(f"# schemas: {' '.join(schemas)}")
+    return "\n".join(lines) + "\n"
 
 
 # set by `kiln train` in the environment of the torchrun it starts: that process's pid, so the

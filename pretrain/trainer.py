@@ -436,7 +436,7 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     known = processor.vocab_size()
     text = prompt + processor.decode([t for t in tokens if t != eos and t < known])
     print(f"kiln train: sample after {state.step} steps:\n{text}\n", flush=True)
-    logger.log({"kind": "event", "step": state.step, "event": "sample", "text": text})
+    logger.log({"kind": "event", "step": state.step, "event": "sample", "text": text}, echo=False)
 
 
 def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, world: int,

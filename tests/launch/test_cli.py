@@ -55,6 +55,7 @@ def test_plan_table_for_llama_8b_on_64_gpus(tmp_path: Path) -> None:
     assert "161B tokens (20/param)" in out
     for strategy in ("zero0", "zero1", "zero2", "zero3", "fsdp"):
         assert f"│ {strategy}" in out
+    assert "│ zero0 *  │" in out and "│ fsdp     │" in out  # the default engine, ddp: marked
     assert "days" in out and "GPU-hours" in out
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing
 
@@ -68,6 +69,7 @@ def test_plan_json_carries_the_same_figures(tmp_path: Path) -> None:
     assert plan["model"]["params_total"] == 8_030_261_248
     assert plan["scaling"]["chinchilla_tokens"] == pytest.approx(20 * 8_030_261_248)
     assert set(plan["memory"]) == {"zero0", "zero1", "zero2", "zero3", "fsdp"}
+    assert plan["cluster"]["strategy"] == "zero0"  # the row of this config's engine (ddp)
     for figures in plan["memory"].values():
         assert (
             figures["total"]

@@ -81,6 +81,13 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     assert points[0][5] != points[1][5]
     configs = [(run_dir / f"sweep-{n}" / "config.yaml").read_text() for n in (0, 1)]
     assert "lr: 0.001\n" in configs[0] and "lr: 0.003\n" in configs[1]
+    header = configs[0].splitlines()[:3]  # what the YAML leaves implicit (objective: {})
+    assert header[1].startswith("# groups: cluster=local_cpu ") and " engine=ddp " in header[1]
+    assert " model=tiny_decoder objective=clm " in header[1]
+    assert header[2] == (
+        "# schemas: model=DecoderConfig objective=CausalLMConfig engine=DDPEngineConfig "
+        "optim=OptimConfig cluster=LocalClusterConfig logger=LoggerConfig"
+    )
 
     again = kiln_train(train_args(corpus, run_dir / "sweep-0", "trainer.max_steps=5"), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -269,6 +276,11 @@ def test_a_run_directory_in_use_is_refused_before_any_rank_starts(
         f"{os.getpid()} on "
     ), result.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written there
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    result = kiln_train(train_args(corpus, a_file), tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"kiln train: trainer.run_dir={a_file} is a file, not a directory\n"
 
 
 @pytest.mark.skipif(not no_gpu(), reason="this machine has a GPU")

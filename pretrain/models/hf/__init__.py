@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import re
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, ModelConfig
+
+# transformers imports torchao when it is installed (kiln's float8 option), and torchao's
+# enums register with torch's pytree in a way torch now calls deprecated: two warnings on
+# every export and import, about code that is neither kiln's nor the user's
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
