@@ -89,6 +89,16 @@ def train_tokenizer(
         # SentencePiece's own words: "Vocabulary size too high (600). Please set it to a
         # value <= 533."
         found = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(error))
+        # "Vocabulary size is smaller than required_chars. 400 vs 450."
+        small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error))
+        if small is not None:
+            raise TokenizerError(
+                f"tokenizer.vocab_size={cfg.vocab_size} is less than the {small[2]} pieces this "
+                "corpus needs for its characters and the special tokens; raise "
+                f"tokenizer.vocab_size to at least {small[2]}, or lower "
+                f"tokenizer.character_coverage={cfg.character_coverage} (rare characters then "
+                "become unknown), and add overwrite=true"
+            ) from None
         if found is None:
             raise
         raise TokenizerError(

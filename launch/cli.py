@@ -106,10 +106,14 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
         except ConfigError as error:
             print(f"kiln {name}: config error: {error}", file=sys.stderr)
             sys.exit(CONFIG_ERROR_EXIT_CODE)
+        if name == "train" and cfg.job != "train":
+            print(f"kiln train: config error: job={cfg.job} is kiln launch's choice of what to "
+                  f"run; for a {cfg.job} job use kiln {cfg.job}", file=sys.stderr)  # fmt: skip
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
         if name in ("train", "data"):
             from launch.launcher import sweep_point
 
-            sweep_point(cfg)  # under -m, each point in its own directory (kiln launch does too)
+            sweep_point(cfg, name)  # under -m, each point in its own directory (as kiln launch)
         if subcommand.handler is None:
             print(f"kiln {name}: {subcommand.pending}; nothing was run.", file=sys.stderr)
             sys.exit(NOT_BUILT_EXIT_CODE)

@@ -75,18 +75,19 @@ def finish_sweep() -> int:
     return slurm.wait_for_jobs(jobs)
 
 
-def sweep_point(cfg: Any) -> None:
+def sweep_point(cfg: Any, job: str | None = None) -> None:
     """Under `kiln launch|train|data -m` (Hydra multirun), give each sweep point its own run: run
     directory `RUN_DIR/sweep-N` (data jobs: `OUTPUT_DIR/sweep-N`) and W&B run name
     `RUN_NAME-N`, N being Hydra's job number; the overrides of the point are in its
-    config.yaml and command.txt."""
+    config.yaml and command.txt. `job` is what the point runs: `cfg.job` under `kiln launch`,
+    the subcommand's own job under `kiln train` and `kiln data`."""
     if not in_multirun():
         return
     from hydra.core.hydra_config import HydraConfig
 
     number = HydraConfig.get().job.num
     cfg.run_name = f"{cfg.run_name}-{number}"
-    if cfg.job == "data":
+    if (job or cfg.job) == "data":
         cfg.output_dir = str(Path(cfg.output_dir) / f"sweep-{number}")
     else:
         cfg.trainer.run_dir = str(Path(cfg.trainer.run_dir) / f"sweep-{number}")

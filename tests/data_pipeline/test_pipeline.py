@@ -244,6 +244,18 @@ def test_default_run_builds_everything_from_the_standard_library(tmp_path: Path)
     assert "train tokens" in result.stdout and f"{stdlib['tokens_out']['train']:,}" in result.stdout
 
 
+def test_a_sweep_builds_each_point_in_its_own_output_directory(tmp_path: Path) -> None:
+    """`kiln data -m`: point N builds in OUTPUT_DIR/sweep-N (the points shared one directory,
+    and the second refused the first's outputs as another config's)."""
+    out = tmp_path / "out"
+    result = kiln_data("-m", "corpus=stdlib", "corpus.sources.0.paths=[stdlib/json]",
+                       f"output_dir={out}", "tokenizer.vocab_size=460,500", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["sweep-0", "sweep-1"]
+    vocab = [load_tokenizer_info(out / f"sweep-{n}" / "tokenizer.model").vocab_size for n in (0, 1)]
+    assert vocab == [460, 500]
+
+
 def test_same_outputs_with_one_and_two_workers(
     hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path, tmp_path
 ) -> None:

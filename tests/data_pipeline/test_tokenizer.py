@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -82,6 +83,25 @@ def test_unigram_model(sample: list[str], tmp_path: Path) -> None:
 def test_missing_model_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.model"):
         load_tokenizer_info(tmp_path / "nope.model")
+
+
+def test_a_vocabulary_too_small_for_the_characters_names_the_key(tmp_path: Path) -> None:
+    """SentencePiece's INTERNAL error for fewer pieces than required characters plus special
+    tokens becomes one line naming the smallest tokenizer.vocab_size that works."""
+    sample = [
+        "".join(chr(c) for c in range(0x4E00 + i * 60, 0x4E00 + i * 60 + 60)) for i in range(5)
+    ]
+    with pytest.raises(TokenizerError) as error:
+        train_tokenizer(sample * 3, TokenizerConfig(vocab_size=200), tmp_path / "t.model")
+    needed = int(re.search(r"less than the (\d+) pieces", str(error.value))[1])
+    assert needed > 300 and str(error.value) == (
+        f"tokenizer.vocab_size=200 is less than the {needed} pieces this corpus needs for its "
+        f"characters and the special tokens; raise tokenizer.vocab_size to at least {needed}, or "
+        "lower tokenizer.character_coverage=0.9999 (rare characters then become unknown), and "
+        "add overwrite=true"
+    )
+    assert not (tmp_path / "t.model").exists()
+    train_tokenizer(sample * 3, TokenizerConfig(vocab_size=needed), tmp_path / "t.model")
 
 
 def test_a_vocabulary_the_sample_cannot_fill_names_the_key(tmp_path: Path) -> None:
