@@ -258,8 +258,11 @@ class MetricsLogger:
             config=config,
             dir=str(self.run_dir),
             mode=self.mode,
-            # stdout stays untouched (Slurm logs keep it); no code or git diff is uploaded.
-            settings=wandb.Settings(console="off", save_code=False, disable_git=True),
+            # stdout stays untouched (Slurm logs keep it); no code or git diff is uploaded;
+            # offline, W&B's own hints (`wandb online`, `wandb sync`) repeat kiln's line
+            settings=wandb.Settings(
+                console="off", save_code=False, disable_git=True, silent=self.mode == "offline"
+            ),
         )
 
     @property
