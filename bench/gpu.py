@@ -81,6 +81,7 @@ import datetime
 import json
 import os
 import pickle
+import shutil
 import statistics
 import subprocess
 import sys
@@ -443,6 +444,8 @@ def stage_trainer(name: str, args: argparse.Namespace, data: dict[str, Any], wor
     """`kiln train` for one model: step figures from metrics.jsonl, plan's memory estimate."""
     model, batch, seq = run_spec(name, args.smoke, data["vocab_size"])
     run_dir = work / f"run-{name}"
+    # a rerun in the same --work: a fresh run (kiln refuses trainer.resume=none over checkpoints)
+    shutil.rmtree(run_dir, ignore_errors=True)
     profiled = name in args.profile_runs
     # the profiled steps, and the profiler's warm-up step before them, come after the timed
     # ones (the trainer flags them `profiled`; every figure but the profile leaves them out)
