@@ -1203,10 +1203,12 @@ def validate_config(cfg: KilnConfig) -> None:
         "rope": "the context the model declares: its export's max_position_embeddings",
     }
     if cfg.model.position in declared and data.seq_len > cfg.model.max_seq_len:
+        fixes = [f"data.seq_len={cfg.model.max_seq_len}", f"model.max_seq_len={data.seq_len}"]
+        if cfg.model.position == "rope":
+            fixes.reverse()  # RoPE: declaring more context adds no parameters
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-            f"({declared[cfg.model.position]}); set model.max_seq_len={data.seq_len} or "
-            f"data.seq_len<={cfg.model.max_seq_len}"
+            f"({declared[cfg.model.position]}); set {fixes[0]} (or {fixes[1]})"
         )
     for key in ("eval_every", "checkpoint_every", "checkpoint_minutes", "gc_every"):
         _check_positive(f"trainer.{key}", getattr(cfg.trainer, key), allow_zero=True)

@@ -221,6 +221,11 @@ def test_wrong_type_names_the_key() -> None:
             "trainer.max_stpes is not a setting of kiln (did you mean trainer.max_steps",
         ),
         (
+            ["model=bert_base", "objective=mlm"],
+            "data.seq_len=1024 exceeds model.max_seq_len=512 .the size of its learned position "
+            "table.; set data.seq_len=512 .or model.max_seq_len=1024.$",
+        ),
+        (
             ["model=llama_1b", "data.seq_len=16384"],
             "data.seq_len=16384 exceeds model.max_seq_len=8192 (the context the model "
             "declares: its export's max_position_embeddings",
