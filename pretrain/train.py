@@ -196,8 +196,9 @@ def write_run_config(cfg: Any, run_dir: Path) -> Path:
 
 def config_header(cfg: Any) -> str:
     """Comment lines naming what the YAML below leaves implicit: the option picked in each
-    config group (as Hydra composed them; absent outside a Hydra app) and the schema class of
-    each group node (which engine, objective and model family: `objective: {}` is CLM)."""
+    config group and the overrides as typed (as Hydra composed them; absent outside a Hydra
+    app), and the schema class of each group node (which engine, objective and model family:
+    `objective: {}` is CLM)."""
     lines = ["# The resolved config of this run."]
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -207,6 +208,9 @@ def config_header(cfg: Any) -> str:
                   if option is not None and not group.startswith(("hydra", "schema"))
                   and "/" not in group]  # fmt: skip
         lines.append(f"# groups: {' '.join(picked)}")
+        # the overrides as typed (of this point, in a sweep): Hydra keeps no record of its own
+        typed = HydraConfig.get().overrides.task
+        lines.append(f"# overrides: {' '.join(typed) if typed else '(none)'}")
     except ValueError:  # not inside a Hydra app
         pass
     nodes = ("model", "objective", "engine", "optim", "cluster", "logger")

@@ -60,6 +60,7 @@ def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000016", "step_00000020", "step_00000024"]  # keep_checkpoints=3
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000024"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no Hydra runs/train/DATE/ in cwd
     from pretrain.checkpoint_io import load_consolidated  # the export's input, at the end
 
     model_cfg, model = load_consolidated(run_dir / "final")
@@ -81,10 +82,15 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     assert points[0][5] != points[1][5]
     configs = [(run_dir / f"sweep-{n}" / "config.yaml").read_text() for n in (0, 1)]
     assert "lr: 0.001\n" in configs[0] and "lr: 0.003\n" in configs[1]
-    header = configs[0].splitlines()[:3]  # what the YAML leaves implicit (objective: {})
+    header = configs[0].splitlines()[:4]  # what the YAML leaves implicit (objective: {})
     assert header[1].startswith("# groups: cluster=local_cpu ") and " engine=ddp " in header[1]
     assert " model=tiny_decoder objective=clm " in header[1]
-    assert header[2] == (
+    typed = [line.split(": ", 1)[1].split() for c in configs for line in c.splitlines()[2:3]]
+    assert [t[-1] for t in typed] == ["optim.lr=0.001", "optim.lr=0.003"]  # each point's
+    assert typed[0][:-1] == typed[1][:-1] and {"trainer.max_steps=5", "logger.log_every=3"} < set(
+        typed[0]
+    )
+    assert header[3] == (
         "# schemas: model=DecoderConfig objective=CausalLMConfig engine=DDPEngineConfig "
         "optim=OptimConfig cluster=LocalClusterConfig logger=LoggerConfig"
     )
