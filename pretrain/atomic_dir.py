@@ -60,6 +60,27 @@ def recover(target: Path) -> list[str]:
     return done
 
 
+def readable_as_umask_allows(path: Path) -> None:
+    """Give `path` the mode a newly created file gets (0666 less the umask). safetensors
+    writes its files 0600, so a checkpoint or export was unreadable to the group and to
+    serving containers running as another user, beside 0644 config files."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting
+    it, which would race with other threads' file creation) where Linux reports it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def say_recovered(target: Path) -> None:
     """`recover(target)`, each thing done said on stderr."""
     for line in recover(target):
@@ -72,6 +93,8 @@ def staged(target: Path) -> Iterator[Path]:
     `target` is moved aside, then removed); on an exception it is removed. What a killed
     writer of `target` left is dealt with first (`recover`), and said on stderr."""
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a directory")
     say_recovered(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = aside(target, "tmp")

@@ -8,7 +8,8 @@ process can load it on one CPU. Layout:
                             shared by two names, such as tied embeddings, is stored once)
     DIR/config.json         {"format": "kiln-consolidated", "version": 1,
                              "family": "decoder" | "encoder" | "encoder_decoder",
-                             "model": dataclasses.asdict(model_cfg)}
+                             "model": dataclasses.asdict(model_cfg),
+                             "step": N}  (the training step; absent when not known)
     DIR/tokenizer.model     optional: the SentencePiece model the weights were trained with
 
 The directory is written under a temporary name and renamed when complete. Weights keep the
@@ -46,24 +47,40 @@ class CheckpointError(ValueError):
     """A path that is not a readable checkpoint; the message names the path."""
 
 
+def consolidated_step(path: Path) -> int | None:
+    """The training step recorded in the consolidated checkpoint at `path`, if any."""
+    try:
+        step = json.loads((Path(path) / CONFIG).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def save_consolidated(
-    model: nn.Module, cfg: ModelConfig, path: Path, tokenizer_path: Path | None = None
+    model: nn.Module,
+    cfg: ModelConfig,
+    path: Path,
+    tokenizer_path: Path | None = None,
+    step: int | None = None,
 ) -> Path:
-    """Write `model` (built from `cfg`) as a consolidated checkpoint directory at `path`,
-    replacing one that exists. Returns `path`."""
+    """Write `model` (built from `cfg`, trained `step` steps) as a consolidated checkpoint
+    directory at `path`, replacing one that exists. Returns `path`."""
     from safetensors.torch import save_model
 
-    from pretrain.atomic_dir import staged
+    from pretrain.atomic_dir import readable_as_umask_allows, staged
 
     path = Path(path)
     with staged(path) as staging:
         save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
+        readable_as_umask_allows(staging / WEIGHTS)
         config = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "family": cfg.family,
             "model": asdict(cfg),
         }
+        if step is not None:
+            config["step"] = step
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, staging / TOKENIZER)
@@ -198,14 +215,30 @@ class CheckpointSource:
             from pretrain.engine.deepspeed_engine import read_model_state
 
             return read_model_state(self.path)
-        except (RuntimeError, OSError, KeyError, ValueError) as error:
+        except (RuntimeError, OSError, KeyError, ValueError, EOFError) as error:
             raise CheckpointError(f"{self.path} ({self.kind} checkpoint): {error}") from error
+        except BaseException as error:
+            # torch.distributed.checkpoint's CheckpointException (a missing or cut shard of an
+            # FSDP checkpoint) derives from BaseException, not Exception
+            if type(error).__name__ != "CheckpointException":
+                raise
+            raise CheckpointError(f"{self.path} ({self.kind} checkpoint): "
+                                  f"{_first_failure(error)}") from error  # fmt: skip
+
+
+def _first_failure(error: BaseException) -> str:
+    """One line for a CheckpointException: its first rank's error, which names the file."""
+    for failure in (getattr(error, "failures", None) or {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        return f"{type(cause).__name__}: {cause}"
+    return str(error).splitlines()[0]
 
 
 def open_checkpoint(path: Path) -> CheckpointSource:
     """The checkpoint at `path`: a consolidated checkpoint directory, a training checkpoint
-    (`RUN_DIR/checkpoints/step_N`, any engine), or a run directory (its `final/`, else its
-    latest checkpoint). Reads configs only; `load_model` reads the weights."""
+    (`RUN_DIR/checkpoints/step_N`, any engine; `RUN_DIR/checkpoints` or its `latest` pointer
+    for the checkpoint it names), or a run directory (the newer of its `final/` and its latest
+    checkpoint). Reads configs only; `load_model` reads the weights."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -223,16 +256,45 @@ def open_checkpoint(path: Path) -> CheckpointSource:
         return CheckpointSource(path, "consolidated", read_config(path), tokenizer_of(path))
     if (path / TRAINER_STATE).is_file():
         return _training_checkpoint(path)
-    if (path / "final" / CONFIG).is_file():
-        return open_checkpoint(path / "final")
-    pointer = path / "checkpoints" / "latest"
+    if path.name == "latest" and path.is_file():  # RUN_DIR/checkpoints/latest, the pointer
+        return _training_checkpoint(_pointed_at(path))
+    if (path / "latest").is_file():  # RUN_DIR/checkpoints
+        return _training_checkpoint(_pointed_at(path / "latest"))
+    final, pointer = path / "final", path / "checkpoints" / "latest"
+    if (final / CONFIG).is_file() and pointer.is_file():
+        # a run resumed or extended past its end trains on from its last checkpoint and
+        # leaves the old final/ until it ends again: the newer of the two is the run's model
+        latest = _training_checkpoint(_pointed_at(pointer))
+        if _newer_than_final(latest, final):
+            return latest
+    if (final / CONFIG).is_file():
+        source = open_checkpoint(final)
+        source.step = consolidated_step(final)
+        return source
     if pointer.is_file():
-        return _training_checkpoint(path / "checkpoints" / pointer.read_text().strip())
+        return _training_checkpoint(_pointed_at(pointer))
     raise CheckpointError(
         f"{path} is not a checkpoint: give a consolidated checkpoint ({CONFIG} and {WEIGHTS}), "
         f"a training checkpoint (RUN_DIR/checkpoints/step_N, with {TRAINER_STATE}) or a run "
         "directory (its final/ or latest checkpoint)"
     )
+
+
+def _pointed_at(pointer: Path) -> Path:
+    """The checkpoint directory a `latest` pointer file names."""
+    target = pointer.parent / pointer.read_text().strip()
+    if not (target / TRAINER_STATE).is_file():
+        raise CheckpointError(f"{pointer} names {target.name}, which is not a checkpoint")
+    return target
+
+
+def _newer_than_final(latest: CheckpointSource, final: Path) -> bool:
+    """Whether the training checkpoint `latest` holds later weights than the consolidated
+    `final` of the same run: by step, or (a final/ that records none) by modification time."""
+    final_step = consolidated_step(final)
+    if final_step is not None and latest.step is not None:
+        return latest.step > final_step
+    return (latest.path / TRAINER_STATE).stat().st_mtime > (final / CONFIG).stat().st_mtime
 
 
 def _is_transformers_config(config_file: Path) -> bool:

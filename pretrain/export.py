@@ -4,13 +4,15 @@
                 [export.tokenizer=PATH.model] [overwrite=true]
 
 CKPT is a consolidated checkpoint (`pretrain/checkpoint_io.py`), a training checkpoint of any
-engine (`RUN_DIR/checkpoints/step_N`: an intermediate one, for evaluation), or a run directory
-(its `final/`, else its latest checkpoint). OUT receives config.json,
+engine (`RUN_DIR/checkpoints/step_N`: an intermediate one, for evaluation; `RUN_DIR/checkpoints`
+or its `latest` file for the one it names), or a run directory (the newer of its `final/` and
+its latest checkpoint). OUT receives config.json,
 generation_config.json and model.safetensors for the checkpoint's transformers class
-(`pretrain/models/hf`), plus the tokenizer when the checkpoint carries `tokenizer.model` (or
-`export.tokenizer` names one). OUT is written under a temporary name and renamed when
-complete. Problems the user can fix (no checkpoint, a model with no transformers equivalent,
-an existing OUT) print one line and exit 1.
+(`pretrain/models/hf`), plus the tokenizer: `export.tokenizer` when given, else the
+checkpoint's `tokenizer.model`. OUT is written under a temporary name and renamed when
+complete; it is never the checkpoint's own directory (or a parent of it), nor a run, data or
+checkpoint directory of kiln's. Problems the user can fix (no checkpoint, a model with no
+transformers equivalent, an existing OUT) print one line and exit 1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,43 @@ def fail(message: str) -> int:
     return ERROR_EXIT_CODE
 
 
+# what marks a directory kiln wrote and must not be replaced by an export: a run directory,
+# a data build, a training or consolidated checkpoint
+KILN_MARKS = ("metrics.jsonl", "checkpoints", "config.pkl", "manifest.json", "trainer.json")
+
+
+def output_problem(checkpoint: Path, out_dir: Path) -> str | None:
+    """Why `out_dir` must not receive the export of `checkpoint`, or None. overwrite=true
+    replaces the output directory whole, so it must not hold the checkpoint being read (the
+    run directory given as both, or a parent of it) nor be a directory of kiln's own."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"export.output_dir={out_dir} is a file, not a directory"
+    source, target = checkpoint.resolve(), out_dir.resolve()
+    if target == source or target in source.parents:
+        return (f"export.output_dir={out_dir} holds the checkpoint being exported "
+                f"({checkpoint}); export to another directory")  # fmt: skip
+    if not out_dir.is_dir():
+        return None
+    marks = [name for name in KILN_MARKS if (out_dir / name).exists()]
+    if is_consolidated(out_dir):
+        marks.append("config.json of a kiln checkpoint")
+    if marks:
+        return (f"export.output_dir={out_dir} is a kiln run, data or checkpoint directory (it "
+                f"has {', '.join(marks)}), which an export does not replace; export to another "
+                "directory")  # fmt: skip
+    return None
+
+
+def is_consolidated(directory: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == "kiln-consolidated"
+
+
 def run(cfg: KilnConfig) -> int:
     settings = cfg.export
     # what a user can fix without a checkpoint being read is said before torch and
@@ -42,6 +81,12 @@ def run(cfg: KilnConfig) -> int:
     if not checkpoint.exists():
         return fail(f"export.checkpoint: {checkpoint} does not exist")
     out_dir = Path(settings.output_dir)
+    problem = output_problem(checkpoint, out_dir)
+    if problem is not None:
+        return fail(problem)
+    tokenizer = None if settings.tokenizer is None else Path(settings.tokenizer)
+    if tokenizer is not None and not tokenizer.is_file():
+        return fail(f"export.tokenizer: {tokenizer} does not exist")
     from pretrain.atomic_dir import say_recovered
 
     say_recovered(out_dir)  # an export cut short: its previous directory back in place first
@@ -65,14 +110,10 @@ def run(cfg: KilnConfig) -> int:
         return fail(f"export.checkpoint: {error}")
     except ValueError as error:
         return fail(str(error))
-    if source.kind != "consolidated" or source.path != checkpoint:
-        step = f" at step {source.step}" if source.step is not None else ""
-        print(f"kiln export: reading the {source.kind} checkpoint {source.path}{step}")
-    tokenizer = source.tokenizer
-    if tokenizer is None and settings.tokenizer is not None:
-        tokenizer = Path(settings.tokenizer)
-        if not tokenizer.is_file():
-            return fail(f"export.tokenizer: {tokenizer} does not exist")
+    step = f" at step {source.step}" if source.step is not None else ""
+    print(f"kiln export: reading the {source.kind} checkpoint {source.path}{step}")
+    if tokenizer is None:  # an explicit export.tokenizer wins over the checkpoint's own
+        tokenizer = source.tokenizer
     try:
         export_model(model, model_cfg, out_dir, tokenizer_path=tokenizer,
                      dtype=getattr(torch, settings.dtype), overwrite=cfg.overwrite)  # fmt: skip

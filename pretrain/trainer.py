@@ -418,7 +418,7 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     model.load_state_dict(weights)
     tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
     path = save_consolidated(model, cfg.model, run_dir / "final",
-                             tokenizer if tokenizer.is_file() else None)  # fmt: skip
+                             tokenizer if tokenizer.is_file() else None, step=state.step)  # fmt: skip
     logger.log({"kind": "event", "step": state.step, "event": "final", "path": str(path)})
     if cfg.model.family != "decoder" or not tokenizer.is_file():
         return

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_module
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipeline.tokenizer import load_processor, sentinel, train_tokenizer
+from pretrain.atomic_dir import current_umask
 from pretrain.checkpoint_io import (
     CheckpointError,
     load_consolidated,
@@ -127,6 +128,21 @@ def test_exported_tokenizer_special_tokens(tokenizer: Path, tmp_path: Path) -> N
     assert exported.decode(ids, skip_special_tokens=True) == "ab"
     batch = exported(["ab", "abcdef"], padding=True)["input_ids"]
     assert batch[0][0] == 0  # left padding with <pad>
+
+
+def test_an_encoder_decoder_tokenizer_appends_eos_as_t5s(tokenizer: Path, tmp_path: Path) -> None:
+    """Span-corruption inputs and targets end with EOS in training: the exported tokenizer of
+    an encoder-decoder appends </s> when adding special tokens (transformers' default), as
+    T5's own tokenizers do; without special tokens it still encodes as SentencePiece."""
+    export_tokenizer(tokenizer, tmp_path, model_max_length=64, append_eos=True)
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    plain = load_processor(tokenizer).encode(TEXTS[2])
+    assert exported(TEXTS[2])["input_ids"] == [*plain, 3]
+    assert exported(text_target="ab")["input_ids"][-1] == 3  # labels too
+    assert exported(TEXTS[2], "ab")["input_ids"][len(plain)] == 3
+    assert exported.encode(TEXTS[2], add_special_tokens=False) == plain
+    batch = exported(["ab", "abcdef"], padding=True)["input_ids"]
+    assert batch[0][-1] == 0 and 3 in batch[0] and batch[1][-1] == 3  # </s>, then <pad>
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tokenizer: Path, tmp_path: Path) -> None:
@@ -250,6 +266,60 @@ def test_training_checkpoints_open_with_their_model_and_tokenizer(
         open_checkpoint(tmp_path)
 
 
+def test_a_run_directory_gives_its_newest_weights(tokenizer: Path, tmp_path: Path) -> None:
+    """A run resumed past its end keeps its old final/ until it ends again: the run directory
+    opens as the newer of final/ (its recorded step) and the latest checkpoint; the
+    checkpoints directory and the `latest` file open as the checkpoint named."""
+    from pretrain.checkpoint_io import consolidated_step, open_checkpoint
+
+    cfg = decoder()
+    run_dir = tmp_path / "run"
+    save_consolidated(tiny_model(cfg), cfg, run_dir / "final", tokenizer_path=tokenizer, step=4)
+    assert consolidated_step(run_dir / "final") == 4
+    for number in (2, 6):
+        step = run_dir / "checkpoints" / f"step_{number:08d}"
+        step.mkdir(parents=True)
+        torch.save({"model": tiny_model(cfg).state_dict()}, step / "engine.pt")
+        record = {"step": number, "model_family": "decoder", "model": asdict(cfg)}
+        (step / "trainer.json").write_text(json.dumps(record))
+    latest = run_dir / "checkpoints" / "latest"
+    latest.write_text("step_00000002")
+    assert (open_checkpoint(run_dir).kind, open_checkpoint(run_dir).step) == ("consolidated", 4)
+    latest.write_text("step_00000006")  # trained on past final/'s step 4
+    for path in (run_dir, run_dir / "checkpoints", latest):
+        source = open_checkpoint(path)
+        assert (source.kind, source.step, source.path.name) == ("ddp", 6, "step_00000006")
+    latest.write_text("step_00000009")
+    with pytest.raises(CheckpointError, match="latest names step_00000009, which is not a ch"):
+        open_checkpoint(run_dir)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_damaged_fsdp_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """A missing or cut DCP shard: torch.distributed.checkpoint raises a CheckpointException
+    (a BaseException) or an EOFError; kiln names the checkpoint and the file."""
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.checkpoint_io import open_checkpoint
+
+    cfg = decoder()
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    dcp.save({"model": tiny_model(cfg).state_dict()}, checkpoint_id=str(step / "fsdp"),
+             no_dist=True)  # fmt: skip
+    record = {"step": 2, "model_family": "decoder", "model": asdict(cfg)}
+    (step / "trainer.json").write_text(json.dumps(record))
+    assert open_checkpoint(step).kind == "fsdp"
+    [shard] = (step / "fsdp").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r"step_00000002 \(fsdp checkpoint\): "):
+        open_checkpoint(step).load_model()
+    shard.unlink()
+    with pytest.raises(CheckpointError) as error:
+        open_checkpoint(step).load_model()
+    assert "(fsdp checkpoint): FileNotFoundError" in str(error.value)
+    assert shard.name in str(error.value) and "\n" not in str(error.value)
+
+
 def test_init_weights_from_a_transformers_directory(tmp_path: Path) -> None:
     """`trainer.init_from` a transformers directory (an export, or a model of one of the
     classes `import_model` maps): the weights arrive exactly; another shape is refused with
@@ -357,3 +427,44 @@ def test_export_errors_exit_1_with_the_reason(
     assert run(export_config(*args)) == 1
     assert "exists and is not empty (overwrite=true replaces it)" in capsys.readouterr().err
     assert run(export_config(*args, "overwrite=true")) == 0
+    weights = out / "model.safetensors"  # safetensors alone writes 0600
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_export_never_replaces_its_source_or_kiln_directories(
+    tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """overwrite=true replaces the output whole: the checkpoint being read, a directory above
+    it, and kiln's run, data and checkpoint directories are refused, before torch is imported;
+    an output that is a file is named; an explicit export.tokenizer wins over the checkpoint's."""
+    cfg = decoder(name="tiny_llama")
+    run_dir = tmp_path / "run"
+    save_consolidated(tiny_model(cfg), cfg, run_dir / "final", tokenizer_path=tokenizer)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for checkpoint, output, said in [
+        (run_dir, run_dir, "holds the checkpoint being exported"),
+        (run_dir / "final", run_dir / "final", "holds the checkpoint being exported"),
+        (run_dir / "final", tmp_path, "holds the checkpoint being exported"),
+        (run_dir, run_dir / "final", "is a kiln run, data or checkpoint directory (it has "
+                                     "config.json of a kiln checkpoint)"),
+        (run_dir / "final", tmp_path / "data", "(it has manifest.json)"),
+        (run_dir / "final", tmp_path / "file", "is a file, not a directory"),
+    ]:  # fmt: skip
+        args = (f"export.checkpoint={checkpoint}", f"export.output_dir={output}")
+        assert run(export_config(*args, "overwrite=true")) == 1
+        assert said in capsys.readouterr().err, (checkpoint, output)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+    args = (f"export.checkpoint={run_dir}", f"export.output_dir={tmp_path}/hf")
+    assert run(export_config(*args, f"export.tokenizer={tmp_path}/missing.model")) == 1
+    assert f"export.tokenizer: {tmp_path}/missing.model does not exist" in capsys.readouterr().err
+    other = tmp_path / "other.model"
+    shutil.copyfile(tokenizer, other)
+    assert run(export_config(*args, f"export.tokenizer={other}")) == 0
+    stdout = capsys.readouterr().out
+    assert f"reading the consolidated checkpoint {run_dir}/final\n" in stdout
+    assert f"tokenizer from {other}" in stdout

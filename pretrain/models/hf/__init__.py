@@ -166,7 +166,7 @@ def export_model(
         from pretrain.models.hf.tokenizer import check_tokenizer
 
         check_tokenizer(Path(tokenizer_path), cfg.vocab_size)
-    from pretrain.atomic_dir import say_recovered, staged
+    from pretrain.atomic_dir import readable_as_umask_allows, say_recovered, staged
 
     say_recovered(out_dir)  # an export cut short: its previous directory back in place first
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
@@ -174,6 +174,8 @@ def export_model(
     hf_model = build_hf_model(module.HF_CLASS, hf_config, module.to_hf_state_dict(model), dtype)
     with staged(out_dir) as staging:
         hf_model.save_pretrained(staging)
+        for weights in staging.glob("*.safetensors"):  # written 0600 by safetensors
+            readable_as_umask_allows(weights)
         if tokenizer_path is not None:
             from pretrain.models.hf.tokenizer import export_tokenizer
 
@@ -183,6 +185,7 @@ def export_model(
                 model_max_length=cfg.max_seq_len,
                 # decoders generate after the prompt: pad batches on the left
                 padding_side="left" if isinstance(cfg, DecoderConfig) else "right",
+                append_eos=cfg.family == "encoder_decoder",  # T5's inputs end with </s>
             )
     return out_dir
 

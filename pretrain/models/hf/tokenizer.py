@@ -10,8 +10,10 @@ then writes `tokenizer.json`, which later loads need, with no conversion.
 
 So an export holds `tokenizer.model` (for SentencePiece users), `tokenizer.json` and
 `tokenizer_config.json` (class `TokenizersBackend`, the special tokens pad/unk/bos/eos/mask,
-the sentinels as `extra_special_tokens`, `split_special_tokens=true`). No BOS/EOS is added by
-`encode`: kiln's shards hold documents without them. The export is verified: `AutoTokenizer`
+the sentinels as `extra_special_tokens`, `split_special_tokens=true`). No BOS is added by
+`encode`, and no EOS except for an encoder-decoder, whose training inputs end with one (as
+T5's tokenizers do): kiln's shards hold documents each followed by EOS. The export is
+verified: `AutoTokenizer`
 on the result must encode a set of probe texts exactly as SentencePiece does, or it fails.
 
 Control pieces written in text ("</s>") are spelled out as SentencePiece does
@@ -76,11 +78,21 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def export_tokenizer(
-    path: Path, out_dir: Path, *, model_max_length: int, padding_side: str = "right"
+    path: Path,
+    out_dir: Path,
+    *,
+    model_max_length: int,
+    padding_side: str = "right",
+    append_eos: bool = False,
 ) -> None:
     """Write `tokenizer.model`, `tokenizer.json` and `tokenizer_config.json` into `out_dir`
     (an existing directory) and check that `AutoTokenizer` encodes the probes like
-    SentencePiece. Raises ValueError when it does not."""
+    SentencePiece. Raises ValueError when it does not.
+
+    With `append_eos` (an encoder-decoder, whose span-corruption inputs and targets end with
+    EOS in training, as T5's), encoding with special tokens, transformers' default, appends
+    `</s>`, as T5's own tokenizers do. Otherwise it adds nothing: decoders and encoders train
+    on packed documents, each followed by EOS, with no BOS."""
     import sentencepiece as spm
     from transformers import AutoTokenizer, TokenizersBackend
 
@@ -105,6 +117,14 @@ def export_tokenizer(
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     TokenizersBackend.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))
+    if append_eos:
+        from tokenizers import Tokenizer, processors
+
+        fast = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, 3)]
+        )
+        fast.save(str(out_dir / "tokenizer.json"))
 
     processor = spm.SentencePieceProcessor(model_file=str(path))
     exported = AutoTokenizer.from_pretrained(str(out_dir))
@@ -119,3 +139,7 @@ def export_tokenizer(
     ids["mask"] = exported.mask_token_id
     if list(ids.values()) != [0, 1, 2, 3, 4]:
         raise ValueError(f"exported tokenizer has special ids {ids}, expected 0-4")
+    framed = exported.encode(PROBES[0])
+    expected = [*processor.encode(PROBES[0]), *([3] if append_eos else [])]
+    if framed != expected:
+        raise ValueError(f"exported tokenizer frames {PROBES[0]!r} as {framed}, not {expected}")
