@@ -6,7 +6,8 @@
 A run report reads `RUN_DIR/metrics.jsonl` (written by `pretrain.metrics.MetricsLogger`) and
 writes one PNG per metric into `report.output` (default `RUN_DIR/report`): loss (train and eval)
 against step, learning rate, tokens/s and MFU; a metric the run never logged gets no plot. It
-prints a short summary and the paths. A data report prints a table of the sources, tokens and
+prints a short summary (how the run stands: training now, finished, stopped by a signal,
+diverged or ended without a word; its checkpoints; losses, speed) and the paths. A data report prints a table of the sources, tokens and
 shards in a `kiln data` output's `report.json`. Both may be asked for at once.
 
 Problems the user can fix (a missing directory, no metrics, an empty file) print one line and
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import KilnConfig
+from pretrain.exit_codes import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 from pretrain.metrics import METRICS_FILE, read_records
 from pretrain.plan import human
 
@@ -87,19 +89,22 @@ def points(records: Sequence[dict[str, Any]], kind: str, field: str) -> tuple[li
 
 
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
-    """The train and eval records of a run directory, and its start and `trainer.profile` events;
-    `ReportError` when there are no train or eval records."""
+    """The train and eval records of a run directory, and its start, stop, final and
+    `trainer.profile` events; `ReportError` when there are no train or eval records."""
     if not run_dir.is_dir():
         raise ReportError(f"report.run_dir={run_dir} is not a directory")
     path = run_dir / METRICS_FILE
     if not path.is_file():
+        if (run_dir / "manifest.json").is_file() or (run_dir / DATA_REPORT_FILE).is_file():
+            raise ReportError(f"{run_dir} is a `kiln data` output, not a training run: pass "
+                              f"report.data_dir={run_dir}")  # fmt: skip
         raise ReportError(f"no {METRICS_FILE} in {run_dir} (has the run logged a step yet?)")
     records, bad = read_records(path)
     if bad:  # skipped, and said: e.g. the last line cut by a killed run
         print(f"kiln report: skipped {bad} malformed line(s) in {path}", file=sys.stderr)
     if not any(r["kind"] in ("train", "eval") for r in records):
         raise ReportError(f"{path} has no train or eval records")
-    events = ("profile", "start")
+    events = ("profile", "start", "stopped", "final")
     return [r for r in records if r["kind"] in ("train", "eval") or r.get("event") in events]
 
 
@@ -139,7 +144,9 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     train_steps, losses = points(records, "train", "loss")
     logged = [r for r in records if r["kind"] in ("train", "eval")]
     steps = sorted({r["step"] for r in logged})
-    rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} ({len(logged)} records)"))
+    counts = {kind: sum(r["kind"] == kind for r in logged) for kind in ("train", "eval")}
+    kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    rows.append(("steps", f"{steps[0]:,} .. {steps[-1]:,} (records: {kinds})"))
     starts = [r for r in records if r.get("kind") == "event" and r.get("event") == "start"]
     init_from = next((r["init_from"] for r in starts if r.get("init_from")), None)
     if init_from:
@@ -162,7 +169,7 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
         rows.append(("best eval loss", f"{best:.4f} at step {at:,} (last {eval_losses[-1]:.4f})"))
     unprofiled = [r for r in records if not r.get("profiled")]
     for field, label, fmt in (
-        ("tokens_per_s", "tokens/s (median)", lambda v: human(v)),
+        ("tokens_per_s", "tokens/s (median, all ranks)", lambda v: human(v)),
         ("mfu", "MFU (median)", lambda v: f"{v:.1%}"),
         ("step_time", "step time (median)", lambda v: f"{v:.3g} s"),
     ):
@@ -185,6 +192,57 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
+def run_status(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, value) rows on how the run stands: training now (its lock is held), finished,
+    stopped by a signal (resumable), diverged, or ended without a word (killed, crashed);
+    then its newest checkpoints. `exit.json`, which rank 0 writes as the run ends, tells the
+    end apart, unless it is older than the last record (a slice since then left none)."""
+    from pretrain.run_lock import holder_of
+
+    rows: list[tuple[str, str]] = []
+    last = max((r["step"] for r in records if is_number(r.get("step"))), default=0)
+    try:
+        ended = json.loads((run_dir / "exit.json").read_text())
+    except (OSError, ValueError):
+        ended = None
+    if not isinstance(ended, dict) or not is_number(ended.get("step")) or ended["step"] < last:
+        ended = None
+    holder = holder_of(run_dir)
+    pointer = run_dir / "checkpoints" / "latest"
+    if holder is not None:
+        status = f"training now ({holder})"
+    elif ended is None:
+        then = ("trainer.resume=auto continues from its latest checkpoint" if pointer.is_file()
+                else "it saved no checkpoint")  # fmt: skip
+        status = f"ended after step {last:,} without an exit record (killed, or it crashed); {then}"
+    else:
+        code, step = ended.get("exit_code"), ended["step"]
+        stops = [r for r in records if r.get("event") == "stopped" and r["step"] == step]
+        if code == 0:
+            status = f"finished at step {step:,}"
+        elif code == REQUEUE_EXIT_CODE:
+            status = (f"stopped by a signal at step {step:,}, saved (exit {code}); "
+                      "trainer.resume=auto continues")  # fmt: skip
+        elif code == NONFINITE_EXIT_CODE:
+            why = stops[-1].get("reason") if stops else "non-finite losses"
+            status = f"diverged at step {step:,}: {why} (exit {code})"
+        else:
+            status = f"ended at step {step:,} with exit {code}"
+    rows.append(("status", status))
+    if ended is not None and ended.get("nonfinite_steps"):
+        rows.append(("non-finite steps", f"{ended['nonfinite_steps']:,} skipped"))
+    if pointer.is_file():
+        rows.append(("latest checkpoint", str(pointer.parent / pointer.read_text().strip())))
+    final = run_dir / "final" / "config.json"
+    if final.is_file():
+        try:
+            step = json.loads(final.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            step = None
+        rows.append(("final", f"{final.parent}" + (f" (step {step:,})" if is_number(step) else "")))
+    return rows
+
+
 def report_run(run_dir: Path, output: Path | None) -> list[Path]:
     """Plot a run's metrics and print a summary and the PNG paths; returns the paths."""
     records = load_run(run_dir)
@@ -196,7 +254,7 @@ def report_run(run_dir: Path, output: Path | None) -> list[Path]:
         if plot(records, spec, path, title=f"{run_dir.resolve().name}: {spec.ylabel}"):
             written.append(path)
     print(f"kiln report: {run_dir}")
-    rows = summarize_run(records)
+    rows = run_status(run_dir, records) + summarize_run(records)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
@@ -214,6 +272,14 @@ def load_data_report(data_dir: Path) -> dict[str, Any]:
         raise ReportError(f"report.data_dir={data_dir} is not a directory")
     path = data_dir / DATA_REPORT_FILE
     if not path.is_file():
+        if (data_dir / ".work").is_dir():  # data_pipeline.pipeline.WORK_DIR
+            raise ReportError(
+                f"{data_dir} is a `kiln data` build that has not finished (no {DATA_REPORT_FILE}"
+                " yet): running now, or stopped; the same `kiln data` command resumes it"
+            )
+        if (data_dir / METRICS_FILE).is_file():
+            raise ReportError(f"{data_dir} is a training run, not a `kiln data` output: pass "
+                              f"report.run_dir={data_dir}")  # fmt: skip
         raise ReportError(f"no {DATA_REPORT_FILE} in {data_dir} (is it a `kiln data` output?)")
     try:
         report = json.loads(path.read_text())

@@ -46,6 +46,12 @@ def _holder(handle: object) -> str:
 def busy(run_dir: str | Path) -> str | None:
     """Why `run_dir` cannot be trained in now (its lock is held: the holder named), or None.
     Takes and drops the lock when it is free; None too where the file system has no locks."""
+    holder = holder_of(run_dir)
+    return None if holder is None else _message(Path(run_dir), holder)
+
+
+def holder_of(run_dir: str | Path) -> str | None:
+    """Who holds `run_dir`'s lock (a run training there now), or None (see `busy`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
@@ -54,7 +60,7 @@ def busy(run_dir: str | Path) -> str | None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _message(run_dir, _holder(handle))
+                return _holder(handle)
     except OSError:  # no locks here, or no permission: the ranks find out
         return None
     return None

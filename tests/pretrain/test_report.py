@@ -65,6 +65,12 @@ def write_metrics(run_dir: Path, steps: int = 50, fields: tuple[str, ...] | None
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 51, "ki\n')
 
 
+def summary_rows(out: str) -> dict[str, str]:
+    """The `  label  value` rows of a printed run summary."""
+    rows = [line.strip().split("  ", 1) for line in out.splitlines() if line.startswith("  ")]
+    return {label: value.strip() for label, value in rows}
+
+
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", path
@@ -91,10 +97,14 @@ def test_run_report_writes_one_png_per_metric_and_a_summary(
     for name in names:
         assert_png(run_dir / "report" / name)
         assert f"wrote {run_dir / 'report' / name}" in out
-    assert "steps" in out and "1 .. 50" in out
-    assert "best eval loss      1.5000 at step 20" in out  # the repeat of step 20 won
-    assert "MFU (median)        35.0%" in out
-    assert "tokens seen         205K (204,800)" in out
+    rows = summary_rows(out)
+    assert rows["steps"] == "1 .. 50 (records: 50 train, 5 eval)"
+    assert rows["best eval loss"] == "1.5000 at step 20 (last 4.0000)"  # the repeat of step 20
+    assert rows["MFU (median)"] == "35.0%"
+    assert rows["tokens seen"] == "205K (204,800)"
+    assert rows["tokens/s (median, all ranks)"] == "50K"
+    assert rows["status"] == ("ended after step 50 without an exit record (killed, or it "
+                              "crashed); it saved no checkpoint")  # fmt: skip
     # bytes that are not UTF-8 spoil their line only
     with open(run_dir / "metrics.jsonl", "ab") as metrics:
         metrics.write(b'{"step": 52, "kind": "train", \xff\xfe}\n')
@@ -186,6 +196,54 @@ def test_data_report_prints_sources_tokens_and_shards(
     assert "tokenizer: vocab 4,096" in out
 
 
+def test_the_summary_says_how_the_run_stands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """exit.json (written by rank 0 as a run ends) tells finished, stopped by a signal and
+    diverged apart; none, or one older than the last record, is a run that ended without a
+    word; a held lock is a run training now. The newest checkpoints are named."""
+    from pretrain.run_lock import hold
+
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, steps=20)
+
+    def status(exit_record: dict | None = None) -> dict[str, str]:
+        exit_file = run_dir / "exit.json"
+        exit_file.unlink(missing_ok=True)
+        if exit_record is not None:
+            exit_file.write_text(json.dumps(exit_record))
+        assert run(config(run_dir=str(run_dir))) == 0
+        return summary_rows(capsys.readouterr().out)
+
+    assert "latest checkpoint" not in status() and "final" not in status()
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("step_00000020\n")
+    assert status()["status"] == ("ended after step 20 without an exit record (killed, or it "
+                                  "crashed); trainer.resume=auto continues from its latest "
+                                  "checkpoint")  # fmt: skip
+    (run_dir / "final").mkdir()
+    (run_dir / "final" / "config.json").write_text('{"format": "kiln-consolidated", "step": 20}')
+    rows = status({"exit_code": 0, "step": 20, "nonfinite_steps": 0})
+    assert rows["status"] == "finished at step 20"
+    assert rows["latest checkpoint"] == f"{run_dir}/checkpoints/step_00000020"
+    assert rows["final"] == f"{run_dir}/final (step 20)"
+    assert "non-finite steps" not in rows
+    rows = status({"exit_code": 42, "step": 20, "nonfinite_steps": 0})
+    assert rows["status"] == ("stopped by a signal at step 20, saved (exit 42); "
+                              "trainer.resume=auto continues")  # fmt: skip
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"step": 20, "kind": "event", "event": "stopped",
+                                  "reason": "5 non-finite steps in a row"}) + "\n")  # fmt: skip
+    rows = status({"exit_code": 3, "step": 20, "nonfinite_steps": 7})
+    assert rows["status"] == "diverged at step 20: 5 non-finite steps in a row (exit 3)"
+    assert rows["non-finite steps"] == "7 skipped"
+    rows = status({"exit_code": 0, "step": 8})  # an earlier slice's: this one left none
+    assert rows["status"].startswith("ended after step 20 without an exit record")
+    with hold(run_dir):
+        rows = status({"exit_code": 42, "step": 20})
+    assert rows["status"].startswith("training now (pid ")
+
+
 def test_data_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(config(data_dir=str(tmp_path / "nope"))) == 1
     assert "is not a directory" in capsys.readouterr().err
@@ -200,6 +258,22 @@ def test_data_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     (tmp_path / "report.json").write_text('{"sources": {"a": 5}}')
     assert run(config(data_dir=str(tmp_path))) == 1
     assert "sources ['a'] are not objects" in capsys.readouterr().err
+    # the other kind of directory, and a build not finished yet, are named as such
+    (tmp_path / "report.json").unlink()
+    (tmp_path / ".work").mkdir()
+    assert run(config(data_dir=str(tmp_path))) == 1
+    assert "a `kiln data` build that has not finished" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("{}")
+    assert run(config(run_dir=str(tmp_path))) == 1
+    assert f"is a `kiln data` output, not a training run: pass report.data_dir={tmp_path}" in (
+        capsys.readouterr().err
+    )
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, steps=2)
+    assert run(config(data_dir=str(run_dir))) == 1
+    assert f"is a training run, not a `kiln data` output: pass report.run_dir={run_dir}" in (
+        capsys.readouterr().err
+    )
 
 
 def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -245,8 +319,9 @@ def test_profiled_steps_stay_out_of_the_medians_and_the_profile_is_summarized() 
          "profile/top": [{"name": "sm90_gemm", "share": 0.4}, {"name": "triton_red", "share": 0.1}]}
     ]  # fmt: skip
     rows = dict(summarize_run(records))
-    assert rows["steps"] == "1 .. 11 (11 records)"
-    assert rows["tokens/s (median)"] == "100" and rows["step time (median)"] == "0.1 s"
+    assert rows["steps"] == "1 .. 11 (records: 11 train)"
+    assert rows["tokens/s (median, all ranks)"] == "100"
+    assert rows["step time (median)"] == "0.1 s"
     assert rows["profile, steps 6-11"] == (
         "device busy 75%; top: sm90_gemm 40%, triton_red 10%; "
         "trace runs/x/profile/step6-11/rank0.trace.json.gz"
