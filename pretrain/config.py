@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -624,7 +625,9 @@ class TrainerConfig:
     """The training loop."""
 
     max_steps: int = 1000
-    max_tokens: int | None = None  # stop after this many tokens (overrides max_steps)
+    # stop after this many tokens (overrides max_steps); a float, so that 5e9 and 2.5e10
+    # are taken as written
+    max_tokens: float | None = None
     seed: int = 0
     run_dir: str = "runs/${run_name}"
     eval_every: int = 200
@@ -887,7 +890,7 @@ def resolve_max_tokens(cfg: KilnConfig) -> None:
     _check_positive("trainer.max_tokens", tokens)
     per_step = cfg.data.global_batch_size * cfg.data.seq_len
     if per_step > 0:
-        cfg.trainer.max_steps = -(-tokens // per_step)
+        cfg.trainer.max_steps = -(-math.ceil(tokens) // per_step)
 
 
 def resolve_batch_tokens(data: DataConfig) -> None:
@@ -1263,5 +1266,6 @@ def validate_config(cfg: KilnConfig) -> None:
         raise ConfigError(f"plan.memory_reserve={cfg.plan.memory_reserve} must be in [0, 1)")
     _check_positive("plan.tokens", cfg.plan.tokens)
     _check_positive("plan.compute_flops", cfg.plan.compute_flops)
+    _check_positive("plan.tokens_per_param", cfg.plan.tokens_per_param)
     _check_choice("job", cfg.job, ("train", "data"))
     _check_choice("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))

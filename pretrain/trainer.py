@@ -42,6 +42,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     wandb_run_id: str | None = None
     loader: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 0  # trainer.max_steps the schedule was drawn for (0: not recorded)
 
 
 class StopSignal:
@@ -199,6 +200,9 @@ def train(cfg: Any, context: Any) -> int:
     # a longer (or shorter) data.seq_len than the checkpoint's: the loader re-counts what each
     # source gave in samples of the new length (context extension; see LoaderState.seq_len)
     saved_seq_len = loader_state.seq_len if loader_state is not None else None
+    if resume_from is not None and rank == 0:
+        _say_schedule_change(cfg, state)
+    state.max_steps = trainer.max_steps
     remaining = max(0, trainer.max_steps - state.step)
     if resume_from is not None and not remaining and rank == 0:
         sys.stderr.write(
@@ -402,6 +406,29 @@ def _log_written(checkpoints: CheckpointManager, logger: Any, step: int) -> None
         if logger is not None:
             logger.log({"kind": "event", "step": step, "event": "checkpoint_written",
                         "path": str(path), "seconds": seconds})  # fmt: skip
+
+
+def _say_schedule_change(cfg: Any, state: TrainState) -> None:
+    """A run resumed with another trainer.max_steps follows the schedule drawn for the new
+    length from where it stands (`pretrain.optim`): said in one line when that moves the
+    learning rate, as extending a finished cosine run warms it back up."""
+    from pretrain.optim import lr_lambda
+
+    before, now = state.max_steps, cfg.trainer.max_steps
+    if not before or before == now or state.step >= now:
+        return
+    was = cfg.optim.lr * lr_lambda(cfg.optim, before)(state.step)
+    becomes = cfg.optim.lr * lr_lambda(cfg.optim, now)(state.step)
+    if math.isclose(was, becomes, rel_tol=0.01):
+        return
+    hint = (" (optim.schedule=wsd holds the learning rate until its final decay, for runs "
+            "that may be extended)" if cfg.optim.schedule != "wsd" else "")  # fmt: skip
+    sys.stderr.write(
+        f"kiln train: trainer.max_steps {before} -> {now} since the checkpoint: the "
+        f"{cfg.optim.schedule} schedule is drawn for {now} steps, so the learning rate at step "
+        f"{state.step} goes from {was:.3g} to {becomes:.3g}{hint}\n"
+    )
+    sys.stderr.flush()
 
 
 def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,

@@ -298,3 +298,6 @@ def test_max_tokens_sets_the_step_count() -> None:
     overrides = ["data.seq_len=512", "data.global_batch_size=64", "trainer.max_tokens=1000000"]
     cfg = compose_config("train", overrides)
     assert cfg.trainer.max_steps == 31  # ceil(1e6 / (64 * 512))
+    # as written in scientific notation too (Hydra reads 5e9 as a float)
+    cfg = compose_config("train", [*overrides[:2], "trainer.max_tokens=5e9"])
+    assert cfg.trainer.max_steps == 152588  # ceil(5e9 / 32768)

@@ -103,6 +103,23 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     ) in again.stderr
     assert sorted(losses(run_dir / "sweep-0")) == [3, 5]
 
+    # extended: the cosine schedule is drawn for the new length (said), final/ moves on, and
+    # kiln report tells where the run stands
+    longer = kiln_train(train_args(corpus, run_dir / "sweep-0", "trainer.max_steps=8"), tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert (
+        "kiln train: trainer.max_steps 5 -> 8 since the checkpoint: the cosine schedule is "
+        "drawn for 8 steps, so the learning rate at step 5 goes from 0.0003 to 0.00165 "
+        "(optim.schedule=wsd holds"
+    ) in longer.stderr
+    report = subprocess.run([str(KILN), "report", f"report.run_dir={run_dir / 'sweep-0'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    rows = dict(line.strip().split("  ", 1) for line in report.stdout.splitlines()
+                if line.startswith("  "))  # fmt: skip
+    assert rows["status"].strip() == "finished at step 8"
+    assert rows["final"].strip() == f"{run_dir / 'sweep-0' / 'final'} (step 8)"
+
 
 def running(pid: str) -> bool:
     """Whether process `pid` exists and has not ended (a zombie waits for its parent's wait)."""
