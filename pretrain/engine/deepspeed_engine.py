@@ -494,6 +494,28 @@ def read_model_state(directory: Path) -> dict[str, Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # its progress lines and bars are not ours to print (a failure raises)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+        try:
+            with (contextlib.redirect_stdout(io.StringIO()),
+                  contextlib.redirect_stderr(io.StringIO())):  # fmt: skip
+                state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+        except Exception as error:
+            damaged = unreadable_archives(directory / TAG)
+            if damaged:  # DeepSpeed's own error (e.g. "[Errno 22]") names no file
+                raise ValueError(f"{', '.join(damaged)} cut short or damaged ({error})") from error
+            raise
     return {strip_wrappers(key): value for key, value in state.items()}
+
+
+def unreadable_archives(directory: Path) -> list[str]:
+    """The `.pt` files in `directory` whose zip structure (torch.save's format) does not open:
+    cut short or overwritten. Reads only each file's directory at its end, not the tensors."""
+    import zipfile
+
+    damaged = []
+    for path in sorted(Path(directory).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError):
+            damaged.append(path.name)
+    return damaged

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,15 @@ def test_an_intermediate_checkpoint_of_each_engine_exports(
     last = open_checkpoint(checkpoint(run_dir, 12)).load_model().state_dict()
     assert all(torch.equal(last[name], value) for name, value in final.state_dict().items())
     assert open_checkpoint(run_dir).path == run_dir / "final"  # a run directory: its final/
+    if kind == "deepspeed":  # a partition cut short is named (DeepSpeed's error names none)
+        from pretrain.checkpoint_io import CheckpointError
+        from pretrain.engine.deepspeed_engine import TAG
+
+        damaged = shutil.copytree(checkpoint(run_dir, 8), tmp_path / "damaged" / "step_00000008")
+        shard = sorted((damaged / TAG).glob("*optim_states.pt"))[-1]
+        shard.write_bytes(shard.read_bytes()[:5000])
+        with pytest.raises(CheckpointError, match=rf"{shard.name} cut short or damaged"):
+            open_checkpoint(damaged).load_model()
 
     out = tmp_path / "hf"
     result = subprocess.run(
