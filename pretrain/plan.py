@@ -12,7 +12,10 @@ live tensor bytes of real runs (bench/memory.py):
   Adam m and v) = 16, as in the ZeRO paper. ZeRO-1 shards the 12, ZeRO-2 also the grads,
   ZeRO-3 everything. FSDP2 keeps sharded fp32 parameters (4), sharded fp32 gradients (4) and
   Adam m and v (8): also 16 / N. fp32 training (CPU): 4 + 4 + 8, except that DeepSpeed keeps
-  its fp32 master partition as a copy even of fp32 weights (optimizer 12 / N).
+  its fp32 master partition as a copy even of fp32 weights (optimizer 12 / N). Under HSDP
+  (`engine.replicate_degree` R) FSDP2 shards over N / R ranks. The run's own row of a DeepSpeed
+  engine that offloads moves the optimizer state and gradient partition (and with
+  offload_params the parameter partitions) off the GPU into host memory (`offload_memory`).
 * Working buffers, from what the engines allocate (DeepSpeed 0.19.8, torch FSDP2): ZeRO-1/2
   hold one reduce bucket (two with overlap_comm) and, on more than one rank, a flat copy of the
   bucket for the all-reduce; the step then flattens the gradient partition to fp32. ZeRO-3
@@ -26,7 +29,9 @@ live tensor bytes of real runs (bench/memory.py):
   cross-attention are counted): SDPA's fused kernels keep no attention-score matrix. With full
   activation checkpointing only each block's input is kept, plus one block's activations during
   its recompute. The loss holds 12 bytes per logit at its peak (fp32 log-probabilities and, in
-  the backward pass, two fp32 gradients of the same size).
+  the backward pass, two fp32 gradients of the same size). Under context parallelism
+  (`engine.context_parallel` C) a rank holds seq_len / C tokens of each row, plus the whole
+  row's keys and values, gathered for attention; the batch is split over N / C ranks.
 * Start-up: DDP and ZeRO-1/2 ranks build the whole model in fp32 before the engine casts it, so
   4 Psi (plus the engine's first copy of the weights) is a peak of its own; `fits` checks it.
   FSDP2 and ZeRO-3 ranks build an empty model and rank 0 the weights in host memory
@@ -46,8 +51,10 @@ from typing import Any
 from pretrain.config import (
     DeepSpeedEngineConfig,
     EncoderDecoderConfig,
+    FSDPEngineConfig,
     KilnConfig,
     ModelConfig,
+    TrainerConfig,
     plan_strategy,
     use_fused,
 )
@@ -74,7 +81,7 @@ LOSS_BYTES_PER_LOGIT = 12  # fp32 log-probabilities + two fp32 gradients in the 
 class MemoryEstimate:
     """Per-GPU memory of one sharding strategy, in bytes."""
 
-    strategy: str
+    strategy: str  # the row's key: zero0-3, fsdp (`plan_strategy` names the run's)
     weights: int
     gradients: int
     optimizer: int
@@ -83,6 +90,11 @@ class MemoryEstimate:
     activations_checkpointed: int
     startup: int = 0  # while the engine takes the model over (see `startup_memory`)
     host_weights: int = 0  # host memory of the fp32 weights rank 0 builds (FSDP2, ZeRO-3)
+    # what the row is as the run configures it: "hsdp (shard 8)", "zero3+offload"
+    label: str = ""
+    offload: list[str] = field(default_factory=list)  # offloaded: "optimizer", "params"
+    host: int = 0  # peak host memory per rank of what DeepSpeed offloads (`offload_memory`)
+    host_per_node: int = 0  # `host` times the ranks of a node
     total: int = 0
     total_checkpointed: int = 0
     fits: bool = False  # max(total, startup) within the device's budget
@@ -126,7 +138,8 @@ def model_state_memory(
     Args:
         strategy: one of `STRATEGIES`.
         params: parameters (Psi).
-        ranks: data-parallel ranks (N).
+        ranks: ranks the strategy shards over (N): every rank, or an HSDP group's
+            (`shard_ranks`).
         precision: bytes per parameter of the run's precision.
         zero1_reduces_in_backward: ZeRO-1 reduces each gradient bucket during the backward pass
             and keeps only its own partition (DeepSpeed does with overlap_comm on the last
@@ -158,6 +171,17 @@ def ranks_of(cfg: KilnConfig) -> int:
     return cfg.cluster.nodes * cfg.cluster.gpus_per_node
 
 
+def context_parallel(cfg: KilnConfig) -> int:
+    """Ranks that split each sequence (`engine.context_parallel`, engine=ddp; 1: none)."""
+    return max(1, getattr(cfg.engine, "context_parallel", 1))
+
+
+def data_parallel_ranks(cfg: KilnConfig) -> int:
+    """Ranks that take sequences of their own: the trainer's `dp_world` (pretrain/trainer.py),
+    over which the global batch is split into micro-batches and accumulation steps."""
+    return ranks_of(cfg) // context_parallel(cfg)
+
+
 def deepspeed_engine(cfg: KilnConfig) -> DeepSpeedEngineConfig:
     """The run's DeepSpeed settings, or DeepSpeed's as kiln configures it by default (the
     ZeRO rows of a plan for another engine)."""
@@ -166,13 +190,86 @@ def deepspeed_engine(cfg: KilnConfig) -> DeepSpeedEngineConfig:
     return DeepSpeedEngineConfig()
 
 
+def fsdp_engine(cfg: KilnConfig) -> FSDPEngineConfig:
+    """The run's FSDP2 settings, or the defaults (the fsdp row of a plan for another engine)."""
+    if isinstance(cfg.engine, FSDPEngineConfig):
+        return cfg.engine
+    return FSDPEngineConfig()
+
+
+def shard_ranks(cfg: KilnConfig, strategy: str) -> int:
+    """Ranks a strategy's sharded states are split over: every rank, except under HSDP
+    (`engine.replicate_degree` > 1), whose 2-D mesh shards within groups of ranks /
+    replicate_degree and replicates across the groups (`pretrain.engine.fsdp.build_mesh`)."""
+    if strategy == "fsdp":
+        return ranks_of(cfg) // fsdp_engine(cfg).replicate_degree
+    return ranks_of(cfg)
+
+
+def offloaded(cfg: KilnConfig, strategy: str) -> tuple[bool, bool]:
+    """(optimizer, parameters): what the run's DeepSpeed engine keeps in host memory
+    (`engine.offload_optimizer`, `engine.offload_params`), in its own row only: the other rows
+    are the preset engines, which offload nothing."""
+    engine = cfg.engine
+    if not isinstance(engine, DeepSpeedEngineConfig) or strategy != plan_strategy(engine):
+        return False, False
+    if strategy not in DEEPSPEED:  # stage 0 offloads nothing (DeepSpeed refuses it)
+        return False, False
+    return engine.offload_optimizer, engine.offload_params
+
+
+def row_label(cfg: KilnConfig, strategy: str) -> str:
+    """What a memory row is under the run's settings: the strategy, "hsdp (shard S)" for
+    FSDP2 with `engine.replicate_degree` > 1 (S: the ranks that share the states),
+    "zeroN+offload"."""
+    if strategy == "fsdp" and fsdp_engine(cfg).replicate_degree > 1:
+        return f"hsdp (shard {shard_ranks(cfg, strategy)})"
+    if any(offloaded(cfg, strategy)):
+        return f"{strategy}+offload"
+    return strategy
+
+
+def offload_memory(
+    cfg: KilnConfig, strategy: str, params: int, precision: PrecisionBytes,
+    states: tuple[int, int, int],
+) -> tuple[tuple[int, int, int], int]:  # fmt: skip
+    """The (weights, gradients, optimizer) bytes left on each GPU of a row whose engine
+    offloads (`offloaded`), and the peak host bytes per rank (DeepSpeed 0.19.8):
+
+    * offload_optimizer: the fp32 master partition and Adam's m and v (the optimizer column)
+      live in host memory, with an fp32 gradient partition that each reduced bucket is copied
+      into (stage_1_and_2.py `initialize_optimizer_states`, stage3.py
+      `fp32_partitioned_groups_flat[i].grad`) and a compute-dtype buffer of the partition
+      (ZeRO-1/2's `param_buffer_of_bit16_for_cpu_offload_groups`, ZeRO-3's
+      `grad_partitions_flat_buffer`): the GPU keeps no gradient partition. The step runs on the
+      host, with torch's AdamW (kiln sets `zero_force_ds_cpu_optimizer=False`), built for CPU
+      tensors: not fused unless `optim.fused=true`, so two fp32 temporaries of the partition at
+      its peak (`optimizer_step_bytes`).
+    * offload_params (ZeRO-3): the compute-dtype parameter partitions too (`offload_param`);
+      the GPU gathers parameters as before (buffers).
+    """
+    weights, gradients, optimizer = states
+    offload_optimizer, offload_params = offloaded(cfg, strategy)
+    partition = math.ceil(params / ranks_of(cfg))
+    host = 0
+    if offload_optimizer:
+        temporaries = 0 if use_fused(cfg.optim, "cpu") else 8 * partition
+        host += optimizer + (4 + precision.weights) * partition + temporaries
+        gradients = optimizer = 0
+    if offload_params:
+        host += weights
+        weights = 0
+    return (weights, gradients, optimizer), host
+
+
 def zero1_reduces_in_backward(cfg: KilnConfig) -> bool:
     """Whether ZeRO-1 reduces gradients bucket by bucket during the backward pass and keeps
     only its partition: DeepSpeed does with overlap_comm on a step's last micro-batch
     (`process_gradients`), so on every micro-batch without gradient accumulation; earlier
     micro-batches keep whole gradients."""
-    ranks = ranks_of(cfg)
-    accumulation = cfg.data.global_batch_size // (cfg.data.micro_batch_size * ranks)
+    accumulation = cfg.data.global_batch_size // (
+        cfg.data.micro_batch_size * data_parallel_ranks(cfg)
+    )
     return deepspeed_engine(cfg).overlap_comm and accumulation <= 1
 
 
@@ -197,6 +294,9 @@ def buffer_memory(
     engine = deepspeed_engine(cfg)
     device = "cuda" if cfg.cluster.accelerator == "cuda" else "cpu"
     step = optimizer_step_bytes(partition, use_fused(cfg.optim, device))
+    offload_optimizer = offloaded(cfg, strategy)[0]
+    if offload_optimizer:
+        step = 0  # the step runs in host memory (`offload_memory`)
     # kiln caps DeepSpeed's buckets at the model's size (engine/deepspeed_engine.py)
     bucket = min(engine.reduce_bucket_size, psi)
     if strategy in ("zero1", "zero2"):
@@ -206,7 +306,11 @@ def buffer_memory(
         # the step writes into the flat weights in place: no allgather bucket is allocated.
         copy = bucket * half if ranks > 1 else 0
         partitioned = strategy == "zero2" or zero1_reduces_in_backward(cfg)
-        if partitioned and bucket >= psi:
+        if offload_optimizer:
+            # No gradient partition on the GPU: each parameter's reduced gradient goes to the
+            # host through a buffer of the largest parameter (`temp_grad_buffer_for_gpu_offload`)
+            copy += half * largest_tensor(cfg.model)
+        elif partitioned and bucket >= psi:
             # One bucket holds every gradient: the rank's partition of them (counted with the
             # model states) is copied out of it (`copy_grads_in_partition`) only after the
             # all-reduce's flat copy is freed, so the two are not held at once.
@@ -261,18 +365,23 @@ def startup_memory(
     be larger than a rank's share of everything else.
     """
     psi, ranks = counts.total, ranks_of(cfg)
-    partition = math.ceil(psi / ranks)
+    partition = math.ceil(psi / shard_ranks(cfg, strategy))
     half = precision.weights
     built = 4 * psi
     tensor = 4 * largest_tensor(cfg.model)
+    # offloaded, the fp32 master and gradient partitions (and ZeRO-3's parameter partitions)
+    # are made in host memory (`offload_memory`)
+    offload_optimizer, offload_params = offloaded(cfg, strategy)
     if strategy == "fsdp":
         return 4 * partition + tensor
     if strategy in ("zero1", "zero2"):
-        return max(built, 2 * half * psi, half * psi + 8 * partition)
+        master = 0 if offload_optimizer else 8 * partition
+        return max(built, 2 * half * psi, half * psi + master)
     if strategy == "zero3":
         bucket = min(deepspeed_engine(cfg).reduce_bucket_size, psi)
-        return max(half * partition + tensor,
-                   2 * half * partition + 4 * partition + half * bucket)  # fmt: skip
+        weights = 0 if offload_params else half * partition
+        master = 0 if offload_optimizer else (half + 4) * partition
+        return max(weights + tensor, weights + master + half * bucket)
     if ranks > 1:
         return built + min(built, DDP_BROADCAST_BUCKET)
     return built
@@ -291,7 +400,12 @@ def largest_tensor(model: ModelConfig) -> int:
 
 
 def block_activation_bytes(
-    model: ModelConfig, index: int, tokens: int, element: int, context_tokens: int = 0
+    model: ModelConfig,
+    index: int,
+    tokens: int,
+    element: int,
+    context_tokens: int = 0,
+    kv_tokens: int = 0,
 ) -> int:
     """Bytes kept for the backward pass by one transformer block over `tokens` tokens.
 
@@ -301,12 +415,17 @@ def block_activation_bytes(
         tokens: micro-batch tokens through this block (b * s).
         element: bytes per activation element (2 for bf16, 4 for fp32).
         context_tokens: encoder tokens for a decoder block's cross-attention (0: none).
+        kv_tokens: tokens of the self-attention's keys and values when more than `tokens`:
+            context parallelism gathers every rank's slice of the row for SDPA, which keeps
+            them for its backward pass (0: `tokens`).
     """
     d, inner = model.d_model, model.n_heads * model.resolved_head_dim
     kv_inner = model.resolved_kv_heads * model.resolved_head_dim
     mask = 1 if model.dropout > 0 else 0  # dropout masks are one byte per element
     # Self-attention: norm input, q, k, v, attention output (input of the out projection).
     attention = tokens * (2 * d + 2 * inner + 2 * kv_inner) * element // 2 + tokens * d * mask
+    if kv_tokens > tokens:  # the other ranks' keys and values, gathered (context parallelism)
+        attention += (kv_tokens - tokens) * 2 * kv_inner * element
     norms = 2 * tokens * d * element
     if context_tokens:
         # Cross-attention: norm input, q, k and v over encoder tokens, output.
@@ -365,7 +484,8 @@ def loss_convention(cfg: KilnConfig) -> str:
 
 
 def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> tuple[int, int]:
-    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank.
+    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank
+    (its slice of each sequence under context parallelism).
     `loss`: how the cross-entropy is computed (`loss_compilation`)."""
     model, batch = cfg.model, cfg.data.micro_batch_size
     d = model.d_model
@@ -391,9 +511,13 @@ def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> 
         logit_tokens = batch * dec_len
         outside = batch * (enc_len + dec_len) * d * element  # final norms' inputs
     else:
-        seq = cfg.data.seq_len
+        # under context parallelism a rank holds its slice of each row: activations, the head
+        # and the loss over seq_len / context_parallel tokens, keys and values over the row
+        cp = context_parallel(cfg)
+        seq = cfg.data.seq_len // cp
         blocks = [
-            block_activation_bytes(model, i, batch * seq, element) for i in range(model.n_layers)
+            block_activation_bytes(model, i, batch * seq, element, kv_tokens=batch * seq * cp)
+            for i in range(model.n_layers)
         ]
         block_inputs = model.n_layers * batch * seq * d * element
         logit_tokens = batch * seq
@@ -429,19 +553,21 @@ def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> 
 
 def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate]:
     precision = precision_bytes(cfg)
-    ranks = ranks_of(cfg)
     by_loss = {kind: activation_memory(cfg, precision.activation, loss=kind)
                for kind in ("eager", "forward", "cross_entropy", "chunked")}  # fmt: skip
     budget = cfg.cluster.gpu_memory_gib * GIB * (1.0 - cfg.plan.memory_reserve)
     estimates = []
     for strategy in STRATEGIES:
         activations, checkpointed = by_loss[loss_compilation(cfg, strategy)]
-        weights, gradients, optimizer = model_state_memory(
+        states = model_state_memory(
             strategy,
             counts.total,
-            ranks,
+            shard_ranks(cfg, strategy),
             precision,
             zero1_reduces_in_backward=zero1_reduces_in_backward(cfg),
+        )
+        (weights, gradients, optimizer), host = offload_memory(
+            cfg, strategy, counts.total, precision, states
         )
         estimate = MemoryEstimate(
             strategy=strategy,
@@ -453,12 +579,24 @@ def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate
             activations_checkpointed=checkpointed,
             startup=startup_memory(strategy, counts, cfg, precision),
             host_weights=4 * counts.total if strategy in ("fsdp", "zero3") else 0,
+            label=row_label(cfg, strategy),
+            offload=[
+                name
+                for name, on in zip(("optimizer", "params"), offloaded(cfg, strategy), strict=True)
+                if on
+            ],
+            host=host,
+            host_per_node=host * cfg.cluster.gpus_per_node,
         )
         base = estimate.model_states + estimate.buffers
         estimate.total = base + activations
         estimate.total_checkpointed = base + checkpointed
-        estimate.fits = max(estimate.total, estimate.startup) <= budget
-        estimate.fits_checkpointed = max(estimate.total_checkpointed, estimate.startup) <= budget
+        # on a CPU cluster the "device" is host memory: offloading frees none of it
+        resident = host if cfg.cluster.accelerator == "cpu" else 0
+        estimate.fits = max(estimate.total + resident, estimate.startup) <= budget
+        estimate.fits_checkpointed = (
+            max(estimate.total_checkpointed + resident, estimate.startup) <= budget
+        )
         estimates.append(estimate)
     return estimates
 
@@ -467,9 +605,7 @@ def largest_micro_batches(cfg: KilnConfig, counts: ParamCounts) -> dict[str, Any
     """The largest micro-batch each strategy fits in the device, without and with activation
     checkpointing (0: not even one sequence), among the divisors of the per-rank batch: the
     micro-batches that keep the global batch (`data.micro_batch_size=0` takes its engine's)."""
-    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    ranks //= max(1, getattr(cfg.engine, "context_parallel", 1))
-    per_rank = max(1, cfg.data.global_batch_size // max(1, ranks))
+    per_rank = max(1, cfg.data.global_batch_size // max(1, data_parallel_ranks(cfg)))
     largest = {strategy: {"plain": 0, "checkpointed": 0} for strategy in STRATEGIES}
     for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
         sized = replace(cfg, data=replace(cfg.data, micro_batch_size=micro))
@@ -490,6 +626,25 @@ def compute_optimal(compute_flops: float, tokens_per_param: float) -> tuple[floa
     """(parameters, tokens) that spend `compute_flops` optimally, with C = 6 N D and D = r N."""
     params = math.sqrt(compute_flops / (6.0 * tokens_per_param))
     return params, tokens_per_param * params
+
+
+def training_tokens(
+    cfg: KilnConfig, tokens_per_step: float, chinchilla: float
+) -> tuple[float, str]:
+    """The tokens the time estimate is for, and their source: `plan.tokens`, else
+    `trainer.max_tokens`, else `trainer.max_steps` steps of the global batch when the config
+    sets it, else Chinchilla's."""
+    if cfg.plan.tokens:
+        return float(cfg.plan.tokens), "plan.tokens"
+    if cfg.trainer.max_tokens:
+        return float(cfg.trainer.max_tokens), "trainer.max_tokens"
+    # trainer.max_steps has a working default (a short run), not a "not set" value: one that
+    # differs from the schema's is the run's length (e.g. experiment=gpt2_124m's 19073 steps),
+    # the default is no length given. A max_steps set to the default itself reads as unset:
+    # plan.tokens gives the tokens then.
+    if cfg.trainer.max_steps != TrainerConfig.max_steps:
+        return float(cfg.trainer.max_steps * tokens_per_step), "trainer.max_steps"
+    return chinchilla, "chinchilla"
 
 
 @dataclass
@@ -518,7 +673,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
     """Assemble the plan for a validated config."""
     model, cluster, data = cfg.model, cfg.cluster, cfg.data
     counts = count_parameters(model)
-    ranks = cluster.nodes * cluster.gpus_per_node
+    ranks, data_parallel = ranks_of(cfg), data_parallel_ranks(cfg)
     if isinstance(model, EncoderDecoderConfig):
         enc_len, dec_len = encoder_decoder_lengths(cfg)
         flops = training_flops(model, enc_len, dec_len)
@@ -542,15 +697,14 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "compute_optimal_params": optimal_params,
             "compute_optimal_tokens": tokens,
         }
-    if cfg.plan.tokens:
-        tokens, source = float(cfg.plan.tokens), "plan.tokens"
-    elif cfg.trainer.max_tokens:
-        tokens, source = float(cfg.trainer.max_tokens), "trainer.max_tokens"
-    else:
-        tokens, source = optimal_tokens, "chinchilla"
+    tokens, source = training_tokens(cfg, tokens_per_step, optimal_tokens)
     total_flops = flops.per_token * tokens
     cluster_flops = ranks * cluster.peak_tflops * 1e12 * cfg.plan.mfu
     seconds = total_flops / cluster_flops
+    scaling |= {
+        "chinchilla_steps": math.ceil(optimal_tokens / tokens_per_step),
+        "chinchilla_seconds": scaling["chinchilla_flops"] / cluster_flops,
+    }
     return Plan(
         model={
             "name": model.name,
@@ -569,12 +723,15 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "peak_tflops": cluster.peak_tflops,
             "precision": precision_bytes(cfg).name,
             "strategy": plan_strategy(cfg.engine),  # the memory row of this config's engine
+            "strategy_label": row_label(cfg, plan_strategy(cfg.engine)),  # as the row prints it
         },
         batch=seq
         | {
             "global_batch_size": data.global_batch_size,
             "micro_batch_size": data.micro_batch_size,
-            "grad_accumulation": data.global_batch_size // (data.micro_batch_size * ranks),
+            "data_parallel_ranks": data_parallel,
+            "context_parallel": context_parallel(cfg),
+            "grad_accumulation": data.global_batch_size // (data.micro_batch_size * data_parallel),
             "tokens_per_step": tokens_per_step,
         },
         flops={
@@ -629,11 +786,22 @@ def human(value: float, unit: str = "") -> str:
 
 
 def format_duration(seconds: float) -> str:
+    """In the largest unit that the duration reaches: 45 s -> '45 seconds'."""
     if seconds >= 86400:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} hours"
-    return f"{seconds / 60:.1f} minutes"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} minutes"
+    return f"{seconds:.3g} seconds"
+
+
+def micro_batches(largest: dict[str, int]) -> str:
+    """One strategy's largest micro-batches, plain / checkpointed: "8 / 16", "none / 4", or
+    "none fits" when not one sequence fits either way."""
+    if not largest["plain"] and not largest["checkpointed"]:
+        return "none fits"
+    return " / ".join(str(largest[kind] or "none") for kind in ("plain", "checkpointed"))
 
 
 def render_table(plan: Plan) -> str:
@@ -658,10 +826,15 @@ def render_table(plan: Plan) -> str:
         f"{c['gpu_memory_gib']:g} GiB, {c['peak_tflops']:g} TFLOP/s peak, {c['precision']}",
     )
     lengths = ", ".join(f"{k}={v}" for k, v in b.items() if k.endswith("seq_len"))
+    split = ""
+    if b["context_parallel"] > 1:
+        split = (f" on {b['data_parallel_ranks']} data-parallel ranks (context_parallel="
+                 f"{b['context_parallel']}: {b['seq_len'] // b['context_parallel']} tokens of "
+                 "each sequence per rank)")  # fmt: skip
     summary.add_row(
         "batch",
         f"{lengths}; global {b['global_batch_size']} seqs = {human(b['tokens_per_step'])} tokens/step; "
-        f"micro {b['micro_batch_size']} x grad-accum {b['grad_accumulation']}",
+        f"micro {b['micro_batch_size']} x grad-accum {b['grad_accumulation']}{split}",
     )
     summary.add_row(
         "FLOPs/token",
@@ -670,7 +843,8 @@ def render_table(plan: Plan) -> str:
     summary.add_row(
         "Chinchilla",
         f"{human(s['chinchilla_tokens'])} tokens ({s['tokens_per_param']:g}/param), "
-        f"{s['chinchilla_flops']:.3g} FLOPs",
+        f"{s['chinchilla_flops']:.3g} FLOPs, {s['chinchilla_steps']:,} steps: "
+        f"{format_duration(s['chinchilla_seconds'])}",
     )
     if "compute_optimal_params" in s:
         summary.add_row(
@@ -708,8 +882,9 @@ def render_table(plan: Plan) -> str:
         memory.add_column(column, justify="left" if column == "strategy" else "right")
     ours = c.get("strategy")
     for e in plan.memory:
+        label = e.label or e.strategy
         memory.add_row(
-            f"{e.strategy} *" if e.strategy == ours else e.strategy,
+            f"{label} *" if e.strategy == ours else label,
             *(
                 f"{value / GIB:.2f}"
                 for value in (
@@ -733,12 +908,25 @@ def render_table(plan: Plan) -> str:
     console.print(f"Host memory: under FSDP2 and ZeRO-3, rank 0 builds the whole fp32 model "
                   f"({host / GIB:.2f} GiB) in host memory at start-up; the other ranks build "
                   "none of it.")  # fmt: skip
+    for e in plan.memory:
+        if e.offload:
+            what = {("optimizer",): "optimizer states and gradients", ("params",): "parameters",
+                    ("optimizer", "params"): "optimizer states, gradients and parameters",
+                    }[tuple(e.offload)]  # fmt: skip
+            console.print(
+                f"Offload ({e.label}): DeepSpeed keeps the {what} in host memory, out of the "
+                f"GPU figures above: {e.host / GIB:.2f} GiB per rank at the optimizer step's "
+                f"peak, {e.host_per_node / GIB:.2f} GiB of host memory per node "
+                f"({c['gpus_per_node']} ranks).",
+                soft_wrap=True,
+            )
     largest = plan.micro_batch["largest"]
+    labels = {e.strategy: e.label or e.strategy for e in plan.memory}
     console.print(
         f"Largest micro-batch that fits, of the divisors of {plan.micro_batch['per_rank']} "
         "sequences per rank (without / with activation checkpointing; "
         "data.micro_batch_size=0 takes its engine's): "
-        + ", ".join(f"{s} {v['plain']} / {v['checkpointed']}" for s, v in largest.items())
+        + ", ".join(f"{labels[s]} {micro_batches(v)}" for s, v in largest.items())
         + ".",
         soft_wrap=True,
     )

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import ConfigError, KilnConfig, build_config, register_configs
+from pretrain.config import (
+    ConfigError,
+    DecoderConfig,
+    KilnConfig,
+    build_config,
+    register_configs,
+)
 from pretrain.models.accounting import count_parameters, training_flops
 from pretrain.objectives import span_corruption_lengths
 from pretrain.plan import (
     GIB,
+    MemoryEstimate,
     PrecisionBytes,
     activation_memory,
     buffer_memory,
@@ -21,10 +34,13 @@ from pretrain.plan import (
     chinchilla_tokens,
     compiled_loss,
     compute_optimal,
+    format_duration,
     largest_tensor,
     loss_compilation,
+    micro_batches,
     model_state_memory,
     precision_bytes,
+    render_table,
     startup_memory,
 )
 from pretrain.profiling import peak_tensor_bytes
@@ -46,6 +62,15 @@ def hydra_context() -> Iterator[None]:
 
 def config(*overrides: str) -> KilnConfig:
     return build_config(compose("plan", overrides=list(overrides)))
+
+
+def rows(cfg: KilnConfig) -> dict[str, MemoryEstimate]:
+    return {m.strategy: m for m in build_plan(cfg).memory}
+
+
+def table(cfg: KilnConfig) -> str:
+    """`kiln plan`'s table for a config, its runs of whitespace made one space."""
+    return " ".join(render_table(build_plan(cfg)).split())
 
 
 def test_zero_paper_worked_example() -> None:
@@ -266,6 +291,53 @@ def test_training_tokens_come_from_plan_then_trainer() -> None:
     assert build_plan(config("plan.tokens=1e9")).training["tokens"] == 1e9
     plan = build_plan(config("trainer.max_tokens=2000000000"))
     assert (plan.training["tokens"], plan.training["tokens_source"]) == (2e9, "trainer.max_tokens")
+    # plan.tokens, then trainer.max_tokens, come before a configured trainer.max_steps
+    plan = build_plan(config("plan.tokens=1e9", "trainer.max_steps=50"))
+    assert plan.training["tokens_source"] == "plan.tokens"
+    plan = build_plan(config("trainer.max_tokens=2000000000", "trainer.max_steps=50"))
+    assert plan.training["tokens_source"] == "trainer.max_tokens"
+    # the schema's max_steps (1000) is a default, not a run length: Chinchilla's tokens
+    assert build_plan(config()).training["tokens_source"] == "chinchilla"
+
+
+def test_time_is_for_the_steps_an_experiment_sets() -> None:
+    """experiment=gpt2_124m trains 19073 steps of 512 x 1024 tokens (~10B, nanoGPT's run): the
+    time line was Chinchilla's 2.49B tokens (4,749 steps, 11.2 minutes); Chinchilla's figure
+    stays on its own line."""
+    cfg = config("experiment=gpt2_124m")
+    plan = build_plan(cfg)
+    tokens = 19073 * 512 * 1024
+    assert plan.training["tokens"] == tokens
+    assert plan.training["tokens_source"] == "trainer.max_steps"
+    assert plan.training["steps"] == 19073
+    assert plan.training["seconds"] == pytest.approx(
+        plan.flops["per_token"] * tokens / (8 * 989e12 * 0.4)
+    )
+    assert plan.scaling["chinchilla_steps"] == 4749
+    assert plan.scaling["chinchilla_seconds"] == pytest.approx(
+        plan.scaling["chinchilla_flops"] / (8 * 989e12 * 0.4)
+    )
+    text = table(cfg)
+    assert "│ time │ 10B tokens (trainer.max_steps), 19,073 steps: 45.0 minutes" in text
+    assert (
+        "│ Chinchilla │ 2.49B tokens (20/param), 2.13e+18 FLOPs, 4,749 steps: 11.2 minutes" in text
+    )
+
+
+def test_tokens_per_param_must_be_positive() -> None:
+    for value in ("0", "-20"):
+        with pytest.raises(ConfigError, match=f"plan.tokens_per_param={float(value)} must be > 0"):
+            config(f"plan.tokens_per_param={value}")
+
+
+def test_durations_print_in_the_unit_they_reach() -> None:
+    assert format_duration(0.00829) == "0.00829 seconds"
+    assert format_duration(45.0) == "45 seconds"
+    assert format_duration(90.0) == "1.5 minutes"
+    assert format_duration(7200.0) == "2.0 hours"
+    assert format_duration(3 * 86400.0) == "3.0 days"
+    # 14 steps of the default tiny model on 8 GPUs printed as "0.0 minutes"
+    assert "14 steps: 0.00829 seconds" in table(config("plan.compute_flops=5.88e23"))
 
 
 def test_cpu_cluster_plans_fp32() -> None:
@@ -589,8 +661,6 @@ def test_micro_batch_zero_picks_the_largest_that_the_plan_fits() -> None:
                            for c in ("false", "true"))  # fmt: skip
     assert checkpointed.data.micro_batch_size > plain.data.micro_batch_size > 1
     # the plan lists the same choice for every strategy (JSON and table)
-    from pretrain.plan import render_table
-
     plan = build_plan(plain)
     assert plan.micro_batch["per_rank"] == 128
     assert plan.micro_batch["largest"]["fsdp"] == {
@@ -607,3 +677,186 @@ def test_micro_batch_zero_picks_the_largest_that_the_plan_fits() -> None:
     assert chosen("engine=fsdp", "cluster.gpu_memory_gib=1").data.micro_batch_size == 1
     with pytest.raises(ConfigError, match="global_batch_size=12 to be a multiple of the 8 data"):
         chosen("data.global_batch_size=12")
+
+
+def test_largest_micro_batch_says_when_none_fits() -> None:
+    assert micro_batches({"plain": 0, "checkpointed": 0}) == "none fits"
+    assert micro_batches({"plain": 0, "checkpointed": 4}) == "none / 4"
+    assert micro_batches({"plain": 2, "checkpointed": 8}) == "2 / 8"
+    # DDP's 8B model states alone are 128 GB: was "zero0 0 / 0"
+    text = table(config("model=llama_8b", "cluster.nodes=8"))
+    assert "takes its engine's): zero0 none fits, zero1 8 / 8," in text
+
+
+LLAMA_8B_PSI = 8_030_261_248
+
+
+def test_hsdp_shards_within_a_node() -> None:
+    """engine=hsdp on 8 nodes (replicate_degree=${cluster.nodes}): FSDP2 shards over the 8
+    ranks of a node and replicates across nodes, so a rank holds 16 Psi / 8 (14.96 GiB), not
+    16 Psi / 64 (1.87 GiB, as engine=fsdp does)."""
+    hsdp = config("model=llama_8b", "engine=hsdp", "cluster.nodes=8")
+    assert hsdp.engine.replicate_degree == 8
+    row = rows(hsdp)["fsdp"]
+    psi = LLAMA_8B_PSI
+    assert (row.weights, row.gradients, row.optimizer) == (4 * psi // 8, 4 * psi // 8, 8 * psi // 8)
+    assert row.model_states / GIB == pytest.approx(14.96, abs=0.01)
+    assert row.startup == 4 * -(-psi // 8) + 4 * largest_tensor(hsdp.model)  # its shards
+    assert row.label == "hsdp (shard 8)"
+    fsdp = rows(config("model=llama_8b", "engine=fsdp", "cluster.nodes=8"))["fsdp"]
+    assert fsdp.model_states == 16 * psi // 64 and fsdp.label == "fsdp"
+    # the run's row is marked and named alike in the table and the JSON
+    plan = build_plan(hsdp)
+    assert (plan.cluster["strategy"], plan.cluster["strategy_label"]) == ("fsdp", "hsdp (shard 8)")
+    assert plan.to_json()["memory"]["fsdp"]["label"] == "hsdp (shard 8)"
+    assert "│ hsdp (shard 8) * │ 3.74 │ 3.74 │ 7.48 │" in table(hsdp)
+    # data.micro_batch_size=0 picks from the HSDP figures: on 64 GiB GPUs 8 sequences fit
+    # under FSDP (56 GiB) but not under HSDP (69 GiB, more than 64 less the 10% reserve)
+    chosen = {engine: config("model=llama_8b", f"engine={engine}", "cluster.nodes=8",
+                             "cluster.gpu_memory_gib=64", "data.micro_batch_size=0")
+              for engine in ("fsdp", "hsdp")}  # fmt: skip
+    assert chosen["fsdp"].data.micro_batch_size == 8
+    assert chosen["hsdp"].data.micro_batch_size == 4
+    assert rows(chosen["hsdp"])["fsdp"].fits
+
+
+def test_offloaded_states_leave_the_gpu_for_host_memory() -> None:
+    """engine=zero3_offload: the run's row holds no parameter, gradient or optimizer partition
+    on the GPU (was the plain ZeRO-3 row: 0.23 / 0.23 / 1.40 GiB); they and the host-side step
+    are a host-memory figure, per rank and per node."""
+    cfg = config("model=llama_8b", "engine=zero3_offload", "cluster.nodes=8")
+    memory = rows(cfg)
+    row, psi = memory["zero3"], LLAMA_8B_PSI
+    partition = -(-psi // 64)
+    assert (row.weights, row.gradients, row.optimizer) == (0, 0, 0)
+    assert row.total == row.buffers + row.activations
+    assert (row.label, row.offload) == ("zero3+offload", ["optimizer", "params"])
+    # fp32 master, Adam m and v (12), the fp32 gradient partition (4) and its bf16 buffer (2),
+    # AdamW's two fp32 temporaries on the host (8), the bf16 parameter partition (2)
+    assert row.host == 28 * partition
+    assert row.host_per_node == 8 * row.host
+    # the other rows are the preset engines: nothing offloaded
+    plain = rows(config("model=llama_8b", "engine=zero3", "cluster.nodes=8"))["zero3"]
+    assert memory["zero2"].host == 0 and memory["zero2"].label == "zero2"
+    assert row.total < plain.total and plain.host == 0
+    assert build_plan(cfg).to_json()["memory"]["zero3"]["host_per_node"] == row.host_per_node
+    text = table(cfg)
+    assert "│ zero3+offload * │ 0.00 │ 0.00 │ 0.00 │" in text
+    assert ("Offload (zero3+offload): DeepSpeed keeps the optimizer states, gradients and "
+            "parameters in host memory, out of the GPU figures above: 3.27 GiB per rank at the "
+            "optimizer step's peak, 26.18 GiB of host memory per node (8 ranks).") in text  # fmt: skip
+
+
+def test_optimizer_offload_decides_the_fit() -> None:
+    """engine=zero2_offload on 8 x 40 GiB: the bf16 weights stay on each GPU, the optimizer
+    state and gradient partition go to the host, and with activation checkpointing it fits
+    (32 GiB) where ZeRO-2 does not (47 GiB)."""
+    cfg = config("model=llama_8b", "engine=zero2_offload", "cluster.gpu_memory_gib=40")
+    row, psi = rows(cfg)["zero2"], LLAMA_8B_PSI
+    partition = -(-psi // 8)
+    assert (row.weights, row.gradients, row.optimizer) == (2 * psi, 0, 0)
+    # two reduce buckets and the all-reduce's copy, and the largest parameter's gradient on its
+    # way to the host; no step on the GPU
+    bucket = 200_000_000
+    assert row.buffers == 3 * 2 * bucket + 2 * largest_tensor(cfg.model)
+    assert row.host == 26 * partition  # no parameters offloaded
+    assert row.offload == ["optimizer"]
+    assert row.fits_checkpointed and row.total_checkpointed / GIB == pytest.approx(32.1, abs=0.05)
+    plain = rows(config("model=llama_8b", "engine=zero2", "cluster.gpu_memory_gib=40"))["zero2"]
+    assert not plain.fits_checkpointed
+    # a fused AdamW (optim.fused=true) steps without the temporaries
+    fused = rows(config("model=llama_8b", "engine=zero2_offload", "optim.fused=true"))["zero2"]
+    assert fused.host == 18 * partition
+    assert "Offload (zero2+offload): DeepSpeed keeps the optimizer states and gradients in" in (
+        table(cfg)
+    )
+
+
+def test_offload_on_a_cpu_cluster_frees_no_memory() -> None:
+    """On CPU ranks the host memory is the ranks' memory: `fits` counts what is offloaded."""
+    cfg = config(*BENCH_MODEL, "cluster=local_cpu", "engine=zero2_offload",
+                 "cluster.gpu_memory_gib=1.45", "data.global_batch_size=4",
+                 "data.micro_batch_size=2")  # fmt: skip
+    row = rows(cfg)["zero2"]
+    budget = 1.45 * GIB * 0.9
+    assert row.host > 0 and row.total <= budget < row.total + row.host
+    assert not row.fits
+    assert row.fits_checkpointed == (row.total_checkpointed + row.host <= budget) is True
+
+
+def test_context_parallelism_splits_the_batch_and_each_row() -> None:
+    """engine.context_parallel=2 on 8 ranks: 4 data-parallel ranks, so 512 sequences of micro 8
+    take 16 accumulation steps (the trainer's `global / (micro * world / cp)`; was 8), and a
+    rank keeps activations for 4096 of each row's 8192 tokens, plus the other half's keys and
+    values, gathered for attention (was 8192 tokens' worth: 179.44 GiB, now 90.72)."""
+    overrides = ("model=llama_1b", "engine=ddp", "data.seq_len=8192")
+    cfg = config(*overrides, "engine.context_parallel=2")
+    plan = build_plan(cfg)
+    assert plan.batch["data_parallel_ranks"] == 4 and plan.batch["context_parallel"] == 2
+    assert plan.batch["grad_accumulation"] == 512 // (8 * 4) == 16
+    assert plan.micro_batch["per_rank"] == 128
+    half = config("model=llama_1b", "engine=ddp", "data.seq_len=4096")
+    model = cfg.model
+    # a block's gathered keys and values of the other 4096 tokens, bf16; checkpointing keeps
+    # one block's at a time
+    gathered = 8 * 4096 * 2 * model.resolved_kv_heads * model.resolved_head_dim * 2
+    full, checkpointed = activation_memory(half, 2)
+    assert activation_memory(cfg, 2) == (full + model.n_layers * gathered, checkpointed + gathered)
+    zero0 = {m.strategy: m for m in plan.memory}["zero0"]
+    assert zero0.activations == activation_memory(cfg, 2)[0]
+    assert zero0.activations / GIB == pytest.approx(90.72, abs=0.01)
+    whole = rows(config(*overrides))["zero0"]
+    assert whole.activations / GIB == pytest.approx(179.44, abs=0.01)
+    text = table(cfg)  # the line wraps in its cell
+    assert "micro 8 x grad-accum 16 on 4 data-parallel ranks" in text
+    assert "(context_parallel=2: 4096 tokens of each sequence per rank)" in text
+
+
+CP_WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def context_parallel_peak(rank: int, port: int, model: DecoderConfig, seq_len: int,
+                          result: str) -> None:  # fmt: skip
+    """One rank of a context-parallel forward and backward: its peak live tensor bytes."""
+    from pretrain.engine import lm_loss
+    from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
+    from pretrain.models import build_model
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=CP_WORLD)
+    torch.manual_seed(0)
+    split = apply_context_parallel(build_model(model))
+    ids = torch.randint(
+        0, model.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1)
+    )
+    batch = shard_sequence({"input_ids": ids, "labels": ids}, rank, CP_WORLD)
+    lm_loss(split, batch).backward()  # gradients exist, as in every step after the first
+    peak = peak_tensor_bytes(lambda: lm_loss(split, batch).backward())
+    Path(f"{result}.{rank}").write_text(json.dumps(peak))
+    dist.destroy_process_group()
+
+
+def test_context_parallel_activations_match_a_measured_peak(tmp_path: Path) -> None:
+    """Each of 2 gloo ranks holding half of every 512-token row peaks within 10% of the plan's
+    activations under engine.context_parallel=2 (half those of the whole row)."""
+    cfg = config("model=tiny_decoder", "model.vocab_size=32000", "data.seq_len=512",
+                 "data.micro_batch_size=2", "cluster=local_cpu", "engine=ddp",
+                 "engine.context_parallel=2")  # fmt: skip
+    result = str(tmp_path / "peak")
+    mp.spawn(context_parallel_peak, args=(free_port(), cfg.model, 512, result), nprocs=CP_WORLD,
+             join=True)  # fmt: skip
+    estimate = activation_memory(cfg, 4)[0]
+    whole = activation_memory(config("model=tiny_decoder", "model.vocab_size=32000",
+                                     "data.seq_len=512", "data.micro_batch_size=2",
+                                     "cluster=local_cpu"), 4)[0]  # fmt: skip
+    assert estimate < 0.6 * whole
+    for rank in range(CP_WORLD):
+        peak = json.loads(Path(f"{result}.{rank}").read_text())
+        assert peak == pytest.approx(estimate, rel=0.10), rank
