@@ -22,7 +22,9 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 # how long rank 0 waits for a lock held elsewhere: a requeued job's predecessor on another node
-# may hold it until its file server notices (an NFSv4 lease: 90 s)
+# may hold it until its file server notices (an NFSv4 lease: 90 s); KILN_RUN_LOCK_WAIT=S sets
+# it for a file system with another lease time
+WAIT_ENV = "KILN_RUN_LOCK_WAIT"
 WAIT_SECONDS = 120.0
 
 
@@ -67,9 +69,12 @@ def holder_of(run_dir: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
-def hold(run_dir: str | Path, wait_seconds: float = WAIT_SECONDS) -> Iterator[None]:
+def hold(run_dir: str | Path, wait_seconds: float | None = None) -> Iterator[None]:
     """Hold `run_dir`'s lock for the `with` block (rank 0, while it trains); waits up to
-    `wait_seconds` for another holder to let go, then raises RunDirBusy."""
+    `wait_seconds` (default: $KILN_RUN_LOCK_WAIT, else WAIT_SECONDS) for another holder to
+    let go, then raises RunDirBusy."""
+    if wait_seconds is None:
+        wait_seconds = float(os.environ.get(WAIT_ENV) or WAIT_SECONDS)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -139,7 +140,6 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
     import torch
     import torch.distributed as dist
 
-    from pretrain.run_lock import hold
     from pretrain.trainer import train
 
     if cfg.cluster.accelerator == "cpu":
@@ -148,8 +148,7 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
         tune_cpu_malloc()
     try:
         context = init_distributed(cfg)
-        # rank 0 holds the run directory while it trains (pretrain/run_lock.py)
-        with hold(cfg.trainer.run_dir) if context.rank == 0 else contextlib.nullcontext():
+        with run_dir_held(cfg.trainer.run_dir, context.rank):
             return train(cfg, context)
     except user_errors() as error:
         if not one_line_errors:
@@ -351,6 +350,33 @@ def local_torchrun_command(world: int, config_path: Path) -> list[str]:
         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
         "-m", "pretrain.train", str(config_path),
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def run_dir_held(run_dir: str | Path, rank: int) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock while the ranks train (pretrain/run_lock.py), and
+    the other ranks wait until it has it: no rank looks for a checkpoint to resume before the
+    directory is this run's (a rank that went ahead while rank 0 waited for another job's lock
+    started from another step, and the ranks' collectives no longer matched). A refusal
+    reaches every rank, each of which raises it."""
+    import torch.distributed as dist
+
+    from pretrain.run_lock import RunDirBusy, hold
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(hold(run_dir))
+            except RunDirBusy as error:
+                refused = str(error)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            said = [refused]
+            dist.broadcast_object_list(said, src=0)
+            refused = said[0]
+        if refused is not None:
+            raise RunDirBusy(refused)
+        yield
 
 
 def user_errors() -> tuple[type[Exception], ...]:

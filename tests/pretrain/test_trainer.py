@@ -306,6 +306,35 @@ def test_a_run_directory_in_use_is_refused_before_any_rank_starts(
     assert result.stderr == f"kiln train: trainer.run_dir={a_file} is a file, not a directory\n"
 
 
+def test_ranks_a_launcher_starts_wait_for_rank_0s_lock(corpus: Path, tmp_path: Path) -> None:
+    """Ranks a launcher starts itself (a Slurm job step, Ray Train's workers) skip `kiln
+    train`'s preflight: rank 0 waits for the run directory's lock, and the other ranks wait
+    for rank 0 (one that went ahead resumed from another step than rank 0 did, and their
+    collectives never matched); a lock still held after $KILN_RUN_LOCK_WAIT reaches every
+    rank, each of which says it in one line, and nothing is written."""
+    from hydra import compose, initialize_config_module
+
+    from pretrain.config import build_config, register_configs
+    from pretrain.run_lock import hold
+    from pretrain.train import write_run_config
+
+    register_configs()
+    run_dir = tmp_path / "run"
+    with initialize_config_module("hydra_conf", version_base="1.3"):
+        cfg = build_config(compose("train", train_args(corpus, run_dir, "cluster.gpus_per_node=2")))
+    config = write_run_config(cfg, tmp_path / "launch")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "pretrain.train", str(config)]  # fmt: skip
+    with hold(run_dir):  # another job training there
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, env=os.environ | {"KILN_RUN_LOCK_WAIT": "2"})  # fmt: skip
+    assert result.returncode != 0
+    for rank in (0, 1):
+        said = f"kiln train: rank {rank}: trainer.run_dir={run_dir} is in use by another training"
+        assert said in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
 @pytest.mark.skipif(not no_gpu(), reason="this machine has a GPU")
 def test_a_cuda_run_on_a_machine_without_a_gpu_is_refused(corpus: Path, tmp_path: Path) -> None:
     """cluster=local (8 x H100) on a CPU machine trained its 8 ranks on the CPU instead, at a
