@@ -155,6 +155,9 @@ class CheckpointManager:
         self.model = model
         # copied into every checkpoint (rank 0), so `kiln export` of one finds its tokenizer
         self.tokenizer: Path | None = None
+        # the run's resolved config, recorded in trainer.json ("config"): a resume with other
+        # settings says which
+        self.run_config: dict[str, Any] | None = None
         self.rank, self.world = rank_and_world()
         self._writer: threading.Thread | None = None  # the background save in flight
         self._failure: tuple[str, BaseException] | None = None
@@ -186,8 +189,12 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         record = self.model.as_dict() if self.model is not None else {}
+        if self.run_config is not None:
+            record = record | {"config": self.run_config}
         payload = json.dumps(
-            trainer_state | record | {"step": step, "world_size": self.world}, indent=1
+            trainer_state | record | {"step": step, "world_size": self.world},
+            indent=1,
+            default=str,
         )
         if background:
             if self._group is None and dist.is_initialized():  # collective: every rank

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,3 +160,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     the number of optimizer steps taken, and the groups' `lr` is the next step's rate.
     """
     return LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+
+# what `load_state_dict` brings back from a checkpoint into each parameter group, and this
+# run's config decides instead (the learning rate follows from the schedule's base rates)
+GROUP_SETTINGS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def optimizer_settings(scheduler: LambdaLR) -> tuple[list[dict[str, Any]], list[float]]:
+    """This run's hyperparameters of each parameter group and the schedule's base rates, taken
+    before a checkpoint's state is loaded over them (`apply_settings`)."""
+    groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in scheduler.optimizer.param_groups]
+    return groups, list(scheduler.base_lrs)
+
+
+def apply_settings(scheduler: LambdaLR, settings: tuple[list[dict[str, Any]], list[float]]) -> None:
+    """After a resume: the optimizer's hyperparameters and the schedule's base rates are this
+    run's config's again, not the checkpoint's (which the optimizer's and `LambdaLR`'s
+    `load_state_dict` restore), and each group's learning rate is the schedule's at the step
+    the run stands at. With the same config nothing changes, bit for bit (the same product
+    `LambdaLR` computes)."""
+    groups, base_lrs = settings
+    for group, ours in zip(scheduler.optimizer.param_groups, groups, strict=True):
+        group.update(ours)
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, multiplier in zip(scheduler.optimizer.param_groups, base_lrs,
+                                       scheduler.lr_lambdas, strict=True):  # fmt: skip
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -164,6 +164,7 @@ def train(cfg: Any, context: Any) -> int:
     sharded = sharded_build(cfg.engine) is not None
     # unwrapped: the names and shapes each checkpoint records and `load` checks
     checkpoints.model = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)
+    checkpoints.run_config = dataclasses.asdict(cfg)
     if cp > 1:
         from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
 
@@ -194,14 +195,19 @@ def train(cfg: Any, context: Any) -> int:
     del weights, target  # rank 0's host copy: the engine holds its own shards now
     state = TrainState()
     if resume_from is not None:
+        from pretrain.optim import apply_settings, optimizer_settings
+
+        ours = optimizer_settings(engine.scheduler)
         saved = checkpoints.load(engine, resume_from)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+        was = engine.scheduler.get_last_lr()[0]
+        apply_settings(engine.scheduler, ours)  # this run's optim settings, not the checkpoint's
+        if rank == 0:
+            _say_changes(cfg, resume_from, saved, state, was, engine.scheduler.get_last_lr()[0])
     loader_state = LoaderState.from_dict(state.loader) if state.loader else None
     # a longer (or shorter) data.seq_len than the checkpoint's: the loader re-counts what each
     # source gave in samples of the new length (context extension; see LoaderState.seq_len)
     saved_seq_len = loader_state.seq_len if loader_state is not None else None
-    if resume_from is not None and rank == 0:
-        _say_schedule_change(cfg, state)
     state.max_steps = trainer.max_steps
     remaining = max(0, trainer.max_steps - state.step)
     if resume_from is not None and not remaining and rank == 0:
@@ -408,26 +414,38 @@ def _log_written(checkpoints: CheckpointManager, logger: Any, step: int) -> None
                         "path": str(path), "seconds": seconds})  # fmt: skip
 
 
-def _say_schedule_change(cfg: Any, state: TrainState) -> None:
-    """A run resumed with another trainer.max_steps follows the schedule drawn for the new
-    length from where it stands (`pretrain.optim`): said in one line when that moves the
-    learning rate, as extending a finished cosine run warms it back up."""
-    from pretrain.optim import lr_lambda
+# settings whose change since a checkpoint is expected of a resume, or says nothing about it
+SAME_RUN_ANYWAY = ("trainer.resume", "trainer.run_dir", "launch.")
 
-    before, now = state.max_steps, cfg.trainer.max_steps
-    if not before or before == now or state.step >= now:
-        return
-    was = cfg.optim.lr * lr_lambda(cfg.optim, before)(state.step)
-    becomes = cfg.optim.lr * lr_lambda(cfg.optim, now)(state.step)
-    if math.isclose(was, becomes, rel_tol=0.01):
-        return
-    hint = (" (optim.schedule=wsd holds the learning rate until its final decay, for runs "
-            "that may be extended)" if cfg.optim.schedule != "wsd" else "")  # fmt: skip
-    sys.stderr.write(
-        f"kiln train: trainer.max_steps {before} -> {now} since the checkpoint: the "
-        f"{cfg.optim.schedule} schedule is drawn for {now} steps, so the learning rate at step "
-        f"{state.step} goes from {was:.3g} to {becomes:.3g}{hint}\n"
-    )
+
+def _say_changes(cfg: Any, path: Path, saved: dict[str, Any], state: TrainState, was: float,
+                 becomes: float) -> None:  # fmt: skip
+    """A resume with settings other than the checkpoint's (a relaunch, a sweep point continued
+    in its old directory): which, in one line (this run's apply from here on: the optimizer's
+    hyperparameters and the schedule too), and the learning rate's jump, in another, when it
+    moves (extending a finished cosine run warms it back up)."""
+    from pretrain.preflight import config_differences
+
+    if isinstance(saved.get("config"), dict):
+        here = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as recorded
+        changed = [c for c in config_differences(saved["config"], here, prefix="")
+                   if not c[1:].startswith(SAME_RUN_ANYWAY)]  # fmt: skip
+        if changed:
+            more = f", and {len(changed) - 8} more" if len(changed) > 8 else ""
+            sys.stderr.write(
+                f"kiln train: resuming {path.name} with settings changed since it was saved: "
+                f"{', '.join(c[1:] for c in changed[:8])}{more}; this run's apply from here\n"
+            )
+    if not math.isclose(was, becomes, rel_tol=0.01):
+        before, now = state.max_steps, cfg.trainer.max_steps
+        longer = bool(before) and before != now and cfg.optim.schedule != "wsd"
+        hint = (" (optim.schedule=wsd holds the learning rate until its final decay, for runs "
+                "that may be extended)" if longer else "")  # fmt: skip
+        sys.stderr.write(
+            f"kiln train: the learning rate at step {state.step} goes from {was:.3g} to "
+            f"{becomes:.3g} ({cfg.optim.schedule} schedule of optim.lr={cfg.optim.lr:g} over "
+            f"trainer.max_steps={now}){hint}\n"
+        )
     sys.stderr.flush()
 
 

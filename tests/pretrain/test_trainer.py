@@ -108,10 +108,15 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     longer = kiln_train(train_args(corpus, run_dir / "sweep-0", "trainer.max_steps=8"), tmp_path)
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert (
-        "kiln train: trainer.max_steps 5 -> 8 since the checkpoint: the cosine schedule is "
-        "drawn for 8 steps, so the learning rate at step 5 goes from 0.0003 to 0.00165 "
-        "(optim.schedule=wsd holds"
+        "kiln train: resuming step_00000005 with settings changed since it was saved: "
+        "logger.log_every=3 (now 1), optim.lr=0.001 (now 0.003), run_name=default-0 (now "
+        "default), trainer.max_steps=5 (now 8); this run's apply from here\n"
+        "kiln train: the learning rate at step 5 goes from 0.0001 to 0.00165 (cosine schedule "
+        "of optim.lr=0.003 over trainer.max_steps=8) (optim.schedule=wsd holds"
     ) in longer.stderr
+    records = (run_dir / "sweep-0" / "metrics.jsonl").read_text().splitlines()
+    rates = {r["step"]: r["lr"] for r in map(json.loads, records) if r.get("kind") == "train"}
+    assert rates[5] == pytest.approx(1e-4) and rates[8] == pytest.approx(3e-4)  # 0.1 x optim.lr
     report = subprocess.run([str(KILN), "report", f"report.run_dir={run_dir / 'sweep-0'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr
