@@ -438,7 +438,7 @@ def _say_changes(cfg: Any, path: Path, saved: dict[str, Any], state: TrainState,
             )
     if not math.isclose(was, becomes, rel_tol=0.01):
         before, now = state.max_steps, cfg.trainer.max_steps
-        longer = bool(before) and before != now and cfg.optim.schedule != "wsd"
+        longer = bool(before) and before != now and cfg.optim.schedule == "cosine"
         hint = (" (optim.schedule=wsd holds the learning rate until its final decay, for runs "
                 "that may be extended)" if longer else "")  # fmt: skip
         sys.stderr.write(
