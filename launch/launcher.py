@@ -43,7 +43,13 @@ def write_config(cfg: Any, directory: Path) -> Path:
 def write_command(directory: Path, command: list[str] | str, note: str = "") -> Path:
     """command.txt: how this launch was invoked and the exact command it runs."""
     runs = command if isinstance(command, str) else shlex.join(command)
-    text = f"# invoked\n{invoked_command()}\n# runs{f' ({note})' if note else ''}\n{runs}\n"
+    point = ""
+    if in_multirun():  # the invocation holds the whole sweep: this point's own overrides
+        from hydra.core.hydra_config import HydraConfig
+
+        point = f"# this sweep point's overrides\n{shlex.join(HydraConfig.get().overrides.task)}\n"
+    text = (f"# invoked\n{invoked_command()}\n{point}"
+            f"# runs{f' ({note})' if note else ''}\n{runs}\n")  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "command.txt"
     path.write_text(text)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -164,7 +165,8 @@ def sbatch_lines(cfg: Any, log_path: Path) -> list[str]:
         ("job-name", job_name(cfg)),
         ("nodes", cluster.nodes),
         ("ntasks-per-node", per_node),
-        ("cpus-per-task", cluster.cpus_per_task),
+        # cluster.cpus_per_task is per rank: a torchrun task runs a node's ranks
+        ("cpus-per-task", cluster.cpus_per_task * (cluster.gpus_per_node if torchrun else 1)),
         ("gpus-per-node", cluster.gpus_per_node if cluster.accelerator == "cuda" else None),
         ("time", cluster.time_limit),
         ("partition", cluster.partition),
@@ -215,8 +217,10 @@ def task_command(cfg: Any) -> tuple[str, str]:
             f"--ntasks-per-node={cluster.gpus_per_node} --kill-on-bad-exit=1{container}",
             '"$KILN_PYTHON" -m launch.slurm_task train "$KILN_CONFIG"',
         )
+    # kiln's torchrun: torchrun itself, without the traceback of its own stack when a rank
+    # fails or it is signalled (a scancel, a preemption), which buried the ranks' own lines
     command = (
-        '"$KILN_PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
+        '"$KILN_PYTHON" -m pretrain.torchrun --nnodes="$SLURM_JOB_NUM_NODES" '
         f"--nproc_per_node={cluster.gpus_per_node} --rdzv_backend=c10d "
         '--rdzv_endpoint="$KILN_HEAD_ADDR:$KILN_RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
         '--max_restarts=0 -m pretrain.train "$KILN_CONFIG"'
@@ -255,6 +259,7 @@ def render_script(cfg: Any, directory: Path, config_path: Path, log_path: Path) 
         "python": shlex.quote(cluster.python or sys.executable),
         "max_requeues": str(int(cluster.max_requeues)),
         "requeue_status": str(_requeue_status()),
+        "job": shlex.quote(cfg.job),
         "workdir": shlex.quote(str(Path.cwd())),
         "env_lines": "\n".join(env),
         "setup_lines": "\n".join(cluster.setup),
@@ -305,6 +310,89 @@ def job_state(job_id: str) -> str:
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
+# why a job is pending (squeue's %r) when it cannot start until the cluster's settings change:
+# more than the partition has or allows, a bad account or QOS
+NEVER_STARTS = {
+    "PartitionConfig": "it asks for more than the partition has (nodes, CPUs, GPUs, memory)",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows a job",
+    "PartitionTimeLimit": "its time limit is above the partition's",
+    "BadConstraints": "no node has the features and resources it asks for",
+    "InvalidAccount": "its account (cluster.account) is not valid here",
+    "InvalidQOS": "its QOS (cluster.qos) is not valid here",
+    "QOSMaxNodePerJobLimit": "it asks for more nodes than its QOS allows a job",
+    "QOSMaxWallDurationPerJobLimit": "its time limit is above its QOS's",
+}
+
+
+def pending_reason(job_id: str) -> str | None:
+    """Why the job waits (squeue's reason), or None when it is not pending."""
+    try:
+        result = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T %r"],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state, _, reason = result.stdout.strip().partition(" ")
+    reason = reason.strip()
+    if result.returncode != 0 or state != "PENDING" or reason in ("", "None"):
+        return None  # "None": the scheduler has not looked at it yet
+    return reason
+
+
+def queued_job(directory: Path) -> tuple[str, str] | None:
+    """(job id, state) of the Slurm job last submitted for `directory` while it is still queued
+    or running (it reads the directory's config.pkl when it starts, and at each requeue)."""
+    try:
+        job_id = (directory / "slurm" / "job_id").read_text().strip()
+    except OSError:
+        return None
+    if not job_id.isdigit():
+        return None
+    try:
+        result = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T"],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state = result.stdout.strip().split("\n")[0].strip()
+    if result.returncode != 0 or not state or state in TERMINAL:
+        return None
+    return job_id, state
+
+
+def submit_problems(cfg: Any, directory: Path) -> list[str]:
+    """What would make the job fail, or never start, found before anything is written or
+    submitted: a bad time limit, a warning that leaves no time to train, no sbatch here, a job
+    of this run directory still queued or running, and kiln train's own preflight (the run
+    directory, shards and checkpoint are on a file system the nodes share)."""
+    cluster = cfg.cluster
+    try:
+        limit = time_limit_minutes(cluster.time_limit) * 60
+    except ValueError:
+        return [f"cluster.time_limit={cluster.time_limit!r} is not a Slurm time (M, M:S, H:M:S, "
+                "D-H, D-H:M or D-H:M:S)"]  # fmt: skip
+    problems = []
+    if cfg.job == "train" and cluster.signal_seconds * 2 > limit:
+        problems.append(
+            f"cluster.signal_seconds={cluster.signal_seconds} is more than half of "
+            f"cluster.time_limit={cluster.time_limit} ({limit:.0f} s): every slice would be told "
+            "to checkpoint and requeue soon after it starts; lower cluster.signal_seconds or "
+            "raise cluster.time_limit"
+        )
+    if not cluster.dry_run and shutil.which("sbatch") is None:
+        problems.append("sbatch is not on PATH (not a Slurm submit host? `module load slurm`?); "
+                        "cluster.dry_run=true writes the script without submitting")  # fmt: skip
+    queued = None if cluster.dry_run else queued_job(directory)
+    if queued is not None:
+        job_id, state = queued
+        problems.append(
+            f"Slurm job {job_id} of {directory} is still {state} (slurm/job_id), and would run "
+            f"this launch's config: wait for it, `scancel {job_id}`, or launch into another "
+            f"{'trainer.run_dir' if cfg.job == 'train' else 'output_dir'}"
+        )
+    if cfg.job == "train" and not problems:
+        from pretrain.preflight import preflight
+
+        problems += preflight(cfg, on_this_machine=False)
+    return problems
 
 
 def launch(cfg: Any, directory: Path) -> int:
@@ -317,13 +405,16 @@ def launch(cfg: Any, directory: Path) -> int:
         print(f"kiln launch: cluster.launch_mode={cluster.launch_mode!r} is not 'torchrun' or "
               "'srun'", file=sys.stderr)  # fmt: skip
         return 1
+    problems = submit_problems(cfg, directory)
+    for problem in problems:
+        print(f"kiln launch: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     if cfg.job == "train" and cfg.trainer.checkpoint_minutes == 0:
-        try:
-            cfg.trainer.checkpoint_minutes = max(1.0, time_limit_minutes(cluster.time_limit) / 4)
-        except ValueError:
-            print(f"kiln launch: cluster.time_limit={cluster.time_limit!r} is not a Slurm time",
-                  file=sys.stderr)  # fmt: skip
-            return 1
+        cfg.trainer.checkpoint_minutes = max(1.0, time_limit_minutes(cluster.time_limit) / 4)
+    if cfg.job == "data" and cfg.ray.num_cpus is None:
+        # the job's Ray takes the allocation's CPUs, not every core of a shared node
+        cfg.ray.num_cpus = cluster.cpus_per_task
     slurm_dir = directory / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     log_path = (slurm_dir / "%x-%j.out").resolve()
@@ -356,8 +447,12 @@ def launch(cfg: Any, directory: Path) -> int:
     print(f"kiln launch: submitted Slurm job {job_id}")
     print(f"kiln launch: script {script_path}")
     print(f"kiln launch: log {log}")
-    print(f"kiln launch: state {job_state(job_id)} (squeue --jobs {job_id}; "
-          f"sacct --jobs {job_id}; scancel {job_id})")  # fmt: skip
+    state, reason = job_state(job_id), pending_reason(job_id)
+    print(f"kiln launch: state {state}{f' ({reason})' if reason else ''} (squeue --jobs "
+          f"{job_id}; sacct --jobs {job_id}; scancel {job_id})")  # fmt: skip
+    if reason in NEVER_STARTS:
+        print(f"kiln launch: job {job_id} will not start: {NEVER_STARTS[reason]} ({reason}); "
+              f"scancel {job_id} and launch with a request the cluster allows", file=sys.stderr)  # fmt: skip
     if not cfg.launch.wait:
         return 0
     if in_multirun():
@@ -378,6 +473,7 @@ def wait_for_jobs(job_ids: list[str]) -> int:
     Polled every 0.5 s at first, backing off to every 10 s: a short job's end is seen at
     once, a long one does not query the controller more than that."""
     pending, failed, delay = list(job_ids), 0, 0.5
+    reasons: dict[str, str | None] = {}
     while pending:
         for job_id in list(pending):
             state = job_state(job_id)
@@ -385,6 +481,17 @@ def wait_for_jobs(job_ids: list[str]) -> int:
                 print(f"kiln launch: job {job_id} ended: {state}", flush=True)
                 pending.remove(job_id)
                 failed += state != "COMPLETED"
+                continue
+            reason = pending_reason(job_id)
+            if reason != reasons.get(job_id) and reason is not None:
+                print(f"kiln launch: job {job_id} pending ({reason})", flush=True)
+            reasons[job_id] = reason
+            if reason in NEVER_STARTS:
+                print(f"kiln launch: job {job_id} will not start: {NEVER_STARTS[reason]} "
+                      f"({reason}); it stays queued: scancel {job_id}, and launch with a "
+                      "request the cluster allows", file=sys.stderr, flush=True)  # fmt: skip
+                pending.remove(job_id)
+                failed += 1
         if pending:
             time.sleep(delay)
             delay = min(10.0, delay * 1.5)

@@ -559,6 +559,8 @@ class SlurmClusterConfig(ClusterConfig):
     account: str | None = None
     qos: str | None = None
     time_limit: str = "01:00:00"
+    # CPUs per rank (in launch_mode=torchrun, the one task per node gets gpus_per_node times
+    # this); a data job's one task gets this many, and its Ray as many (ray.num_cpus)
     cpus_per_task: int = 8
     mem: str | None = None  # e.g. "0" for all memory on the node
     constraint: str | None = None

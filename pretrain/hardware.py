@@ -40,14 +40,23 @@ def peak_tflops_for(device_name: str) -> float | None:
     return None
 
 
-def resolve_peak_tflops(configured: float, cluster_value: float, device_name: str | None
-                        ) -> tuple[float, str]:  # fmt: skip
+# CPU ranks' figure when the cluster's is a GPU's (cluster=slurm or ray with
+# cluster.accelerator=cpu): cluster=local_cpu's, the order of a few cores' fp32 matmuls
+CPU_PEAK_TFLOPS = 0.1
+
+
+def resolve_peak_tflops(configured: float, cluster_value: float, device_name: str | None,
+                        cluster_device: str = "cpu") -> tuple[float, str]:  # fmt: skip
     """(peak TFLOP/s per device, where it came from) for MFU: `trainer.peak_tflops` when set
-    (> 0); else the table's figure for the device running (CUDA); else `cluster.peak_tflops`."""
+    (> 0); else the table's figure for the device running (CUDA); else `cluster.peak_tflops`,
+    unless the ranks run on CPUs (`device_name` None) and the cluster describes a GPU
+    (`cluster_device`, its gpu_name): an MFU against an H100's 989 TFLOP/s says nothing."""
     if configured > 0:
         return configured, "trainer.peak_tflops"
     if device_name:
         detected = peak_tflops_for(device_name)
         if detected is not None:
             return detected, f"detected {device_name}"
+    elif cluster_device.lower() != "cpu":
+        return CPU_PEAK_TFLOPS, f"CPU ranks (cluster.peak_tflops is a {cluster_device}'s)"
     return cluster_value, "cluster.peak_tflops"

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
-def preflight(cfg: Any) -> list[str]:
+def preflight(cfg: Any, on_this_machine: bool = True) -> list[str]:
     """What would stop every rank of this run at its start, found in the launching process:
-    a run directory another run trains in, a CUDA run on a machine without a GPU, the shards'
-    manifest (a local `data.path`: present, its tokenizer fits `model.vocab_size`,
-    `data.mixture` names its sources), the checkpoint to resume (complete; of this engine
-    family and model size), checkpoints a run with `trainer.resume=none` would overwrite, and
-    the `trainer.init_from` path of a run that starts afresh."""
+    a run directory another run trains in, a CUDA run on a machine without a GPU (when the
+    ranks run `on_this_machine`, not on a cluster's nodes), the shards' manifest (a local
+    `data.path`: present, its tokenizer fits `model.vocab_size`, `data.mixture` names its
+    sources), the checkpoint to resume (complete; of this engine family and model size),
+    checkpoints a run with `trainer.resume=none` would overwrite, and the `trainer.init_from`
+    path of a run that starts afresh."""
     from pretrain.data import remote
     from pretrain.data.manifest import DataError, open_manifest
     from pretrain.run_lock import busy
@@ -30,7 +31,7 @@ def preflight(cfg: Any) -> list[str]:
     in_use = busy(cfg.trainer.run_dir)
     if in_use:
         return [in_use]  # the other checks read what that run is writing
-    if cfg.cluster.accelerator == "cuda" and no_gpu():
+    if on_this_machine and cfg.cluster.accelerator == "cuda" and no_gpu():
         problems.append(
             f"cluster.accelerator=cuda ({cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} "
             f"{cfg.cluster.gpu_name}), but torch sees no CUDA device on this machine; on the "

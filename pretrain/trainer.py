@@ -224,6 +224,7 @@ def train(cfg: Any, context: Any) -> int:
         trainer.peak_tflops,
         cfg.cluster.peak_tflops,
         torch.cuda.get_device_name(context.device) if cuda else None,
+        cfg.cluster.gpu_name,
     )
     logger = MetricsLogger(cfg, run_dir, run_id=state.wandb_run_id) if rank == 0 else None
     if logger is not None:

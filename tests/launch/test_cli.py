@@ -211,7 +211,8 @@ def test_plan_and_the_launching_process_of_train_do_not_import_torch(tmp_path: P
     assert one[1:] == [f"PROBE False {tmp_path}/one/config.pkl", "PROBE False None"], one
     # `kiln launch` writing a Slurm job (the trainer's requeue status in it) imports no torch
     launch, _ = probe(tmp_path, "launch", "cluster=slurm", "cluster.dry_run=true",
-                      "model=tiny_decoder", "logger=none", f"trainer.run_dir={tmp_path}/job")  # fmt: skip
+                      "model=tiny_decoder", "logger=none", f"trainer.run_dir={tmp_path}/job",
+                      f"data.path={tmp_path}/shards")  # fmt: skip
     assert launch == ["PROBE False None"]
     assert "KILN_REQUEUE_STATUS=42\n" in (tmp_path / "job" / "slurm" / "job.sbatch").read_text()
 

@@ -239,17 +239,84 @@ def test_warned_job_checkpoints_requeues_and_matches_the_uninterrupted_run(
     assert losses(run_dir) == losses(two_task_run)  # bitwise, every step
 
 
+def test_scancel_ends_the_job_after_it_saves_without_requeueing(
+    slurm_cluster, corpus: Path, tmp_path: Path
+) -> None:
+    """`scancel JOB` (SIGTERM to the batch shell and the tasks): the ranks finish their step
+    and save, and the job stays cancelled; only Slurm's warning before the time limit (USR1)
+    requeues (the script requeued on any signal, so a scancel'd job came back, every time).
+    The log holds kiln's lines, not torchrun's traceback of its own stack."""
+    run_dir = tmp_path / "run"
+    result = kiln_launch(launch_args(corpus, run_dir, "trainer.max_steps=4000"), tmp_path,
+                         slurm_cluster.env())  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = submitted_job(run_dir)
+    wait_for((run_dir / "checkpoints" / "latest").is_file, 120, "the first checkpoint")
+    slurm_cluster.run("scancel", str(job))
+    wait_for(lambda: "not requeueing" in log_text(run_dir), 60, "the script's last line")
+    time.sleep(2)  # what a requeue would have done by now
+    show = slurm_cluster.run("scontrol", "show", "job", str(job)).stdout
+    assert "JobState=CANCELLED" in show and "Restarts=0" in show, show
+    log = log_text(run_dir)
+    assert "got SIGTERM (scancel, or a preemption)" in log and "exit status 42" in log
+    assert "requeueing job" not in log and "Traceback" not in log, log[-3000:]
+    saved = (run_dir / "checkpoints" / "latest").read_text()
+    assert json.loads((run_dir / "exit.json").read_text())["step"] == int(saved[5:])
+
+
+def test_launches_that_cannot_run_are_refused_before_anything_is_written(
+    slurm_cluster, corpus: Path, tmp_path: Path
+) -> None:
+    """Found before submitting: a time-limit warning that leaves no time to train, shards that
+    are not there (kiln train's preflight), and a job of the same run directory still queued
+    (it would start with the new launch's config.pkl); a request the partition can never
+    satisfy is said, not waited for forever."""
+    env = slurm_cluster.env()
+    short = kiln_launch(launch_args(corpus, tmp_path / "short", "cluster.time_limit=00:01:00"),
+                        tmp_path, env)  # fmt: skip
+    assert short.returncode == 1
+    assert ("kiln launch: cluster.signal_seconds=120 is more than half of "
+            "cluster.time_limit=00:01:00 (60 s)") in short.stderr  # fmt: skip
+    missing = kiln_launch(launch_args(tmp_path / "nowhere", tmp_path / "nodata"), tmp_path, env)
+    assert missing.returncode == 1 and f"{tmp_path / 'nowhere'}" in missing.stderr
+    assert not (tmp_path / "short").exists() and not (tmp_path / "nodata").exists()
+
+    run_dir = tmp_path / "queued"
+    later = "cluster.extra_sbatch=['--begin=now+600']"
+    first = kiln_launch(launch_args(corpus, run_dir, later), tmp_path, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = submitted_job(run_dir)
+    config = (run_dir / "config.pkl").read_bytes()
+    again = kiln_launch(launch_args(corpus, run_dir, "optim.lr=5e-2"), tmp_path, env)
+    assert again.returncode == 1
+    assert f"kiln launch: Slurm job {job} of {run_dir} is still PENDING" in again.stderr
+    assert (run_dir / "config.pkl").read_bytes() == config and submitted_job(run_dir) == job
+    slurm_cluster.run("scancel", str(job))
+
+    big = kiln_launch(launch_args(corpus, tmp_path / "big", "cluster.nodes=4", "launch.wait=true",
+                                  "data.global_batch_size=16"),
+                      tmp_path, env)  # fmt: skip
+    job = submitted_job(tmp_path / "big")
+    slurm_cluster.run("scancel", str(job))
+    assert big.returncode == 1, big.stdout[-2000:] + big.stderr[-2000:]
+    assert f"kiln launch: job {job} will not start: it asks for more" in big.stderr
+
+
 def test_guard_stops_requeueing_a_slice_without_progress(
     slurm_cluster, corpus: Path, tmp_path: Path
 ) -> None:
     """The script's forward-progress guard, with a stand-in for the trainer (cluster.python):
-    every task reports the requeue status without ever writing a checkpoint, so the job must
-    fail with the guard's message instead of requeueing forever."""
+    warned before the time limit, every task reports the requeue status without ever writing
+    a checkpoint, so the job must fail with the guard's message instead of requeueing
+    forever."""
     stand_in = tmp_path / "python"
     stand_in.write_text(
         "#!/bin/bash\n"
         'if [ "$1" = "-m" ]; then  # -m launch.slurm_task train CONFIG: "checkpoint" nothing\n'
-        '    echo \'{"exit_code": 42}\' > "$(dirname "$4")/exit.json"; exit 1\n'
+        '    out="$(dirname "$4")"\n'
+        '    trap \'echo "{\\"exit_code\\": 42}" > "$out/exit.json"; exit 1\' TERM\n'
+        '    touch "$out/started"\n'
+        "    while true; do sleep 0.2; done\n"
         "fi\n"
         f'exec {shlex.quote(sys.executable)} "$@"\n'
     )
@@ -259,6 +326,8 @@ def test_guard_stops_requeueing_a_slice_without_progress(
     result = kiln_launch(args, tmp_path, slurm_cluster.env())
     assert result.returncode == 0, result.stderr[-3000:]
     job = submitted_job(run_dir)
+    wait_for((run_dir / "started").is_file, 60, "the tasks")
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     assert slurm_cluster.wait(job, timeout=120) == "FAILED"
     log = log_text(run_dir)
     assert "exit status 42" in log and "forward-progress guard" in log
@@ -289,6 +358,9 @@ def test_multirun_submits_one_job_per_sweep_point(
         config = (run_dir / point / "config.yaml").read_text()
         assert f"  lr: {lr}\n" in config and f"run_name: default-{point[-1]}\n" in config
         assert sorted(losses(run_dir / point)) == [1, 2, 3, 4]
+        command = (run_dir / point / "command.txt").read_text().splitlines()
+        assert command[2] == "# this sweep point's overrides"
+        assert f" optim.lr={lr} " in command[3] and ",2e-3" not in command[3]
 
 
 def test_a_waited_sweep_fails_if_one_of_its_jobs_did_not_complete(

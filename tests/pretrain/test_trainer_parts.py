@@ -39,6 +39,10 @@ def test_peak_tflops_is_detected_for_known_gpus() -> None:
         "detected NVIDIA H100 PCIe",
     )
     assert resolve_peak_tflops(0.0, 0.1, None) == (0.1, "cluster.peak_tflops")  # CPU
+    # CPU ranks of a cluster preset that describes GPUs (cluster=slurm cluster.accelerator=cpu)
+    assert resolve_peak_tflops(0.0, 989.0, None, "H100-SXM") == (
+        0.1, "CPU ranks (cluster.peak_tflops is a H100-SXM's)"
+    )  # fmt: skip
 
 
 def test_garbage_collector_freezes_start_up_and_collects_on_schedule() -> None:
