@@ -3,8 +3,10 @@ node, one CPU each, started for this module), end to end as users run it: a data
 tasks run on the cluster, a 2-worker Ray Train run (DDP, gloo on CPU) of the tiny decoder on
 that data, and the same run with one worker SIGKILLed after the first checkpoint: Ray Train
 restarts the worker group, the ranks resume from the checkpoint, and the losses are bitwise
-those of the uninterrupted run. Before them, the pure parts of the launcher: the workers'
-config, the Ray Train job, the exit-code mapping.
+those of the uninterrupted run. Then what must not start or not restart (a run the cluster
+cannot hold, a missing data path, a data error on the workers) and Ctrl-C (mid-run, and while
+Ray Train waits for resources another job holds). Before them, the pure parts of the launcher:
+the workers' config, the Ray Train job, the exit-code mapping.
 
 The module has its own head (not the session's `ray_head`): the extra node would stay listed
 (dead) in the session head's `ray.nodes()` after it stops.
@@ -15,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,11 +33,16 @@ from hydra import compose, initialize_config_module
 from services import RayHead, RayHeadError, RayNode
 
 from launch.ray_launcher import (
+    ABORT_SECONDS,
+    CLEANER_NOISE,
     REQUEUE_EXIT_CODE,
     RankExit,
+    RankUserError,
     check_cluster,
     check_rank_exit,
     launch_exit_code,
+    placement_problem,
+    rank_user_error,
     torch_backend,
     train_job,
     worker_config,
@@ -88,15 +98,19 @@ def test_train_job_resources_storage_backend_and_worker_environment(launch_confi
     assert (job.num_workers, job.use_gpu, job.resources_per_worker) == (3, False, {"CPU": 2})
     assert (job.storage_path, job.name, job.max_failures) == ("/shared/run/ray", "r1", 5)
     assert job.backend == "gloo"
+    # Ray Train's print patch off: it printed each line of rank 0 twice
     assert job.env == {"KILN_FAULT_NAN_STEPS": "3", "WANDB_API_KEY": "secret",
-                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}  # fmt: skip
+                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2",
+                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # fmt: skip
     described = job.describe()
     assert "TorchTrainer(" in described and "num_workers=3" in described
+    # a worker group that cannot start is retried as often as a failed one, not without end
+    assert "FailureConfig(max_failures=5, controller_failure_limit=5)" in described
     assert "secret" not in described and "'WANDB_API_KEY': '...'" in described
     gpu = worker_config(launch_config("cluster.gpus_per_worker=1", "cluster.storage_path=/s"))
     gpu_job = train_job(gpu, {})
     assert gpu_job.resources_per_worker == {"CPU": 1, "GPU": 1} and gpu_job.use_gpu
-    assert gpu_job.storage_path == "/s" and gpu_job.env == {}
+    assert gpu_job.storage_path == "/s" and gpu_job.env == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     assert torch_backend(gpu) == "cpu:gloo,cuda:nccl"  # gloo for the loop's CPU tensors
     assert torch_backend(worker_config(launch_config("engine.backend=gloo"))) == "gloo"
 
@@ -118,6 +132,35 @@ def test_exit_codes_on_the_workers_and_of_kiln_launch() -> None:
     assert launch_exit_code({"exit_code": 0, "step": 4}, failed) == (
         1, "training failed: Training failed due to worker errors")  # fmt: skip
     assert launch_exit_code({"exit_code": 42, "step": 4}, failed)[0] == REQUEUE_EXIT_CODE
+
+
+def test_a_rank_user_error_reaches_kiln_launch_as_its_one_line() -> None:
+    from ray.train import ControllerError
+
+    error = RankUserError("shard /d/s.tar: 10 bytes, the manifest says 20", rank=1)
+    assert str(error) == "rank 1: shard /d/s.tar: 10 bytes, the manifest says 20"
+    # as `stop_on_user_errors` raises it on the controller and Ray ships it to the driver
+    shipped = pickle.loads(pickle.dumps(ControllerError(error)))
+    assert str(rank_user_error(shipped)) == str(error)
+    assert rank_user_error(ControllerError(RuntimeError("other"))) is None
+    assert rank_user_error(None) is None
+
+
+def test_a_worker_group_the_cluster_cannot_hold_is_named_with_its_numbers() -> None:
+    two_nodes = [{"CPU": 1.0, "memory": 2e9}, {"CPU": 1.0, "memory": 2e9}]
+    assert placement_problem(2, {"CPU": 1}, two_nodes) is None
+    assert placement_problem(3, {"CPU": 1}, two_nodes) == (
+        "cluster.workers=3 workers of 1 CPU each need 3 CPU, and the cluster has 2 CPU on its "
+        "2 node(s)")  # fmt: skip
+    assert placement_problem(2, {"CPU": 1, "GPU": 1}, two_nodes) == (
+        "cluster.workers=2 workers of 1 CPU, 1 GPU each need 2 GPU, and the cluster has 0 GPU "
+        "on its 2 node(s)")  # fmt: skip
+    # enough CPUs in all, but a worker's must be on one node
+    assert placement_problem(2, {"CPU": 2}, [{"CPU": 3.0}, {"CPU": 1.0}]) == (
+        "cluster.workers=2 workers of 2 CPU each: a worker's resources must be on one node, and "
+        "the cluster's 2 node(s) hold only 1 of them")  # fmt: skip
+    assert placement_problem(16, {"CPU": 4, "GPU": 1}, [{"CPU": 32.0, "GPU": 8.0}] * 2) is None
+    assert placement_problem(4, {"CPU": 0}, []) is None  # asks for nothing
 
 
 def test_settings_that_cannot_work_fail_before_joining_a_cluster(
@@ -217,6 +260,53 @@ def kiln_launch(cluster: Cluster, *args: str, cwd: Path) -> subprocess.Completed
                           timeout=300)  # fmt: skip
 
 
+class Launch:
+    """`kiln launch cluster=ray ARGS` in the background, its output (stdout and stderr together)
+    collected as it comes."""
+
+    def __init__(self, cluster: Cluster, args: list[str], cwd: Path) -> None:
+        self.process = subprocess.Popen([str(KILN), "launch", "cluster=ray",
+                                         f"cluster.address={cluster.head.address}", *args],
+                                        cwd=cwd, env=cluster.env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.process.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < deadline, f"{what} after {timeout:.0f} s: {self.output()}"
+            time.sleep(0.05)
+
+    def said(self, text: str) -> Callable[[], bool]:
+        return lambda: any(text in line for line in self.lines)
+
+    def finish(self, timeout: float) -> str:
+        self.process.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.output()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def replaced(args: list[str], *overrides: str) -> list[str]:
+    """`args` with each key of `overrides` set to the value there."""
+    keys = {override.split("=", 1)[0] for override in overrides}
+    return [arg for arg in args if arg.split("=", 1)[0] not in keys] + list(overrides)
+
+
 @pytest.fixture(scope="module")
 def data_build(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
@@ -290,9 +380,16 @@ def test_train_job_runs_two_workers_to_completion(reference_run) -> None:
     records = metrics(run_dir)
     [start] = [r for r in records if r.get("event") == "start"]
     assert start["world_size"] == 2 and start["resumed_from"] is None
+    assert start["peak_tflops"] == 0.1  # the MFU of CPU workers: not against an H100's 989
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == list(range(1, MAX_STEPS + 1))
     assert json.loads((run_dir / "exit.json").read_text())["exit_code"] == 0
+    # each line of rank 0 once (Ray Train's print patch printed it twice), and none of the
+    # PlacementGroupCleaner's, which asks a State API this head (no dashboard) does not have
+    output = (result.stdout + result.stderr).splitlines()
+    assert len([line for line in output if f"step {MAX_STEPS} | train | loss" in line]) == 1
+    assert len([line for line in output if "kiln train: sample after" in line]) == 1
+    assert not [line for line in output if CLEANER_NOISE in line]
     assert (run_dir / "final" / "model.safetensors").is_file()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["cluster"]["workers"] == 2 and config["cluster"]["gpus_per_node"] == 2
@@ -369,3 +466,136 @@ def test_diverged_run_stops_with_status_3_and_is_not_restarted(
     assert stopped["step"] == 5
     assert json.loads((run_dir / "exit.json").read_text()) == {
         "exit_code": 3, "step": 5, "nonfinite_steps": 5}  # fmt: skip
+
+
+@ray_cluster
+def test_a_missing_data_path_is_one_line_before_anything_starts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """kiln train's preflight: a typo'd data.path ran 4 worker groups (max_failures=3) and
+    printed 375 lines of tracebacks in 1m38s."""
+    typo, run_dir = tmp_path / "dta", tmp_path / "run"
+    result = kiln_launch(cluster, *train_args(typo, run_dir), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"kiln launch cluster=ray: {typo / 'manifest.json'}: no manifest (run `kiln data "
+        f"output_dir={typo}` first)"
+    ]
+    assert not run_dir.exists()  # nor was anything written
+
+
+@ray_cluster
+def test_a_run_the_cluster_cannot_hold_is_refused_before_ray_train_starts(
+    cluster: Cluster, data_build, tmp_path: Path
+) -> None:
+    """3 workers of 1 CPU on two 1-CPU nodes: Ray Train waited for them without end (60 s a
+    try, a traceback each), and Ctrl-C did not stop it."""
+    out, built = data_build
+    assert built.returncode == 0, built.stderr[-3000:]
+    args = replaced(train_args(out, tmp_path / "run"), "cluster.workers=3",
+                    "data.global_batch_size=24")  # fmt: skip
+    result = kiln_launch(cluster, *args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kiln launch cluster=ray: cluster.workers=3 workers of 1 CPU each need 3 CPU, and the "
+        "cluster has 2 CPU on its 2 node(s): lower cluster.workers, cluster.cpus_per_worker or "
+        "cluster.gpus_per_worker, or start more nodes first (the nodes alive now count, not "
+        "those an autoscaler could add)"
+    )
+    assert "TrainController" not in result.stdout + result.stderr  # Ray Train never started
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_a_data_error_on_the_workers_ends_the_run_in_one_line_without_a_restart(
+    cluster: Cluster, data_build, tmp_path: Path
+) -> None:
+    """A shard cut short after the build (preflight reads only the manifest; every rank checks
+    the shards' sizes at its start): Ray Train restarted the worker group max_failures times."""
+    out, built = data_build
+    assert built.returncode == 0, built.stderr[-3000:]
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = next(s for s in manifest["shards"] if s["split"] == "train")
+    cut = shard["bytes"] // 2
+    with open(data / shard["path"], "r+b") as file:
+        file.truncate(cut)
+    result = kiln_launch(cluster, *train_args(data, tmp_path / "run"), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    said = (f"shard {data / shard['path']}: {cut} bytes, the manifest says {shard['bytes']} "
+            "(data.on_bad_shard=skip skips bad shards)")  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"kiln launch cluster=ray: rank [01]: " + re.escape(said), last), last
+    assert output.count("Attempting to start training worker group") == 1  # no restart
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_names_the_checkpoint_to_resume_from(
+    cluster: Cluster, data_build, tmp_path: Path
+) -> None:
+    """Ray's SIGINT handler ended kiln launch with status 1 after "Gracefully aborting", and
+    no line said where the run stood."""
+    run_dir = tmp_path / "run"
+    launch = Launch(cluster, replaced(train_args(data_build[0], run_dir),
+                                      "trainer.max_steps=1000"), cwd=tmp_path)  # fmt: skip
+    try:
+        launch.wait_until((run_dir / "checkpoints" / "latest").exists, "no checkpoint")
+        launch.process.send_signal(signal.SIGINT)
+        asked = time.monotonic()
+        output = launch.finish(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        launch.stop()
+    assert launch.process.returncode == 130, output[-4000:]
+    assert took < ABORT_SECONDS, output[-4000:]  # Ray Train stopped the workers when asked
+    from pretrain.preflight import latest_checkpoint
+
+    latest, _ = latest_checkpoint(run_dir)
+    assert str(latest).startswith(str(run_dir / "checkpoints" / "step_"))
+    assert output.strip().splitlines()[-1] == (
+        f"kiln launch: interrupted; the latest checkpoint is {latest} (trainer.resume=auto "
+        "continues from it)"
+    )
+    deadline = time.monotonic() + 10
+    while cluster.node.worker_pids("ray::RayTrainWorker") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.node.worker_pids("ray::RayTrainWorker") == []
+
+
+@ray_cluster
+@pytest.mark.slow
+def test_ctrl_c_ends_a_launch_waiting_for_resources_another_job_holds(
+    cluster: Cluster, data_build, tmp_path: Path
+) -> None:
+    """The cluster holds the two workers, but another job holds one CPU: Ray Train's controller
+    waits for it (60 s a try) without answering. Ray's handler waited for its abort without
+    end and ignored a second Ctrl-C; now a second Ctrl-C ends kiln launch at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    ray.init(address=cluster.head.address, logging_level="WARNING")
+    launch = None
+    try:
+        held = placement_group([{"CPU": 1}])
+        ray.get(held.ready(), timeout=60)
+        launch = Launch(cluster, train_args(data_build[0], tmp_path / "run"), cwd=tmp_path)
+        launch.wait_until(launch.said("Attempting to start training worker group"), "no start")
+        launch.process.send_signal(signal.SIGINT)
+        launch.wait_until(launch.said("Ctrl-C: stopping the workers"), "no abort", timeout=30)
+        launch.process.send_signal(signal.SIGINT)
+        asked = time.monotonic()
+        output = launch.finish(timeout=60)
+        took = time.monotonic() - asked
+        remove_placement_group(held)
+    finally:
+        if launch is not None:
+            launch.stop()
+        ray.shutdown()
+    assert launch.process.returncode == 130, output[-4000:]
+    assert took < ABORT_SECONDS, output[-4000:]
+    assert output.strip().splitlines()[-1] == (
+        "kiln launch: interrupted; no checkpoint was written yet"
+    )
