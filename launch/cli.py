@@ -9,10 +9,14 @@ the process that only starts torchrun for `kiln train` import torch.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+import io
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 NOT_BUILT_EXIT_CODE = 2
@@ -101,6 +105,7 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
 
     @hydra.main(config_path="pkg://hydra_conf", config_name=name, version_base="1.3")
     def app(raw: DictConfig) -> None:
+        composed()  # Hydra composed the config: its output from here on is the command's
         try:
             cfg = build_config(raw)
         except ConfigError as error:
@@ -130,7 +135,58 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
     if "--help" in args or "-h" in args:
         print_app_help(app)
     else:
-        app()
+        with composition_errors_said_by_kiln(name) as composed:
+            app()
+
+
+# Hydra's message for `key=value` naming a key the schema lacks (it suggests `+key=value`,
+# which then fails as kiln's unknown-key error; see pretrain.config.unknown_keys)
+HYDRA_UNKNOWN_KEY = re.compile(
+    r"Could not override '(?P<key>[^']+)'\.\n(?:To append to your config use \S+\n)?"
+    r"Key '(?P<leaf>[^']+)' not in '(?P<schema>\w+)'"
+)
+
+
+@contextlib.contextmanager
+def composition_errors_said_by_kiln(name: str) -> Iterator[Callable[[], None]]:
+    """Hold what is written to stderr while Hydra composes the config; yield the function the
+    app calls once it has (stderr is then passed through, the held text first). When
+    composition fails on a misspelled key, kiln's one line, with the closest settings, replaces
+    Hydra's message (which suggests `+key=value`); anything else Hydra said is passed on."""
+    real, held = sys.stderr, io.StringIO()
+
+    def composed() -> None:
+        if sys.stderr is held:
+            sys.stderr = real
+            real.write(held.getvalue())
+
+    sys.stderr = held
+    try:
+        yield composed
+    finally:
+        if sys.stderr is held:  # composition failed, or --cfg printed the config
+            sys.stderr = real
+            real.write(unknown_key_message(name, held.getvalue()) or held.getvalue())
+            real.flush()
+
+
+def unknown_key_message(name: str, hydra_said: str) -> str | None:
+    """Kiln's line for Hydra's unknown-key error in `hydra_said`, or None when it is not one."""
+    match = HYDRA_UNKNOWN_KEY.search(hydra_said)
+    if match is None:
+        return None
+    import difflib
+
+    from pretrain import config
+
+    schema = getattr(config, match["schema"], None)
+    key, leaf = match["key"], match["leaf"]
+    if not dataclasses.is_dataclass(schema) or not key.endswith(leaf):
+        return None
+    parent = key[: -len(leaf)]
+    close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(schema)], n=2)
+    hint = f" (did you mean {' or '.join(parent + c for c in close)}?)" if close else ""
+    return f"kiln {name}: config error: {key} is not a setting of kiln{hint}\n"
 
 
 def print_app_help(app: Callable[[], None]) -> None:

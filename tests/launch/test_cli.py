@@ -83,10 +83,18 @@ def test_plan_json_carries_the_same_figures(tmp_path: Path) -> None:
 
 
 def test_misspelled_key_fails_naming_the_key(tmp_path: Path) -> None:
+    """Hydra's message (which suggests `+model.d_modle=3`) becomes kiln's line with the closest
+    settings, as for a misspelled `+key`; other composition errors pass through."""
     result = kiln("plan", "model.d_modle=3", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "d_modle" in result.stderr and "DecoderConfig" in result.stderr
-    assert result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("kiln plan: config error: model.d_modle is not a setting of kiln "
+                             "(did you mean model.d_model or model.moe?)\n")  # fmt: skip
+    result = kiln("plan", "cluster=slurm", "cluster.partiton=gpu", cwd=tmp_path)
+    assert result.stderr == ("kiln plan: config error: cluster.partiton is not a setting of "
+                             "kiln (did you mean cluster.partition?)\n")  # fmt: skip
+    result = kiln("plan", "model.d_model=wide", cwd=tmp_path)
+    assert result.returncode == 1 and "model.d_model" in result.stderr
+    assert "kiln plan: config error" not in result.stderr  # Hydra's own message, as it is
 
 
 def test_unknown_option_fails_naming_the_option(tmp_path: Path) -> None:
