@@ -129,7 +129,7 @@ def encode_array(array: np.ndarray) -> bytes:
 def decode_array(data: bytes, name: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except Exception as error:  # a damaged header: ValueError, SyntaxError, TokenError, ...
         raise ShardFormatError(f"{name}: not a numpy array ({error})") from error
 
 

@@ -358,7 +358,7 @@ class DataConfig:
     seq_len_warmup_steps: int = 0  # >0: grow sequence length linearly over these steps
     seq_len_warmup_start: int = 128
     # none: check shards exist with the manifest's sizes; shard: also their sha256; sample:
-    # also parse every shard's tar headers and array layout before training starts
+    # also (beyond shard's) parse every shard's tar headers and array layout before training
     verify: str = "none"
     on_bad_shard: str = "error"  # error | skip (drop bad shards, counted and logged)
     mixture: dict[str, float] = field(default_factory=dict)  # override per-source weights

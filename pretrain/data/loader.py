@@ -112,6 +112,7 @@ class ShardDataset(IterableDataset):
         window: int,
         seed: int,
         eos: int,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.out_dir = out_dir
@@ -130,6 +131,7 @@ class ShardDataset(IterableDataset):
         self.window = window
         self.seed = seed
         self.eos = eos
+        self.vocab_size = vocab_size  # the tokenizer's: a larger id is a damaged shard
         self.random = getattr(objective, "uses_rng", True)
         self._streams: list[SourceStream] | None = None  # per worker process, built lazily
         self._order: GlobalOrder | None = None
@@ -142,7 +144,14 @@ class ShardDataset(IterableDataset):
     def streams(self) -> list[SourceStream]:
         if self._streams is None:
             self._streams = [
-                SourceStream(self.out_dir, name, self.shards[name], self.eos, self.seed)
+                SourceStream(
+                    self.out_dir,
+                    name,
+                    self.shards[name],
+                    self.eos,
+                    self.seed,
+                    vocab_size=self.vocab_size,
+                )  # fmt: skip
                 for name in self.sources
             ]
         return self._streams
@@ -312,8 +321,9 @@ def check_shards(
 
     Every rank runs the same checks on the same files, so with `on_bad="skip"` all ranks drop
     the same shards. Missing files and wrong sizes are always checked; `verify="shard"` also
-    compares sha256s; `on_bad="skip"` (and `verify="sample"`) also parse every tar's headers
-    and arrays' layout, so a corrupt shard is found now rather than mid-run.
+    compares sha256s; `verify="sample"` both compares sha256s and parses every tar's headers
+    and arrays' layout (`on_bad="skip"` parses them too), so a corrupt shard is found now
+    rather than mid-run. Token ids beyond the tokenizer are found as blocks are read.
     """
     shards: dict[str, list[ShardRecord]] = {}
     skipped: list[str] = []
@@ -326,7 +336,7 @@ def check_shards(
             problem = "missing"
         elif path.stat().st_size != record.bytes:
             problem = f"{path.stat().st_size} bytes, the manifest says {record.bytes}"
-        elif verify == "shard" and sha256_file(path) != record.sha256:
+        elif verify in ("shard", "sample") and sha256_file(path) != record.sha256:
             problem = "sha256 differs from the manifest"
         elif on_bad == "skip" or verify == "sample":
             try:
@@ -433,6 +443,7 @@ def build_loader(
         window=data.shuffle_buffer,
         seed=data.seed,
         eos=eos,
+        vocab_size=tokenizer.vocab_size,
     )
     workers = data.num_workers
     loader = DataLoader(

@@ -47,9 +47,10 @@ class Block:
 class ShardIndex:
     """The blocks of one shard, found by reading its tar headers (the data is not read)."""
 
-    def __init__(self, path: Path, record: ShardRecord) -> None:
+    def __init__(self, path: Path, record: ShardRecord, vocab_size: int | None = None) -> None:
         self.path = path
         self.record = record
+        self.vocab_size = vocab_size  # ids at or above it: bytes damaged since the build
         self.dtype = np.dtype(record.dtype)
         self.blocks = self._scan()
         tokens = sum(block.n_tokens for block in self.blocks)
@@ -109,8 +110,11 @@ class ShardIndex:
                 else npy_format.read_array_header_2_0
             )
             shape, fortran, dtype = read_header(header)
-        except ValueError as error:
-            raise ShardFormatError(f"{self.path}:{member.name}: not a numpy array") from error
+        except Exception as error:  # numpy parses the header as a Python literal: a damaged one
+            # raises ValueError, SyntaxError or tokenize.TokenError, among others
+            raise ShardFormatError(
+                f"{self.path}:{member.name}: not a numpy array ({type(error).__name__})"
+            ) from error
         if len(shape) != 1 or dtype != self.dtype or fortran:
             raise ShardFormatError(
                 f"{self.path}:{member.name}: expected a 1-D {self.dtype} array, got {dtype} {shape}"
@@ -131,6 +135,14 @@ class ShardIndex:
         if raw.size != block.n_tokens * self.dtype.itemsize:
             raise ShardFormatError(f"{self.path}: truncated shard (block {index})")
         tokens = raw.view(self.dtype).astype(np.int32)
+        if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+            # flipped bytes the manifest's sizes cannot see (data.verify=shard compares sha256s
+            # before training): an id past the embedding table, or garbage trained on
+            raise ShardFormatError(
+                f"{self.path}: block {index} holds token id {int(tokens.max())}, beyond the "
+                f"tokenizer's {self.vocab_size} (a damaged shard; data.verify=shard finds it "
+                "before training)"
+            )
         ends = np.cumsum(block.lengths)  # where each document ends
         return np.insert(tokens, ends, eos)
 
@@ -139,7 +151,13 @@ class SourceStream:
     """The infinite token stream of one source (see the module docstring)."""
 
     def __init__(
-        self, out_dir: Path, name: str, shards: list[ShardRecord], eos: int, seed: int
+        self,
+        out_dir: Path,
+        name: str,
+        shards: list[ShardRecord],
+        eos: int,
+        seed: int,
+        vocab_size: int | None = None,
     ) -> None:
         if not shards:
             raise ShardFormatError(f"source {name!r} has no training shards")
@@ -148,6 +166,7 @@ class SourceStream:
         self.shards = shards
         self.eos = eos
         self.seed = seed
+        self.vocab_size = vocab_size
         self.shard_lengths = np.array([s.tokens + s.documents for s in shards], dtype=np.int64)
         self.epoch_length = int(self.shard_lengths.sum())
         self._orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -161,7 +180,8 @@ class SourceStream:
     def index(self, shard: int) -> ShardIndex:
         if shard not in self._indexes:
             record = self.shards[shard]
-            self._indexes[shard] = ShardIndex(self.out_dir / record.path, record)
+            self._indexes[shard] = ShardIndex(self.out_dir / record.path, record,
+                                              self.vocab_size)  # fmt: skip
         return self._indexes[shard]
 
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from data_pipeline.shards import (
     Manifest,
+    ShardFormatError,
     TokenizerRecord,
     iter_documents,
     read_manifest,
@@ -32,7 +33,7 @@ from pretrain.config import (
     UL2Config,
 )
 from pretrain.data.loader import DataError, LoaderState, build_loader, build_run_loader
-from pretrain.data.shard_reader import SourceStream
+from pretrain.data.shard_reader import ShardIndex, SourceStream
 from pretrain.models import build_model
 
 VOCAB = 1000
@@ -235,8 +236,40 @@ def test_missing_and_corrupt_shards(corpus: Path, tmp_path: Path) -> None:
     assert [r.path for r in loader.dataset.shards["web"]] == [web[0].path]
     assert len(list(loader.loader)) == 5 * 6  # training goes on with what is left
     shutil.copy(corpus / web[1].path, out / web[1].path)  # restore the missing one
-    with pytest.raises(DataError, match="sha256 differs"):
-        build_loader(config(out, verify="shard"), CausalWindows())
+    for verify in ("shard", "sample"):  # sample does all that shard does, and more
+        with pytest.raises(DataError, match="sha256 differs"):
+            build_loader(config(out, verify=verify), CausalWindows())
+
+
+def test_damage_the_sizes_cannot_see_is_named(corpus: Path, tmp_path: Path) -> None:
+    """Bytes flipped inside a shard, its size unchanged: a damaged array header is a bad shard
+    (an error naming it, or skipped), not numpy's parser error; token ids past the tokenizer
+    stop the run naming the shard as the block is read (verify=none does not read sha256s)."""
+    out = tmp_path / "data"
+    shutil.copytree(corpus, out)
+    web = [r for r in read_manifest(out).shards if r.source == "web"]
+    path = out / web[0].path
+    data = bytearray(path.read_bytes())
+    header = data.index(b"\x93NUMPY", 512)  # the first array's header, after its tar header
+    data[header + 30 : header + 34] = b"\xff" * 4  # inside "{'descr': ..., 'shape': (N,), }"
+    path.write_bytes(bytes(data))
+    loader = build_loader(config(out, on_bad_shard="skip"), CausalWindows(), num_steps=1)
+    assert [s for s in loader.skipped_shards if web[0].path in s and "not a numpy array" in s]
+    loader = build_loader(config(out), CausalWindows(), num_steps=50)  # found when read
+    with pytest.raises(ShardFormatError, match=rf"{web[0].path}.*not a numpy array"):
+        for _ in loader.loader:
+            pass
+
+    shutil.copy(corpus / web[0].path, path)
+    index = ShardIndex(path, web[0])
+    data = bytearray(path.read_bytes())
+    at = index.blocks[0].data_offset
+    data[at : at + 8] = b"\xff" * 8  # uint16 ids 65535, far past the 1000-piece tokenizer
+    path.write_bytes(bytes(data))
+    loader = build_loader(config(out), CausalWindows(), num_steps=50)
+    with pytest.raises(ShardFormatError, match=rf"{web[0].path}: block 0 holds token id 65535"):
+        for _ in loader.loader:
+            pass
 
 
 def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
