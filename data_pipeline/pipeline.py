@@ -87,7 +87,7 @@ class SourcePlan:
     weight: float
     files: int
     bytes: int
-    inputs_digest: str  # hash of the files' relative paths and sizes
+    inputs_digest: str  # hash of the files' relative paths, sizes and modification times
     units: list[WorkUnit] = field(default_factory=list)
 
 
@@ -106,7 +106,8 @@ def plan_sources(cfg: KilnConfig) -> list[SourcePlan]:
             files = expand_paths(source)
         except SourceError as error:
             raise PipelineError(str(error)) from error
-        sizes = [_size(path) for path in files]
+        stats = [_stat(path) for path in files]
+        sizes = [size for size, _ in stats]
         total = sum(sizes)
         shards = cfg.shards
         target = min(shards.unit_bytes, max(shards.min_unit_bytes, -(-total // shards.min_units)))
@@ -117,19 +118,24 @@ def plan_sources(cfg: KilnConfig) -> list[SourcePlan]:
             raise PipelineError(f"source {source.name!r}: {error}") from error
         base = units[0].root if units else "/"
         digest = hashlib.sha256()
-        for path, size in zip(files, sizes, strict=True):
-            digest.update(f"{os.path.relpath(path, base)}\0{size}\n".encode("utf-8", "replace"))
+        for path, (size, mtime) in zip(files, stats, strict=True):
+            # the modification time too: a file edited in place at the same size (a fix to a
+            # few characters) is other input; hashing every byte would read the corpus twice
+            line = f"{os.path.relpath(path, base)}\0{size}\0{mtime}\n"
+            digest.update(line.encode("utf-8", "replace"))
         plans.append(
             SourcePlan(source.name, source.weight, len(files), total, digest.hexdigest(), units)
         )
     return plans
 
 
-def _size(path: Path) -> int:
+def _stat(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns) of an input file; (0, 0) when it cannot be read."""
     try:
-        return path.stat().st_size
+        stat = path.stat()
     except OSError:
-        return 0
+        return 0, 0
+    return stat.st_size, stat.st_mtime_ns
 
 
 def fingerprint_payload(cfg: KilnConfig, plans: list[SourcePlan]) -> dict[str, Any]:
@@ -202,24 +208,33 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -
 
 def prepare_output(out: Path, payload: dict[str, Any], fp: str, overwrite: bool) -> str:
     """Decide what to do with `out`: "fresh", "resume" or "complete" (nothing to do).
+    `overwrite` deletes kiln's outputs there (`OWNED`) and starts afresh, whatever they are:
+    a build of another config, a damaged one, or one whose inputs changed unseen.
 
     Raises:
         PipelineError: `out` holds outputs of another config (or foreign files in `shards/`)
             and `overwrite` is false; or a finished build whose files were damaged.
     """
+    state_path = out / WORK_DIR / "state.json"
+    if overwrite:
+        for name in OWNED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        stages.write_json(state_path, {"fingerprint": fp, "payload": payload})
+        return "fresh"
     recorded: dict[str, Any] | None = None
     what = ""
-    state_path = out / WORK_DIR / "state.json"
     if (out / "manifest.json").is_file():
         try:
             manifest = read_manifest(out)
         except ShardFormatError as error:
-            if not overwrite:
-                raise PipelineError(f"{error}; rerun with overwrite=true to rebuild") from error
-            manifest = None
-        if manifest is not None:
-            recorded = {"fingerprint": manifest.fingerprint, "payload": manifest.config}
-            what = "a finished build"
+            raise PipelineError(f"{error}; rerun with overwrite=true to rebuild") from error
+        recorded = {"fingerprint": manifest.fingerprint, "payload": manifest.config}
+        what = "a finished build"
     elif state_path.is_file():
         what = "an unfinished build"
         try:  # written atomically: unreadable means damaged from outside
@@ -227,31 +242,21 @@ def prepare_output(out: Path, payload: dict[str, Any], fp: str, overwrite: bool)
             if not isinstance(recorded, dict) or "fingerprint" not in recorded:
                 raise ValueError("not a build state")
         except ValueError as error:  # JSON and UTF-8 errors included
-            if not overwrite:
-                raise PipelineError(
-                    f"{state_path}: unreadable ({error}); rerun with overwrite=true to rebuild"
-                ) from error
-            recorded = None  # overwrite: deleted below with the rest
-    elif (out / "shards").is_dir() and any((out / "shards").iterdir()) and not overwrite:
+            raise PipelineError(
+                f"{state_path}: unreadable ({error}); rerun with overwrite=true to rebuild"
+            ) from error
+    elif (out / "shards").is_dir() and any((out / "shards").iterdir()):
         raise PipelineError(
             f"{out}/shards holds files but {out} has no manifest.json or {WORK_DIR}: not a "
             "kiln data directory. Choose another output_dir, or set overwrite=true to "
             "replace shards/"
         )
-    if recorded is not None and recorded["fingerprint"] != fp and not overwrite:
+    if recorded is not None and recorded["fingerprint"] != fp:
         raise PipelineError(
             f"output_dir={out} holds {what} made with another config or other inputs "
             f"({describe_changes(recorded.get('payload', {}), payload)}). Use another "
             "output_dir, or set overwrite=true to delete those outputs and rebuild"
         )
-    if overwrite and (recorded is None or recorded["fingerprint"] != fp):
-        for name in OWNED:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        recorded = None
     if recorded is not None and what == "a finished build":
         _check_finished(out)
         return "complete"

@@ -509,6 +509,39 @@ def test_a_damaged_build_state_is_named_and_overwrite_clears_it(tmp_path: Path) 
     assert json.loads(state.read_text()) == {"fingerprint": "cd", "payload": {"k": 1}}
 
 
+def test_overwrite_always_starts_afresh(tmp_path: Path) -> None:
+    """overwrite=true deletes kiln's outputs whatever they are, a build of this very config
+    included (one damaged, or whose inputs changed unseen): it used to keep those, and say
+    again that the build was damaged and needed overwrite=true."""
+    state = tmp_path / ".work" / "state.json"
+    prepare_output(tmp_path, {"k": 1}, "cd", overwrite=False)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "main-train-00000.tar").write_bytes(b"cut short")
+    (tmp_path / "manifest.json").write_text("{}")  # a finished build, damaged
+    assert prepare_output(tmp_path, {"k": 1}, "cd", overwrite=True) == "fresh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".work"]
+    assert json.loads(state.read_text())["fingerprint"] == "cd"
+
+
+def test_an_input_edited_in_place_is_other_input(hydra_context: None, tmp_path: Path) -> None:
+    """The fingerprint holds each input's modification time beside its name and size: a file
+    edited at the same size (a typo fixed) is other input, so a rerun is refused, not 'up to
+    date' with the old text."""
+    from data_pipeline.pipeline import plan_sources
+
+    text = tmp_path / "in" / "a.txt"
+    text.parent.mkdir()
+    text.write_text("def f(x):\n    return x\n" * 40)
+    cfg = make_config(hydra_context, ["corpus=files", f"corpus.sources.0.paths=[{text.parent}]"])
+    before = plan_sources(cfg)[0].inputs_digest
+    assert plan_sources(cfg)[0].inputs_digest == before
+    stat = text.stat()
+    text.write_text(text.read_text().replace("x", "y", 1))  # the same size
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert text.stat().st_size == stat.st_size
+    assert plan_sources(cfg)[0].inputs_digest != before
+
+
 def test_reused_tokenizer_gives_the_same_shards(
     hydra_context: None, corpus: tuple[Path, dict], ray_head: RayHead, reference: Path, tmp_path
 ) -> None:
