@@ -302,37 +302,27 @@ def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        options: dict[str, Any] = {
-            "logging_level": logging.WARNING,
-            "log_to_driver": True,
-            # glibc gives each thread of a Ray worker its own malloc arena, and the arenas
-            # fragment task after task: peak memory then grows with the number of units a
-            # worker has run, i.e. with the corpus. Two arenas keep it flat (bench/).
-            "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}},
-        }
-        if cfg.address is None:
-            options |= {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": False}
-        else:
-            from data_pipeline.ray_address import unreachable
-
-            problem = unreachable(cfg.address)
-            if problem:
-                raise PipelineError(f"cannot join Ray at ray.address={cfg.address}: {problem}")
-            options["address"] = cfg.address
-        try:
-            ray.init(**options)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise PipelineError(
-                f"cannot start or join Ray (ray.address={cfg.address}): {error}"
-            ) from error
-        started = True
-    # a SIGTERM stops the driver as Ctrl-C does (Ray's own handler aborts with a stack dump)
+    # a SIGTERM stops the driver as Ctrl-C does (Ray's own handler aborts with a stack dump);
+    # set before Ray starts, so that one during its start-up stops it the same way
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _stop_on_signal)
+    started = False
     try:
+        if not ray.is_initialized():
+            started = True  # from here on, whatever ray.init started is shut down below
+            # ray.init installs Ray's own SIGTERM handler (an exit, with a stack dump): held
+            # back while it starts, and answered by ours once it is back in place
+            held = previous is not None and hasattr(signal, "pthread_sigmask")
+            if held:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                _start_ray(ray, cfg)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, _stop_on_signal)
+                if held:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(cfg.workers or cpus, cpus)
         yield workers, (workers if workers < cpus else 2 * workers)
@@ -343,8 +333,37 @@ def ray_session(cfg: RayConfig) -> Iterator[tuple[int, int]]:
             signal.signal(signal.SIGTERM, previous)
 
 
-class Stopped(Exception):
-    """The driver got SIGTERM; the build stops where it is (finished units are kept)."""
+def _start_ray(ray: Any, cfg: RayConfig) -> None:
+    """`ray.init` for a run: a local Ray of `ray.num_cpus`, or the cluster at `ray.address`."""
+    options: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        # glibc gives each thread of a Ray worker its own malloc arena, and the arenas
+        # fragment task after task: peak memory then grows with the number of units a
+        # worker has run, i.e. with the corpus. Two arenas keep it flat (bench/).
+        "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+    }
+    if cfg.address is None:
+        options |= {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": False}
+    else:
+        from data_pipeline.ray_address import unreachable
+
+        problem = unreachable(cfg.address)
+        if problem:
+            raise PipelineError(f"cannot join Ray at ray.address={cfg.address}: {problem}")
+        options["address"] = cfg.address
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise PipelineError(
+            f"cannot start or join Ray (ray.address={cfg.address}): {error}"
+        ) from error
+
+
+class Stopped(KeyboardInterrupt):
+    """The driver got SIGTERM; the build stops where it is (finished units are kept). A
+    KeyboardInterrupt, as Ray's calls that wait (`ray.wait`, `ray.get`) let that one through
+    their signal checks; another exception raised there came out as a SystemError."""
 
 
 def _stop_on_signal(signum: int, _frame: Any) -> None:
@@ -456,19 +475,33 @@ class Build:
 
 def run(cfg: KilnConfig) -> int:
     """`kiln data` entry point: returns the exit code; prints the reason on failure."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_signal)  # the whole build, not only Ray's part
     try:
         build_outputs(cfg)
     except PipelineError as error:
         print(f"kiln data: {error}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Stopped) as error:
+    except (KeyboardInterrupt, SystemError) as error:
+        stop = error if isinstance(error, KeyboardInterrupt) else _stop_behind(error)
+        if stop is None:
+            raise
         # stopped at once; every unit finished so far is kept in OUT/.work: one line, not the
         # traceback of wherever the driver was waiting
-        what = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else str(error)
+        what = str(stop) if isinstance(stop, Stopped) else "Ctrl-C"
         print(f"kiln data: stopped by {what}; the units finished so far are kept: rerun the "
               "same command to resume", file=sys.stderr)  # fmt: skip
-        return 130 if isinstance(error, KeyboardInterrupt) else 143
+        return 143 if isinstance(stop, Stopped) else 130
     return 0
+
+
+def _stop_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM a SystemError of Ray's wraps (raised in a call of its that was
+    waiting when the signal came), or None."""
+    seen = error.__cause__ or error.__context__
+    while seen is not None and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def build_outputs(cfg: KilnConfig) -> Manifest:

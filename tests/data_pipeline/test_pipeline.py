@@ -396,17 +396,20 @@ def test_resume_after_sigkill_gives_identical_outputs(
     assert output_hashes(out) == output_hashes(reference)
 
 
-@pytest.mark.parametrize(("sig", "to", "status"), [(signal.SIGINT, "group", 130),
-                                                   (signal.SIGTERM, "driver", 143)])  # fmt: skip
+@pytest.mark.parametrize(("sig", "to", "status", "ray"),
+                         [(signal.SIGINT, "group", 130, "cluster"),
+                          (signal.SIGTERM, "driver", 143, "cluster"),
+                          (signal.SIGTERM, "driver", 143, "local")])  # fmt: skip
 def test_a_stopped_build_says_so_in_one_line_and_resumes(
-    sig: signal.Signals, to: str, status: int, corpus: tuple[Path, dict], ray_head: RayHead,
-    reference: Path, tmp_path: Path,
+    sig: signal.Signals, to: str, status: int, ray: str, corpus: tuple[Path, dict],
+    ray_head: RayHead, reference: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     """Ctrl-C (SIGINT to the terminal's process group) or a SIGTERM to the driver stops the
-    build at once with one line, not a traceback or Ray's abort; the rerun resumes."""
+    build at once with one line, not a traceback or Ray's abort; the rerun resumes. With a
+    Ray of the build's own (`ray.address` unset), nothing of it is left running."""
     out = tmp_path / "out"
-    args = mix_overrides(corpus[0]) + [f"output_dir={out}", f"ray.address={ray_head.address}",
-                                       "ray.workers=1"]  # fmt: skip
+    where = [f"ray.address={ray_head.address}"] if ray == "cluster" else ["ray.num_cpus=1"]
+    args = mix_overrides(corpus[0]) + [f"output_dir={out}", *where, "ray.workers=1"]
     # as a terminal starts it: a pytest-xdist worker ignores SIGINT, and so would its child
     process = subprocess.Popen([str(KILN), "data", *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -428,6 +431,11 @@ def test_a_stopped_build_says_so_in_one_line_and_resumes(
     assert process.returncode == status, stderr[-3000:]
     assert f"kiln data: stopped by {'Ctrl-C' if to == 'group' else sig.name}; the units " in stderr
     assert "Traceback" not in stderr and "***" not in stderr, stderr[-3000:]
+    if ray == "local":  # its raylet, GCS and agents (they outlived the driver before)
+        time.sleep(3)
+        left = subprocess.run(["pgrep", "-a", "-s", str(process.pid)], capture_output=True,
+                              text=True).stdout  # fmt: skip
+        assert left == "", left
     result = kiln_data(*args, cwd=tmp_path)
     assert result.returncode == 0 and "resuming" in result.stderr, result.stderr[-3000:]
     assert output_hashes(out) == output_hashes(reference)
