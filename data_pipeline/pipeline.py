@@ -910,8 +910,10 @@ def make_report(
                 filtered[name] = filtered.get(name, 0) + n
             for path, file_counts in scan_marker["skips"]["per_file"].items():
                 bad = {r: n for r, n in file_counts.items() if r in SKIP_REASONS}
-                if bad:
-                    worst_files[path] = bad
+                if bad:  # a file cut into several units: its counts add up
+                    merged = worst_files.setdefault(path, {})
+                    for reason, n in bad.items():
+                        merged[reason] = merged.get(reason, 0) + n
         skipped = {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
         chosen = selection.get(plan.name, {})
         split_totals = totals.get(plan.name, {})

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pretrain.config imports Hydra, which Ray workers need not load
     from pretrain.config import SourceConfig
@@ -148,15 +148,43 @@ def expand_paths(source: SourceConfig) -> list[Path]:
     return sorted(found, key=lambda path: path.parts)
 
 
+def _is_text_type(pa: Any, field_type: Any) -> bool:
+    """Whether a parquet column of `field_type` holds text kiln reads (strings or bytes)."""
+    if field_type is None:
+        return False
+    kinds = ("is_string", "is_large_string", "is_binary", "is_large_binary", "is_string_view",
+             "is_binary_view")  # fmt: skip
+    return any(getattr(pa.types, kind, lambda _: False)(field_type) for kind in kinds)
+
+
 def _expand_glob(pattern: str) -> list[Path]:
     matches = []
     for match in glob.glob(os.path.expanduser(pattern), recursive=True):
         if os.path.isdir(match):  # a directory stands for every file under it
-            matches += [Path(d, name) for d, _, names in os.walk(match) for name in names]
+            matches += _files_under(Path(match))
         else:  # files, and broken links that the reader will count as unreadable
             matches.append(Path(match))
     # Absolute but not resolved: Ray workers may have another cwd; a link should stay a link.
     return [Path(os.path.abspath(path)) for path in matches]
+
+
+def _files_under(top: Path) -> list[Path]:
+    """Every file under a directory given as input, in a stable order: linked directories
+    followed (each real directory once: no cycles), hidden files and directories (`.DS_Store`,
+    `.git`, checksum files such as Spark's `.part-0.crc`) and Spark's `_SUCCESS` markers left
+    out, as a directory of data is expected to hold them beside the data."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to one directory
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath, name) for name in sorted(names)
+                  if not name.startswith(".") and name != "_SUCCESS"]  # fmt: skip
+    return files
 
 
 def stdlib_dir() -> Path:
@@ -376,7 +404,8 @@ def _parse_line(line: bytes | None, text_field: str) -> tuple[str, str | None]:
     if not line.strip():
         return "", "blank"  # blank lines separate nothing in jsonl; they are not documents
     try:
-        record = json.loads(line.decode("utf-8"))
+        # utf-8-sig: a byte-order mark (some editors' and exporters' first bytes) is not text
+        record = json.loads(line.decode("utf-8-sig"))
     except UnicodeDecodeError:
         return "", "not_utf8"
     except (ValueError, RecursionError):
@@ -488,7 +517,9 @@ def _read_parquet(
         field_type = None
         if unit.text_field in file.schema_arrow.names:
             field_type = file.schema_arrow.field(unit.text_field).type
-        if field_type not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
+        if field_type is not None and pa.types.is_dictionary(field_type):  # pandas categorical
+            field_type = field_type.value_type
+        if not _is_text_type(pa, field_type):
             n_rows = sum(file.metadata.row_group(g).num_rows for g in groups)
             counter.add(piece.path, "missing_field", n_rows)
             return

@@ -175,6 +175,21 @@ def test_unreadable_files_are_counted_once_each(tmp_path: Path) -> None:
     }
 
 
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path: Path) -> None:
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(TEXTS))
+    docs, counter = read_source([str(tmp_path / "bom.jsonl")])
+    assert [doc.text for doc in docs] == TEXTS and counter.skipped == 0
+
+
+def test_parquet_categorical_text_is_text(tmp_path: Path) -> None:
+    """A pandas categorical column is dictionary-encoded in parquet: it holds strings too (it
+    counted every row as missing_field)."""
+    table = pa.table({"body": pa.array(TEXTS * 2).dictionary_encode()})
+    pq.write_table(table, tmp_path / "cat.parquet")
+    docs, counter = read_source([str(tmp_path / "cat.parquet")])
+    assert [doc.text for doc in docs] == TEXTS * 2 and counter.skipped == 0
+
+
 def test_parquet_missing_column_counts_every_row(tmp_path: Path) -> None:
     pq.write_table(pa.table({"other": ["a", "b"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"body": ["c", None, "", "d"]}), tmp_path / "b.parquet")
@@ -269,6 +284,30 @@ def test_paths_are_sorted_unique_and_absolute(tmp_path: Path, monkeypatch) -> No
     monkeypatch.chdir(tmp_path)
     source = SourceConfig(name="s", paths=["*.jsonl", "a.jsonl", str(tmp_path)])
     assert expand_paths(source) == [tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.txt"]
+
+
+def test_a_directory_follows_linked_directories_and_leaves_out_hidden_files(
+    tmp_path: Path,
+) -> None:
+    """A linked directory inside an input directory is read (it was skipped without a word),
+    once, even through a link back up; hidden files (.DS_Store) and Spark's _SUCCESS, which a
+    data directory holds beside its data, are left out (an unknown extension refused the
+    build)."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "part").mkdir(parents=True)
+    elsewhere.mkdir()
+    (data / "a.txt").write_text("a")
+    (data / "part" / "b.txt").write_text("b")
+    (elsewhere / "c.txt").write_text("c")
+    (data / "linked").symlink_to(elsewhere)
+    (data / "part" / "up").symlink_to(data)  # a cycle
+    for junk in (".DS_Store", "_SUCCESS", ".part-0.crc"):
+        (data / "part" / junk).write_text("x")
+    (data / ".git").mkdir()
+    (data / ".git" / "HEAD").write_text("ref")
+    files = expand_paths(SourceConfig(name="s", paths=[str(data)]))
+    assert [p.relative_to(data).as_posix() for p in files] == ["a.txt", "linked/c.txt",
+                                                                "part/b.txt"]  # fmt: skip
 
 
 def test_skip_counter_merges_and_pickles() -> None:
