@@ -216,6 +216,8 @@ def prepare_output(out: Path, payload: dict[str, Any], fp: str, overwrite: bool)
             and `overwrite` is false; or a finished build whose files were damaged.
     """
     state_path = out / WORK_DIR / "state.json"
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"output_dir={out} is a file, not a directory")
     if overwrite:
         for name in OWNED:
             target = out / name

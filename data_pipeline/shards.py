@@ -297,6 +297,11 @@ def read_manifest(out_dir: Path) -> Manifest:
     """Load `out_dir/manifest.json`, checking its format and version."""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
+        if (Path(out_dir) / ".work").is_dir():  # data_pipeline.pipeline.WORK_DIR
+            raise ShardFormatError(
+                f"{path}: no manifest yet: the `kiln data` build in {out_dir} has not finished "
+                "(running now, or stopped: rerun its command to resume it)"
+            )
         raise ShardFormatError(f"{path}: no manifest (run `kiln data output_dir={out_dir}` first)")
     try:
         data = json.loads(path.read_text("utf-8"))

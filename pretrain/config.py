@@ -1184,6 +1184,12 @@ def validate_config(cfg: KilnConfig) -> None:
         _check_positive(f"data.{key}", getattr(data, key))
     _check_choice("data.verify", data.verify, ("none", "shard", "sample"))
     _check_choice("data.on_bad_shard", data.on_bad_shard, ("error", "skip"))
+    for source, weight in data.mixture.items():
+        if not weight > 0:  # a rank's order of sources needs every named one to be drawn
+            raise ConfigError(
+                f"data.mixture.{source}={weight} must be > 0 (a source of the build is read "
+                "at some weight; to leave one out, build the shards without it)"
+            )
     ranks = cluster.nodes * cluster.gpus_per_node
     cp = getattr(engine, "context_parallel", 1)
     if cp != 1:

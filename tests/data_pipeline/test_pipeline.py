@@ -27,7 +27,13 @@ from services import RayHead
 
 from data_pipeline.filters import normalize
 from data_pipeline.pipeline import PipelineError, build_outputs, prepare_output
-from data_pipeline.shards import SPLITS, iter_blocks, iter_documents, read_manifest
+from data_pipeline.shards import (
+    SPLITS,
+    ShardFormatError,
+    iter_blocks,
+    iter_documents,
+    read_manifest,
+)
 from data_pipeline.tokenizer import load_processor, load_tokenizer_info
 from pretrain.config import KilnConfig, NormalizeConfig, build_config, register_configs
 
@@ -529,6 +535,16 @@ def test_overwrite_always_starts_afresh(tmp_path: Path) -> None:
     assert prepare_output(tmp_path, {"k": 1}, "cd", overwrite=True) == "fresh"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".work"]
     assert json.loads(state.read_text())["fingerprint"] == "cd"
+
+
+def test_an_unfinished_build_and_a_file_for_output_dir_are_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(PipelineError, match=rf"output_dir={tmp_path}/file is a file, not a dir"):
+        prepare_output(tmp_path / "file", {}, "cd", overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine"
+    prepare_output(tmp_path / "build", {}, "cd", overwrite=False)  # started, not finished
+    with pytest.raises(ShardFormatError, match="the `kiln data` build in .* has not finished"):
+        read_manifest(tmp_path / "build")
 
 
 def test_an_input_edited_in_place_is_other_input(hydra_context: None, tmp_path: Path) -> None:

@@ -263,6 +263,7 @@ def test_wrong_type_names_the_key() -> None:
         (["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0"),
         (["trainer.eval_steps=0"], "trainer.eval_steps=0 must be > 0"),
         (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 must be >= 1"),
+        (["+data.mixture={web: 0.0}"], "data.mixture.web=0.0 must be > 0"),
         (["plan.memory_reserve=1.5"], r"plan.memory_reserve=1.5 must be in \[0, 1\)"),
         (
             ["trainer.max_steps=10", "trainer.profile.start_step=9"],
