@@ -350,9 +350,12 @@ def check_shards(
             log.warning("skipping shard %s: %s", path, problem)
         else:
             raise DataError(f"shard {path}: {problem} (data.on_bad_shard=skip skips bad shards)")
-    for source in manifest.weights:
-        if source not in shards:
-            raise DataError(f"source {source!r} has no usable {split} shards in {out_dir}")
+    missing = [source for source in manifest.weights if source not in shards]
+    if missing and (split == "train" or not shards):
+        raise DataError(f"source {missing[0]!r} has no usable {split} shards in {out_dir}")
+    if missing:  # a source too small to hold documents out: the others are still evaluated
+        log.warning("evaluating without source(s) %s: no usable %s shards in %s", missing, split,
+                    out_dir)  # fmt: skip
     return dict(
         sorted(shards.items(), key=lambda item: list(manifest.weights).index(item[0]))
     ), skipped

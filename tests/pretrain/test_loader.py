@@ -272,6 +272,24 @@ def test_damage_the_sizes_cannot_see_is_named(corpus: Path, tmp_path: Path) -> N
             pass
 
 
+def test_evaluation_leaves_out_a_source_without_held_out_shards(tmp_path: Path) -> None:
+    """A source too small to hold a document out has no val shards: the others are evaluated
+    (it turned evaluation off for the whole run); training still needs every source."""
+    out = tmp_path / "data"
+    manifest = write_corpus(out, {"web": [40], "one": [3]}, {"web": 0.8, "one": 0.2})
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(5, VOCAB, 30) for _ in range(14)]
+    val = write_shard(out, "web", "val", 0, [docs[:7], docs[7:]], VOCAB)
+    write_manifest(out, Manifest(manifest.fingerprint, manifest.tokenizer,
+                                 [*manifest.shards, val], manifest.weights))  # fmt: skip
+    loader = build_loader(config(out), CausalWindows(), split="val", num_steps=1)
+    assert list(loader.dataset.shards) == ["web"]
+    assert len(list(loader.loader)) == 6  # 12 rows of 2
+    (out / manifest.shards[-1].path).unlink()  # the train shard of "one"
+    with pytest.raises(DataError, match="source 'one' has no usable train shards"):
+        build_loader(config(out, on_bad_shard="skip"), CausalWindows())
+
+
 def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
     cfg = config(corpus)
     cfg.model = DecoderConfig(vocab_size=VOCAB - 1)
