@@ -334,6 +334,8 @@ def render_data_report(report: dict[str, Any]) -> str:
         "",
     )
     console.print(table)
+    if report.get("status") != "ok" and report.get("message"):  # why the build stopped
+        console.print(f"{report.get('status', '?')}: {report['message']}", markup=False)
     tokenizer = report.get("tokenizer")
     if isinstance(tokenizer, dict) and "vocab_size" in tokenizer:
         console.print(f"tokenizer: vocab {tokenizer['vocab_size']:,}")

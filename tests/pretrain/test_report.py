@@ -194,6 +194,10 @@ def test_data_report_prints_sources_tokens_and_shards(
         "total": ["", "200", "2,000,000", "20,000", "5", ""],
     }
     assert "tokenizer: vocab 4,096" in out
+    failed = data_report() | {"status": "failed", "message": "12 of 40 documents are bad [x]"}
+    (data_dir / "report.json").write_text(json.dumps(failed))
+    assert run(config(data_dir=str(data_dir))) == 0
+    assert "failed: 12 of 40 documents are bad [x]" in capsys.readouterr().out  # why it stopped
 
 
 def test_the_summary_says_how_the_run_stands(
