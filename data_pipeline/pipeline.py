@@ -148,6 +148,14 @@ def fingerprint_payload(cfg: KilnConfig, plans: list[SourcePlan]) -> dict[str, A
         path = Path(cfg.tokenizer.path)
         if not path.is_file():
             raise PipelineError(f"tokenizer.path={cfg.tokenizer.path}: no such file")
+        from data_pipeline.tokenizer import load_tokenizer_info
+
+        try:  # what the tokenizer stage would find after scan and dedup, found before them
+            load_tokenizer_info(path)
+        except (ValueError, RuntimeError, OSError) as error:  # SentencePiece's: RuntimeError
+            raise PipelineError(
+                f"tokenizer.path: {error} (kiln needs pad, unk, bos, eos and <mask>)"
+            ) from error
         tokenizer = {"path": path.name, "sha256": sha256_file(path)}
     return {
         "versions": {

@@ -547,6 +547,28 @@ def test_an_unfinished_build_and_a_file_for_output_dir_are_named(tmp_path: Path)
         read_manifest(tmp_path / "build")
 
 
+def test_a_reused_tokenizer_without_kilns_special_tokens_is_refused_before_the_build(
+    hydra_context: None, tmp_path: Path
+) -> None:
+    """A plain SentencePiece model (no pad, no <mask>) given as tokenizer.path: said when the
+    build is planned, not after scan and dedup."""
+    import sentencepiece as spm
+
+    from data_pipeline.pipeline import fingerprint_payload, plan_sources
+
+    words = [f"w{i} x{i % 7} y{i % 11}" for i in range(400)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(words), model_prefix=str(tmp_path / "p"),
+                                   vocab_size=25, minloglevel=2)  # fmt: skip
+    text = tmp_path / "in" / "a.txt"
+    text.parent.mkdir()
+    text.write_text("\n".join(words))
+    cfg = make_config(hydra_context, ["corpus=files", f"corpus.sources.0.paths=[{text.parent}]",
+                                      f"tokenizer.path={tmp_path / 'p.model'}"])  # fmt: skip
+    with pytest.raises(PipelineError, match=r"tokenizer.path: tokenizer .*p.model lacks special "
+                       r"tokens: pad, mask \(kiln needs pad"):  # fmt: skip
+        fingerprint_payload(cfg, plan_sources(cfg))
+
+
 def test_an_input_edited_in_place_is_other_input(hydra_context: None, tmp_path: Path) -> None:
     """The fingerprint holds each input's modification time beside its name and size: a file
     edited at the same size (a typo fixed) is other input, so a rerun is refused, not 'up to
