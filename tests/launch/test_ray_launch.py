@@ -259,6 +259,12 @@ def kiln_launch(cluster: Cluster, *args: str, cwd: Path) -> subprocess.Completed
                           timeout=300)  # fmt: skip
 
 
+def _as_a_terminal_starts_it() -> None:
+    """Ctrl-C's default action in the child: a pytest-xdist worker ignores SIGINT, and a process
+    started with SIGINT ignored keeps ignoring it (Python installs no handler then)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launch:
     """`kiln launch cluster=ray ARGS` in the background, its output (stdout and stderr together)
     collected as it comes."""
@@ -267,7 +273,8 @@ class Launch:
         self.process = subprocess.Popen([str(KILN), "launch", "cluster=ray",
                                          f"cluster.address={cluster.head.address}", *args],
                                         cwd=cwd, env=cluster.env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                        stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=_as_a_terminal_starts_it)  # fmt: skip
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
