@@ -325,10 +325,13 @@ def gather_sample(work: Path, unit_id: str, indices: Sequence[int]) -> list[str]
 
 
 @lru_cache(maxsize=2)
-def _processor(path: str, sha256: str) -> Any:  # sha256 in the key: a new model, a new entry
-    from data_pipeline.tokenizer import load_processor
+def _processor(
+    path: str, sha256: str
+) -> tuple[Any, dict[int, str]]:  # sha256: a new model, a new entry
+    from data_pipeline.tokenizer import load_processor, objective_pieces
 
-    return load_processor(Path(path))
+    processor = load_processor(Path(path))
+    return processor, objective_pieces(processor)
 
 
 def tokenize_unit(
@@ -345,7 +348,9 @@ def tokenize_unit(
     Returns the marker: documents and tokens per split, seconds, peak RSS.
     """
     start = time.perf_counter()
-    processor = _processor(tokenizer_path, tokenizer_sha256)
+    from data_pipeline.tokenizer import encode_as_written
+
+    processor, reserved = _processor(tokenizer_path, tokenizer_sha256)
     dropped = set(selection["exact"]) | set(selection["near"])
     held_out = set(selection["val"])
     dtype = token_dtype(vocab_size)
@@ -357,8 +362,8 @@ def tokenize_unit(
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            encoded = processor.encode(batch, out_type=int, num_threads=1)
-            arrays.extend(np.asarray(ids, dtype=dtype) for ids in encoded)
+            encoded = encode_as_written(processor, batch, reserved)
+            arrays.extend(ids.astype(dtype) for ids in encoded)
             batch, batch_bytes = [], 0
 
     for doc, (_, text) in enumerate(iter_unit_texts(work, unit_id)):

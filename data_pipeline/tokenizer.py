@@ -5,7 +5,11 @@ Special tokens and their fixed ids (the same in every tokenizer kiln trains):
     0 <pad>   1 <unk>   2 <s> (bos)   3 </s> (eos)   4 <mask>   5.. <extra_id_0> .. <extra_id_{n-1}>
 
 `<mask>` serves masked LM; `<extra_id_N>` are T5's span-corruption sentinels. They are
-user-defined symbols, so they are never split and `encode` of the literal text gives the id.
+user-defined symbols, so they are never split and SentencePiece's `encode` of the literal text
+gives the id (as transformers' T5 tokenizers do, which lets a prompt name a sentinel). A corpus
+is not a prompt: a document that contains the text "<mask>" (HTML, a tokenizer's own source
+code) must not put mask or sentinel ids into the shards, where the objectives would take them
+for their own. `encode_as_written` spells such text out in ordinary pieces.
 
 Text is kept as it is: the identity normaliser and no whitespace folding, because the default
 corpus is Python source code, where indentation and newlines carry meaning. Normalisation
@@ -21,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.shards import atomic_write_bytes
@@ -141,6 +146,49 @@ def _train(
         num_threads=threads,
         minloglevel=2,
     )
+
+
+def objective_pieces(processor: spm.SentencePieceProcessor) -> dict[int, str]:
+    """The pieces only the objectives may place: `<mask>` and the sentinels, by id."""
+    found: dict[int, str] = {}
+    if (mask := processor.piece_to_id(MASK)) != processor.unk_id():
+        found[mask] = MASK
+    index = 0
+    while (token := processor.piece_to_id(sentinel(index))) != processor.unk_id():
+        found[token] = sentinel(index)
+        index += 1
+    return found
+
+
+def encode_as_written(
+    processor: spm.SentencePieceProcessor, texts: list[str], reserved: dict[int, str]
+) -> list[np.ndarray]:
+    """Encode documents as `int64` arrays in which no `reserved` id comes from the text.
+
+    A document whose plain encoding holds a reserved id is encoded again piece by piece: the
+    text around each occurrence as usual, the occurrence without its last character, then that
+    character ("<mask" and ">"), so it decodes back to the same text.
+    """
+    encoded = [
+        np.asarray(ids, dtype=np.int64)
+        for ids in processor.encode(texts, out_type=int, num_threads=1)
+    ]
+    if not reserved:
+        return encoded
+    ids = np.fromiter(reserved, dtype=np.int64)
+    low, high = int(ids.min()), int(ids.max())
+    pattern = re.compile("|".join(re.escape(piece) for piece in reserved.values()))
+    for i, array in enumerate(encoded):
+        if not ((array >= low) & (array <= high)).any() or not np.isin(array, ids).any():
+            continue
+        text, parts, at = texts[i], [], 0
+        for found in pattern.finditer(text):
+            parts += [text[at : found.start()], found[0][:-1], found[0][-1:]]
+            at = found.end()
+        parts.append(text[at:])
+        pieces = processor.encode([part for part in parts if part], out_type=int, num_threads=1)
+        encoded[i] = np.fromiter((t for piece in pieces for t in piece), dtype=np.int64)
+    return encoded
 
 
 def load_tokenizer_info(path: Path) -> TokenizerInfo:

@@ -11,8 +11,10 @@ import pytest
 from data_pipeline.tokenizer import (
     MASK,
     TokenizerError,
+    encode_as_written,
     load_processor,
     load_tokenizer_info,
+    objective_pieces,
     sentinel,
     train_tokenizer,
 )
@@ -44,6 +46,25 @@ def test_special_tokens_have_fixed_ids(trained: Path) -> None:
     text = f"x = 1 {sentinel(0)} y {sentinel(9)}"
     pieces = processor.encode(text, out_type=str)
     assert sentinel(0) in pieces and sentinel(9) in pieces  # never split
+
+
+def test_a_document_that_writes_a_special_token_keeps_it_as_text(trained: Path) -> None:
+    """A corpus that contains the text "<mask>" or "<extra_id_3>" (HTML, a tokenizer's source)
+    must not put the objectives' own ids into the shards: it is spelled out in plain pieces."""
+    processor = load_processor(trained)
+    reserved = objective_pieces(processor)
+    assert reserved == {4: MASK, **{5 + i: sentinel(i) for i in range(10)}}
+    texts = [
+        f"tok = '{MASK}' # {sentinel(3)}{sentinel(9)}x\n",
+        "def f():\n    return 1\n",
+        f"{sentinel(0)}",
+    ]
+    encoded = encode_as_written(processor, texts, reserved)
+    for ids, text in zip(encoded, texts, strict=True):
+        assert not set(ids.tolist()) & set(reserved), text
+        assert processor.decode(ids.tolist()) == text
+    assert encoded[1].tolist() == processor.encode(texts[1])  # a document without one: unchanged
+    assert 4 in processor.encode(texts[0])  # what plain SentencePiece would have written
 
 
 @pytest.mark.parametrize("name", ["os.py", "json/decoder.py", "textwrap.py"])
