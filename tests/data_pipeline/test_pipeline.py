@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_module
 from services import RayHead
 
 from data_pipeline.filters import normalize
-from data_pipeline.pipeline import PipelineError, build_outputs, prepare_output
+from data_pipeline.pipeline import PipelineError, build_outputs, prepare_output, print_summary
 from data_pipeline.shards import (
     SPLITS,
     ShardFormatError,
@@ -632,7 +632,7 @@ def write_bad_corpus(directory: Path) -> None:
 
 
 def test_bad_input_is_counted_and_skipped(
-    hydra_context: None, ray_head: RayHead, tmp_path: Path
+    hydra_context: None, ray_head: RayHead, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = tmp_path / "bad"
     source.mkdir()
@@ -665,6 +665,18 @@ def test_bad_input_is_counted_and_skipped(
     per_file = report["bad_input_files"]
     assert per_file[str(source / "gone.jsonl")] == {"unreadable": 1}
     assert per_file[str(source / "cut.jsonl.gz")] == {"truncated": 1}
+    capsys.readouterr()
+    print_summary(report)  # the final table: an empty document is not bad input
+    header, row = (
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if "docs in" in line or "│ main" in line
+    )
+    cells = dict(zip(header.split("┃")[1:-1], row.split("│")[1:-1], strict=True))
+    assert {k.strip(): v.strip() for k, v in cells.items() if k.strip() in ("empty", "bad")} == {
+        "empty": "1",
+        "bad": "9",
+    }
 
 
 def test_too_much_bad_input_fails_naming_the_worst_file(tmp_path: Path, ray_head: RayHead) -> None:
