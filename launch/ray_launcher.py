@@ -45,9 +45,11 @@ this machine shares with the nodes) and checks that the cluster's nodes, alive n
 `cluster.workers` workers of their CPUs and GPUs at once (`placement_problem`): Ray Train would
 otherwise wait for them without end, 60 s a try. Ctrl-C asks Ray Train to stop the workers,
 kills its controller after `ABORT_SECONDS` (or a second Ctrl-C), names the checkpoint to
-resume from and exits 130.
+resume from and exits 130. SIGTERM (a scheduler or a supervisor stopping the driver) does the
+same and exits 143; without it, the driver would die at once and leave the workers training.
 
-`kiln launch` returns 0 when the run completed, 3 as above, 130 after Ctrl-C, and otherwise
+`kiln launch` returns 0 when the run completed, 3 as above, 130 after Ctrl-C, 143 after
+SIGTERM, and otherwise
 prints what failed and returns 1 (or 42 when the last attempt ended by a stop signal: "requeue
 me" for whatever runs `kiln launch`).
 
@@ -64,6 +66,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +450,8 @@ def run_train(job: TrainJob, cfg: Any) -> int:
     run_dir = Path(cfg.trainer.run_dir)
     exit_file = run_dir / "exit.json"
     exit_file.unlink(missing_ok=True)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _terminated.clear()
     try:
         error = _fit(job, cfg)
     except ClusterUnreachable as failure:
@@ -464,8 +469,14 @@ def run_train(job: TrainJob, cfg: Any) -> int:
              "with another can lose its actors this way")  # fmt: skip
         return FAILED_EXIT_CODE
     except KeyboardInterrupt:
+        if _terminated:
+            print(f"kiln launch: stopped by SIGTERM; {resume_hint(run_dir)}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return TERMINATED_EXIT_CODE
         print(f"kiln launch: interrupted; {resume_hint(run_dir)}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     user_error = rank_user_error(error)
     if user_error is not None:  # not retried: its line says it all
         _say(str(user_error))
@@ -492,6 +503,9 @@ def _fit(job: TrainJob, cfg: Any) -> BaseException | None:
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ClusterUnreachable(str(error)) from error
         started = True
+    # ray.init installs Ray's fatal-signal handler, which aborts this process at a SIGTERM
+    # and leaves the workers training: SIGTERM is kiln's again
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         problem = placement_problem(job.num_workers, job.resources_per_worker, nodes)
@@ -533,6 +547,19 @@ def _fit(job: TrainJob, cfg: Any) -> BaseException | None:
             ray.shutdown()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to `kiln launch`: stopped as Ctrl-C stops it (`_abort`), status 143."""
+
+
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+_terminated: list[bool] = []  # a SIGTERM came (Ray Train may raise a KeyboardInterrupt anew)
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    _terminated.append(True)
+    raise Terminated
+
+
 def _skip_cleaner_noise() -> None:
     """Have this driver skip `CLEANER_NOISE` among the lines Ray forwards from the cluster's
     processes (`RAY_DEDUP_LOGS_SKIP_REGEX`, read when ray is first imported)."""
@@ -570,7 +597,8 @@ def _abort(controller: Any) -> None:
 
     if controller is None:  # not started yet: ray.shutdown() ends what this driver started
         return
-    _say(f"Ctrl-C: stopping the workers (up to {ABORT_SECONDS:.0f} s; Ctrl-C again: at once)")
+    how = "SIGTERM" if _terminated else "Ctrl-C"
+    _say(f"{how}: stopping the workers (up to {ABORT_SECONDS:.0f} s; Ctrl-C again: at once)")
     with contextlib.suppress(KeyboardInterrupt):
         ray.wait([controller.abort.remote()], timeout=ABORT_SECONDS)
     ray.kill(controller)  # nothing to do when the abort ended it

@@ -570,12 +570,14 @@ def test_ctrl_c_stops_the_workers_and_names_the_checkpoint_to_resume_from(
 
 @ray_cluster
 @pytest.mark.slow
-def test_ctrl_c_ends_a_launch_waiting_for_resources_another_job_holds(
+def test_sigterm_then_ctrl_c_end_a_launch_waiting_for_resources_another_job_holds(
     cluster: Cluster, data_build, tmp_path: Path
 ) -> None:
     """The cluster holds the two workers, but another job holds one CPU: Ray Train's controller
     waits for it (60 s a try) without answering. Ray's handler waited for its abort without
-    end and ignored a second Ctrl-C; now a second Ctrl-C ends kiln launch at once."""
+    end and ignored a second Ctrl-C; now a second Ctrl-C ends kiln launch at once. A SIGTERM
+    (a supervisor stopping the driver) starts the same abort: before, it ended the driver at
+    once and left the workers to train on."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -586,8 +588,8 @@ def test_ctrl_c_ends_a_launch_waiting_for_resources_another_job_holds(
         ray.get(held.ready(), timeout=60)
         launch = Launch(cluster, train_args(data_build[0], tmp_path / "run"), cwd=tmp_path)
         launch.wait_until(launch.said("Attempting to start training worker group"), "no start")
-        launch.process.send_signal(signal.SIGINT)
-        launch.wait_until(launch.said("Ctrl-C: stopping the workers"), "no abort", timeout=300)
+        launch.process.send_signal(signal.SIGTERM)
+        launch.wait_until(launch.said("SIGTERM: stopping the workers"), "no abort", timeout=300)
         launch.process.send_signal(signal.SIGINT)  # Ray's handler ignored this one: no end
         output = launch.finish(timeout=600)
         remove_placement_group(held)
@@ -595,7 +597,7 @@ def test_ctrl_c_ends_a_launch_waiting_for_resources_another_job_holds(
         if launch is not None:
             launch.stop()
         ray.shutdown()
-    assert launch.process.returncode == 130, output[-4000:]
+    assert launch.process.returncode == 143, output[-4000:]
     assert output.strip().splitlines()[-1] == (
-        "kiln launch: interrupted; no checkpoint was written yet"
+        "kiln launch: stopped by SIGTERM; no checkpoint was written yet"
     )
