@@ -65,7 +65,7 @@ from pretrain.config import KilnConfig, RayConfig
 
 # Bump when a change to the pipeline's code changes its outputs for the same config, so a
 # resume never mixes work done by two versions.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 WORK_DIR = ".work"
 TOKENIZER_FILE = "tokenizer.model"
 ERROR_REASONS = tuple(reason for reason in SKIP_REASONS if reason != "empty")
@@ -832,7 +832,13 @@ def shard(build: Build) -> None:
     start = time.perf_counter()
     vocab = build.tokenizer.vocab_size
     specs = stages.plan_shards(
-        build.work, build.refs(), [p.name for p in build.plans], cfg.shards.target_bytes, vocab
+        build.work,
+        build.refs(),
+        [p.name for p in build.plans],
+        cfg.shards.target_bytes,
+        vocab,
+        shuffle_shards=cfg.shards.shuffle_shards,
+        seed=cfg.shards.seed,
     )
     records: dict[str, ShardRecord] = {}
     todo = []

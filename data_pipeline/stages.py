@@ -419,56 +419,94 @@ def plan_shards(
     sources: Sequence[str],
     target_bytes: int,
     vocab_size: int,
+    shuffle_shards: int = 0,
+    seed: int = 0,
 ) -> list[ShardSpec]:
-    """Cut each source's documents of each split, in global order, into shards that close once
-    they reach `target_bytes` of token data (a single larger document makes a larger shard)."""
+    """Cut each source's documents of each split into shards that close once they reach
+    `target_bytes` of token data (a single larger document makes a larger shard).
+
+    The documents come in global order, shuffled within each stretch of `shuffle_shards`
+    shards' worth of tokens (seeded by `seed`, the source, the split and the stretch; 0 keeps
+    the global order). A corpus is often sorted (by site, date, repository), and the loader
+    shuffles only shards and a window of samples: without this, a batch would hold a few
+    neighbouring documents. The stretches follow the global order, not the work units, so the
+    outputs do not depend on the unit size; a shard reads the few units of its stretch."""
     cap = max(1, target_bytes // token_dtype(vocab_size).itemsize)
+    stretch = cap * max(0, shuffle_shards)
     specs: list[ShardSpec] = []
     meta = {ref.unit_id: _load_npz(work / "tokens" / f"{ref.unit_id}.npz") for ref in units}
     for source in sources:
+        refs = [ref for ref in units if ref.source == source]
         for code, split in enumerate(SPLITS):
-            pieces: list[tuple[str, tuple[int, ...]]] = []
-            tokens = documents = 0
-            for ref in units:
-                if ref.source != source:
-                    continue
-                lengths, split_of = meta[ref.unit_id]["lengths"], meta[ref.unit_id]["split"]
-                chosen: list[int] = []
-                for position in np.flatnonzero(split_of == code).tolist():
-                    chosen.append(position)
-                    tokens += int(lengths[position])
-                    documents += 1
-                    if tokens >= cap:
-                        pieces.append((ref.unit_id, tuple(chosen)))
-                        specs.append(
-                            ShardSpec(
-                                source,
-                                split,
-                                _count(specs, source, split),
-                                tuple(pieces),
-                                tokens,
-                                documents,
-                            )
-                        )
-                        pieces, chosen, tokens, documents = [], [], 0, 0
-                if chosen:
-                    pieces.append((ref.unit_id, tuple(chosen)))
-            if pieces:
-                specs.append(
-                    ShardSpec(
-                        source,
-                        split,
-                        _count(specs, source, split),
-                        tuple(pieces),
-                        tokens,
-                        documents,
-                    )
-                )
+            unit_of, position_of, length_of = [], [], []
+            for number, ref in enumerate(refs):
+                positions = np.flatnonzero(meta[ref.unit_id]["split"] == code)
+                unit_of.append(np.full(positions.size, number, dtype=np.int64))
+                position_of.append(positions.astype(np.int64))
+                length_of.append(meta[ref.unit_id]["lengths"][positions].astype(np.int64))
+            if not refs:
+                continue
+            unit_doc = np.concatenate(unit_of)
+            positions = np.concatenate(position_of)
+            lengths = np.concatenate(length_of)
+            order = _stretch_order(lengths, stretch, [seed, _stable_id(source), code])
+            specs.extend(_cut(source, split, refs, unit_doc[order], positions[order],
+                              lengths[order], cap))  # fmt: skip
     return specs
 
 
-def _count(specs: Sequence[ShardSpec], source: str, split: str) -> int:
-    return sum(1 for spec in specs if spec.source == source and spec.split == split)
+def _stable_id(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _stretch_order(lengths: np.ndarray, stretch: int, seed: list[int]) -> np.ndarray:
+    """Document indices in global order, permuted within each run of `stretch` tokens (by
+    where each document starts)."""
+    order = np.arange(lengths.size)
+    if lengths.size == 0 or stretch <= 0:
+        return order
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) // stretch
+    bounds = np.flatnonzero(np.diff(starts)) + 1
+    for number, (first, last) in enumerate(zip([0, *bounds], [*bounds, lengths.size], strict=True)):
+        rng = np.random.default_rng([*seed, number])
+        order[first:last] = first + rng.permutation(last - first)
+    return order
+
+
+def _cut(
+    source: str,
+    split: str,
+    refs: Sequence[UnitRef],
+    unit_doc: np.ndarray,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    cap: int,
+) -> list[ShardSpec]:
+    """Shards of `cap` tokens from documents in this order; a shard's pieces are runs of
+    documents from one unit."""
+    specs: list[ShardSpec] = []
+    pieces: list[tuple[str, tuple[int, ...]]] = []
+    run: list[int] = []
+    run_unit = -1
+    tokens = documents = 0
+    for unit, position, length in zip(unit_doc.tolist(), positions.tolist(), lengths.tolist(),
+                                      strict=True):  # fmt: skip
+        if unit != run_unit and run:
+            pieces.append((refs[run_unit].unit_id, tuple(run)))
+            run = []
+        run_unit = unit
+        run.append(position)
+        tokens += length
+        documents += 1
+        if tokens >= cap:
+            pieces.append((refs[run_unit].unit_id, tuple(run)))
+            specs.append(ShardSpec(source, split, len(specs), tuple(pieces), tokens, documents))
+            pieces, run, tokens, documents = [], [], 0, 0
+    if run:
+        pieces.append((refs[run_unit].unit_id, tuple(run)))
+    if pieces:
+        specs.append(ShardSpec(source, split, len(specs), tuple(pieces), tokens, documents))
+    return specs
 
 
 def _spec_blocks(work: Path, spec: ShardSpec, block_tokens: int) -> Iterator[list[np.ndarray]]:
@@ -476,10 +514,15 @@ def _spec_blocks(work: Path, spec: ShardSpec, block_tokens: int) -> Iterator[lis
     units' memory-mapped token files (a document larger than a block is a block alone)."""
     block: list[np.ndarray] = []
     block_size = 0
+    opened: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a shuffled shard comes back to units
     for unit_id, positions in spec.pieces:
-        tokens = np.load(work / "tokens" / f"{unit_id}.npy", mmap_mode="r", allow_pickle=False)
-        lengths = _load_npz(work / "tokens" / f"{unit_id}.npz")["lengths"].astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        if unit_id not in opened:
+            lengths = _load_npz(work / "tokens" / f"{unit_id}.npz")["lengths"].astype(np.int64)
+            opened[unit_id] = (
+                np.load(work / "tokens" / f"{unit_id}.npy", mmap_mode="r", allow_pickle=False),
+                np.concatenate([[0], np.cumsum(lengths)]),
+            )
+        tokens, offsets = opened[unit_id]
         for position in positions:
             doc = np.array(tokens[offsets[position] : offsets[position + 1]])
             if block and block_size + doc.size > block_tokens:

@@ -520,6 +520,11 @@ class ShardConfig:
     unit_bytes: int = 32 << 20
     min_units: int = 64
     min_unit_bytes: int = 1 << 20
+    # Documents are shuffled within each stretch of this many shards' worth of a source's
+    # documents in global order (a sorted corpus then spreads over the stretch); 0 keeps the
+    # global order. `seed` seeds it.
+    shuffle_shards: int = 16
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -990,6 +995,7 @@ def validate_pipeline(cfg: KilnConfig) -> None:
     _check_positive("tokenizer.n_sentinels", tokenizer.n_sentinels, allow_zero=True)
     for key in ("target_bytes", "block_tokens", "unit_bytes", "min_units", "min_unit_bytes"):
         _check_positive(f"shards.{key}", getattr(cfg.shards, key))
+    _check_positive("shards.shuffle_shards", cfg.shards.shuffle_shards, allow_zero=True)
     _check_positive("ray.num_cpus", cfg.ray.num_cpus)
     _check_positive("ray.workers", cfg.ray.workers)
 
