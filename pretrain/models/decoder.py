@@ -107,7 +107,8 @@ class Decoder(nn.Module):
                 shifted past left padding); default 0..T-1 after what the cache holds.
             document_ids: (B, T) document of each token in a packed row; attention stays
                 inside a document.
-            padding_mask: (B, T) True for real tokens; padding keys are never attended to.
+            padding_mask: (B, T) True for real tokens; padding keys are never attended to,
+                and MoE layers route only the real tokens.
             cache: a `DecoderCache` to read and extend (incremental decoding).
             labels: (B, T) next-token targets (-100: none): return the loss, computed in
                 chunks of `loss_chunk_tokens` tokens when that is set (`linear_cross_entropy`).
@@ -125,7 +126,8 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
-        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
+        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None,
+                             padding_mask=padding_mask)  # fmt: skip
         inputs.mask, inputs.global_mask = self._masks(positions, document_ids, padding_mask, cache)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):

@@ -131,7 +131,8 @@ class Encoder(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
-        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None)
+        inputs = BlockInputs(rope=self.rope(position_ids) if self.rope is not None else None,
+                             padding_mask=padding_mask)  # fmt: skip
         inputs.mask = self._mask(positions, document_ids, padding_mask, self.cfg.attention_window)
         if self.cfg.global_every:
             inputs.global_mask = self._mask(positions, document_ids, padding_mask, None)
@@ -188,7 +189,8 @@ class Encoder(nn.Module):
                 when `model.type_vocab_size` is 0.
             position_ids: (B, T) positions (restarting at each document of a packed row);
                 default 0..T-1.
-            padding_mask: (B, T) True for real tokens; padding keys are never attended to.
+            padding_mask: (B, T) True for real tokens; padding keys are never attended to,
+                and MoE layers route only the real tokens.
             document_ids: (B, T) document of each token in a packed row; attention stays
                 inside a document.
             labels: (B, T) original ids at the masked positions, -100 elsewhere: return the

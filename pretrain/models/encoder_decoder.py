@@ -211,7 +211,10 @@ class EncoderDecoder(nn.Module):
         """T5's recipe (Mesh TensorFlow, factor 1; `init_std` is not used): embedding N(0, 1);
         q N(0, (C * D)**-0.5), k and v N(0, C**-0.5), o N(0, (H * D)**-0.5); feed-forward in
         N(0, C**-0.5), out N(0, d_ff**-0.5); relative bias and an untied head N(0, C**-0.5);
-        norms at 1, biases at 0."""
+        norms at 1, biases at 0. An MoE router gets Switch Transformer's 0.1 scale,
+        N(0, (0.1 / C)**0.5): on the unit-RMS normed states its logits start with std 0.32
+        at any width, so the routing probabilities start near uniform, as the decoder's do
+        (T5's C**-0.5 gives std-1 logits: confident routing, a large z-loss)."""
         cfg = self.cfg
         d, inner = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
         nn.init.normal_(self.embed.weight, std=1.0)
@@ -235,14 +238,15 @@ class EncoderDecoder(nn.Module):
                     nn.init.normal_(attn.k.weight, std=d**-0.5)
                     nn.init.normal_(attn.v.weight, std=d**-0.5)
                     nn.init.normal_(attn.o.weight, std=inner**-0.5)
-                init_feed_forward(block.mlp, d**-0.5, None)
+                init_feed_forward(block.mlp, d**-0.5, None, router_std=(0.1 / d) ** 0.5)
 
     def encode(self, input_ids: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         """Run the encoder.
 
         Args:
             input_ids: (B, S) token ids.
-            padding_mask: (B, S) True for real tokens; padding keys are never attended to.
+            padding_mask: (B, S) True for real tokens; padding keys are never attended to,
+                and MoE layers route only the real tokens.
 
         Returns:
             (B, S, C) encoder outputs (the decoder's cross-attention memory).
@@ -252,6 +256,7 @@ class EncoderDecoder(nn.Module):
         inputs = BlockInputs(
             rope=self.rope(positions.expand(batch, length)) if self.rope is not None else None,
             mask=self.encoder.self_attention_mask(positions, positions, padding_mask),
+            padding_mask=padding_mask,
         )
         return self.encoder(self.drop(self.embed(input_ids)), inputs)
 
@@ -273,7 +278,8 @@ class EncoderDecoder(nn.Module):
             memory: (B, S, C) output of `encode`.
             memory_padding_mask: (B, S) True for real encoder tokens.
             decoder_padding_mask: (B, T) True for real decoder tokens; padding keys are never
-                attended to (with a cache, the mask of the new tokens only).
+                attended to and MoE layers route only the real tokens (with a cache, the mask
+                of the new tokens only).
             cache: an `EncoderDecoderCache` to read and extend; its positions continue from
                 `cache.length`, so the position bias uses absolute query positions.
             labels: (B, T) targets (-100: none): return their mean fp32 cross-entropy instead
@@ -303,6 +309,7 @@ class EncoderDecoder(nn.Module):
             ),
             context=memory,
             context_mask=context_mask,
+            padding_mask=decoder_padding_mask,
         )
         caches = cache.layers if cache is not None else None
         cross_caches = cache.cross_layers if cache is not None else None

@@ -380,6 +380,7 @@ class BlockInputs:
     global_mask: Tensor | None = None  # the same without the window, for global blocks
     context: Tensor | None = None  # encoder output, for cross-attention
     context_mask: Tensor | None = None  # cross-attention mask or bias
+    padding_mask: Tensor | None = None  # (B, T) True for real tokens: all MoE layers route
 
 
 class Block(nn.Module):
@@ -400,7 +401,7 @@ class Block(nn.Module):
         scale: float | None = None,
         index: int = 0,
     ) -> None:
-        from pretrain.models.moe import build_feed_forward  # moe builds on this module
+        from pretrain.models.moe import MoEFeedForward, build_feed_forward  # moe imports this
 
         super().__init__()
         self.post_norm = post_norm
@@ -411,6 +412,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, causal=False, scale=scale) if cross_attention else None
         self.mlp_norm = build_norm(cfg)
         self.mlp = build_feed_forward(cfg, index)  # dense, or MoE on every k-th block
+        self.routed = isinstance(self.mlp, MoEFeedForward)  # takes the padding mask
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -425,7 +427,7 @@ class Block(nn.Module):
         if self.post_norm:
             attended = self.attn(x, rope=inputs.rope, mask=mask, cache=cache)
             x = self.attn_norm(x + drop(attended))
-            return self.mlp_norm(x + drop(self.mlp(x)))
+            return self.mlp_norm(x + drop(self.feed_forward(x, inputs)))
         x = x + drop(self.attn(self.attn_norm(x), rope=inputs.rope, mask=mask, cache=cache))
         if self.cross_attn is not None and self.cross_norm is not None:
             x = x + drop(
@@ -436,7 +438,13 @@ class Block(nn.Module):
                     cache=cross_cache,
                 )
             )
-        return x + drop(self.mlp(self.mlp_norm(x)))
+        return x + drop(self.feed_forward(self.mlp_norm(x), inputs))
+
+    def feed_forward(self, x: Tensor, inputs: BlockInputs) -> Tensor:
+        """The MLP; an MoE layer routes only the real tokens of `inputs.padding_mask`."""
+        if self.routed and inputs.padding_mask is not None:
+            return self.mlp(x, inputs.padding_mask)
+        return self.mlp(x)
 
 
 def init_normal(module: nn.Module, std: float) -> None:

@@ -10,6 +10,12 @@ Capacity: each expert takes at most ceil(capacity_factor * tokens * top_k / n_ex
 assignments; first choices of all tokens come before second choices (GShard's priority), then
 token order. Dropped assignments contribute nothing (the residual carries the token on).
 
+Padding: given a `padding_mask` (the families pass theirs down), only the real tokens are
+routed. Padding positions get a zero output, take no capacity (`tokens` above counts real
+tokens) and stay out of the losses and statistics, so a batch's real tokens route as they
+would without the pads. (A padded encoder-decoder batch can be half padding, whose states are
+alike: routed, they would pile onto one or two experts and fill them.)
+
 Losses (training only), added to the model's loss by `pretrain.engine.compute_loss`:
 - load balance (Switch Transformer): n_experts * sum_e f_e * P_e, f_e the fraction of
   assignments routed to e, P_e the mean routing probability of e; 1.0 when perfectly balanced;
@@ -21,7 +27,7 @@ ranks and resets them.
 
 Expert parallelism (`model.moe.expert_parallel`, `enable_expert_parallel`): the data-parallel
 ranks split each layer's experts (rank r keeps experts [r E/W, (r+1) E/W)). Every rank routes
-its own tokens as before (capacity counted on its own tokens, so dropping is what plain data
+its own real tokens as before (capacity counted on them, so dropping is what plain data
 parallelism drops), sends each kept assignment to the rank that owns its expert with one
 all-to-all, runs its local experts over what it received, and returns the outputs with a
 second all-to-all (`AllToAll`, differentiable: its backward is the reverse exchange). The
@@ -237,10 +243,11 @@ class MoEStats:
 
     def add(self, step: RoutingStep) -> None:
         device = step.counts.device
-        extra = torch.stack([step.dropped.double(), step.entropy.double(),
-                             torch.tensor(float(step.tokens), dtype=torch.float64, device=device),
-                             step.balance.double(), step.z.double(),
-                             torch.ones((), dtype=torch.float64, device=device)])  # fmt: skip
+        # a forward without real tokens (all padding) does not count toward the loss means
+        tokens = torch.tensor([float(step.tokens), float(step.tokens > 0)], dtype=torch.float64,
+                              device=device)  # fmt: skip
+        extra = torch.stack([step.dropped.double(), step.entropy.double(), tokens[0],
+                             step.balance.double(), step.z.double(), tokens[1]])  # fmt: skip
         row = torch.cat([step.counts.double(), extra])
         self.values = row if self.values is None else self.values + row
         loss = step.loss.detach()
@@ -285,14 +292,30 @@ class MoEFeedForward(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, experts
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, T, C) -> (B, T, C).
+
+        Args:
+            x: (B, T, C) token states.
+            padding_mask: (B, T) True for real tokens. Only those are routed (in their
+                order, so their result is that of the batch without the pads); padding
+                positions get 0. None: every token is real.
+        """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
+        if padding_mask is None:
+            return self._forward_tokens(flat).view(shape)
+        real = padding_mask.reshape(-1).nonzero().squeeze(-1)  # (N_real,)
+        out = self._forward_tokens(flat[real])  # (N_real, C)
+        return torch.zeros_like(flat).index_copy(0, real, out).view(shape)
+
+    def _forward_tokens(self, flat: Tensor) -> Tensor:
+        """(N, C) tokens, all real -> (N, C): route, dispatch, combine (+ shared experts)."""
         n, k, e = flat.shape[0], self.top_k, self.n_experts
         logits, weights, experts = self.route(flat)
         # assignments in priority order: all first choices, then all second choices, ...
         expert_of = experts.T.reshape(-1)  # (k N,)
-        token_of = torch.arange(n, device=x.device).repeat(k)
+        token_of = torch.arange(n, device=flat.device).repeat(k)
         weight_of = weights.T.reshape(-1)
         order = torch.argsort(expert_of, stable=True)
         sorted_experts, sorted_tokens = expert_of[order], token_of[order]
@@ -302,10 +325,10 @@ class MoEFeedForward(nn.Module):
         if capacity is None:
             keep_tokens = sorted_tokens
             kept = counts
-            dropped = torch.zeros((), device=x.device)
+            dropped = torch.zeros((), device=flat.device)
         else:
             starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(k * n, device=x.device) - starts[sorted_experts]
+            rank = torch.arange(k * n, device=flat.device) - starts[sorted_experts]
             keep = rank < capacity
             keep_tokens = sorted_tokens[keep]
             sorted_weights = sorted_weights[keep]
@@ -324,7 +347,7 @@ class MoEFeedForward(nn.Module):
             out = self.experts(flat[sorted_tokens], counts.tolist())
         else:
             slots = (sorted_experts * capacity + rank)[keep]
-            buffer = flat.new_zeros(e * capacity, shape[-1])
+            buffer = flat.new_zeros(e * capacity, flat.shape[-1])
             buffer[slots] = flat[keep_tokens]
             out = self.experts(buffer.view(e, capacity, -1)).view(e * capacity, -1)[slots]
         weighted = (out * sorted_weights.to(out.dtype)).to(flat.dtype)
@@ -333,7 +356,7 @@ class MoEFeedForward(nn.Module):
             combined = combined + shared(flat)
         if self.training and torch.is_grad_enabled():
             self.last = self._routing_step(logits, counts, dropped, n)
-        return combined.view(shape)
+        return combined
 
     def _exchange(self, tokens: Tensor, counts: Tensor) -> Tensor:
         """Expert parallelism: (M, C) assignments sorted by global expert, `counts[e]` for
@@ -354,6 +377,11 @@ class MoEFeedForward(nn.Module):
         return AllToAll.apply(out, recv, send, self.ep_group)
 
     def _routing_step(self, logits: Tensor, counts: Tensor, dropped: Tensor, n: int) -> RoutingStep:
+        if n == 0:  # all padding: nothing to balance; a zero loss still in the graph
+            zero = logits.sum()
+            return RoutingStep(loss=zero, counts=counts.detach(), dropped=dropped.detach(),
+                               entropy=zero.detach(), tokens=0, balance=zero.detach(),
+                               z=zero.detach())  # fmt: skip
         if self.sigmoid:
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(dim=-1, keepdim=True)
@@ -517,9 +545,11 @@ def build_feed_forward(cfg: ModelConfig, index: int) -> nn.Module:
     return MoEFeedForward(cfg) if is_moe_block(cfg, index) else FeedForward(cfg)
 
 
-def init_feed_forward(mlp: nn.Module, in_std: float, down_std: float | None) -> None:
-    """A block's feed-forward, dense or MoE: router and in-projections N(0, in_std), out
-    projections N(0, down_std) (None: hidden size ** -0.5, T5's rule), biases 0."""
+def init_feed_forward(mlp: nn.Module, in_std: float, down_std: float | None,
+                      router_std: float | None = None) -> None:  # fmt: skip
+    """A block's feed-forward, dense or MoE: in-projections N(0, in_std), the router
+    N(0, router_std) (None: in_std), out projections N(0, down_std) (None: hidden size ** -0.5,
+    T5's rule), biases 0."""
 
     def dense(ff: FeedForward) -> None:
         for linear in (ff.gate, ff.up):
@@ -534,7 +564,7 @@ def init_feed_forward(mlp: nn.Module, in_std: float, down_std: float | None) -> 
         dense(mlp)
         return
     assert isinstance(mlp, MoEFeedForward)
-    nn.init.normal_(mlp.router.weight, std=in_std)
+    nn.init.normal_(mlp.router.weight, std=router_std or in_std)
     hidden = mlp.experts.d_ff  # (not the shape: zero.Init partitions it as it is made)
     mlp.experts.reset_parameters(in_std, down_std or hidden**-0.5)
     for shared in mlp.shared:

@@ -27,6 +27,7 @@ CASES = {
     "dropless_top2": {"top_k": 2},
     "capacity_shared_bias": {"top_k": 2, "capacity_factor": 1.0, "n_shared_experts": 1},
     "top1_sigmoid": {"top_k": 1, "router": "sigmoid", "capacity_factor": 1.5},
+    "padded_capacity": {"top_k": 2, "capacity_factor": 1.0},  # right-padded rows
 }
 ACCUMULATION = 2
 ROWS = 2  # per micro-batch and rank
@@ -53,12 +54,21 @@ def engine_for(cfg: DecoderConfig, seed: int) -> tuple[DDPEngine, torch.nn.Modul
     return engine, reference.train()
 
 
-def batches(world: int, step: int) -> list[list[dict]]:
-    """[rank][micro] batches of one global batch (the same on every rank)."""
+def batches(world: int, step: int, padded: bool = False) -> list[list[dict]]:
+    """[rank][micro] batches of one global batch (the same on every rank). `padded`: rows of
+    4 to 16 real tokens, right-padded (a padding mask; pad id 0, label -100), so the ranks
+    route different numbers of tokens."""
     generator = torch.Generator().manual_seed(100 + step)
     ids = torch.randint(5, 97, (world, ACCUMULATION, ROWS, 16), generator=generator)
-    return [[{"input_ids": ids[r, m], "labels": ids[r, m]} for m in range(ACCUMULATION)]
-            for r in range(world)]  # fmt: skip
+    if not padded:
+        return [[{"input_ids": ids[r, m], "labels": ids[r, m]} for m in range(ACCUMULATION)]
+                for r in range(world)]  # fmt: skip
+    lengths = torch.randint(4, 17, (world, ACCUMULATION, ROWS, 1), generator=generator)
+    mask = torch.arange(16) < lengths
+    ids = ids.masked_fill(~mask, 0)
+    labels = ids.masked_fill(~mask, -100)
+    return [[{"input_ids": ids[r, m], "padding_mask": mask[r, m], "labels": labels[r, m]}
+             for m in range(ACCUMULATION)] for r in range(world)]  # fmt: skip
 
 
 def full_state(engine: DDPEngine) -> dict[str, torch.Tensor]:
@@ -93,12 +103,14 @@ def run_case(name: str, settings: dict, out: Path, rank: int, world: int) -> dic
     ref_optimizer = build_optimizer(reference, engine_cfg_optim(), device_type="cpu")
     loss_diffs, logit_diffs, grad_diffs, norm_diffs, weight_diffs = [], [], [], [], []
     norms = []
+    padded = name.startswith("padded")
     for step in range(3):
-        data = batches(world, step)
+        data = batches(world, step, padded)
         with torch.no_grad():  # outputs, on this rank's rows (the exchange still runs)
-            ours = engine.module(data[rank][0]["input_ids"])
-            theirs = reference(data[rank][0]["input_ids"])
-            logit_diffs.append(float((ours - theirs).abs().max()))
+            inputs = {k: v for k, v in data[rank][0].items() if k != "labels"}
+            ours, theirs = engine.module(**inputs), reference(**inputs)
+            real = inputs.get("padding_mask", torch.ones(ours.shape[:2], dtype=torch.bool))
+            logit_diffs.append(float((ours - theirs)[real].abs().max()))
         losses = [engine.forward_backward(b, last=m == ACCUMULATION - 1)
                   for m, b in enumerate(data[rank])]  # fmt: skip
         ref_losses = []
@@ -133,7 +145,7 @@ def run_case(name: str, settings: dict, out: Path, rank: int, world: int) -> dic
     result["state_before_load"] = max_diff(full_state(restored), full_state(engine))
     restored.load(directory)
     result["state_after_load"] = max_diff(full_state(restored), full_state(engine))
-    data = batches(world, 7)
+    data = batches(world, 7, padded)
     for e in (engine, restored):
         for m, b in enumerate(data[rank]):
             e.forward_backward(b, last=m == ACCUMULATION - 1)

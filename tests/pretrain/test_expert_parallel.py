@@ -1,8 +1,9 @@
 """Expert parallelism (`model.moe.expert_parallel`, DDP engine) on 2 CPU ranks (torchrun, gloo):
 outputs, losses, gradients, clipped norms and AdamW steps equal the replicated model's on the
-same global batch; checkpoints restore every expert; `kiln train` with it learns, resumes
-bitwise (also under activation checkpointing) and follows the replicated run's losses; the
-engines that cannot take it refuse it."""
+same global batch (also a right-padded one, whose pads are not dispatched); checkpoints
+restore every expert; `kiln train` with it learns, resumes bitwise (also under activation
+checkpointing) and follows the replicated run's losses; the engines that cannot take it
+refuse it."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_expert_parallel_equals_data_parallel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
         cases = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert set(cases) == {"dropless_top2", "capacity_shared_bias", "top1_sigmoid"}
+        assert set(cases) == {"dropless_top2", "capacity_shared_bias", "top1_sigmoid",
+                              "padded_capacity"}  # fmt: skip
         for name, case in cases.items():
             assert case["local_experts"] == [2, 2], name  # 4 experts over 2 ranks, each layer
             assert case["state_at_start"] == 0.0  # the shards are the replicated init
@@ -56,6 +58,7 @@ def test_expert_parallel_equals_data_parallel(tmp_path: Path) -> None:
             assert case["state_after_load"] == case["state_after_resumed_step"] == 0.0
             assert case["files"] == ["engine.pt", "expert_parallel.json", "optimizer_rank1.pt"]
         assert cases["capacity_shared_bias"]["dropped"] > 0  # the capacity binds
+        assert cases["padded_capacity"]["dropped"] > 0  # counted on the real tokens
         assert cases["dropless_top2"]["dropped"] == 0
 
 
