@@ -1116,9 +1116,44 @@ def _validate_context_parallel(cfg: KilnConfig, cp: int, ranks: int) -> None:
             f"data.seq_len={cfg.data.seq_len} is not a multiple of engine.context_parallel={cp}"
         )
     if cfg.model.moe.n_experts and cfg.model.moe.expert_parallel:
-        raise ConfigError("engine.context_parallel > 1 with model.moe.expert_parallel=true")
+        raise ConfigError(
+            f"engine.context_parallel={cp} and model.moe.expert_parallel=true do not combine "
+            "(both split the ranks of a step); set one of them off"
+        )
     if cfg.data.seq_len_warmup_steps:
-        raise ConfigError("engine.context_parallel > 1 with data.seq_len_warmup_steps > 0")
+        raise ConfigError(
+            f"engine.context_parallel={cp} slices rows of data.seq_len={cfg.data.seq_len}, "
+            f"which data.seq_len_warmup_steps={cfg.data.seq_len_warmup_steps} would shorten; "
+            "set data.seq_len_warmup_steps=0 (or engine.context_parallel=1)"
+        )
+
+
+def _validate_objective(cfg: KilnConfig) -> None:
+    """The objective's settings (mask rates, noise density, span length, UL2's weights) and
+    the sequence length it needs, checked as its transform checks them when the data is read,
+    so `kiln plan` and every launcher refuse them at once. The tokenizer here has as many
+    sentinels as spans could need: their number is the data's, checked when it is read."""
+    import numpy as np
+
+    from pretrain.objectives import SpecialIds, build_objective
+
+    objective, seq_len = cfg.objective, cfg.data.seq_len
+    if seq_len < 1:
+        return  # said with the other data settings
+    if objective.kind != "clm" and cfg.data.seq_len_warmup_steps > 0:
+        raise ConfigError(
+            f"data.seq_len_warmup_steps={cfg.data.seq_len_warmup_steps} warms up causal LM "
+            f"only (it cuts each sample into shorter rows); objective={objective.kind} trains "
+            "at data.seq_len from the start: set data.seq_len_warmup_steps=0"
+        )
+    vocab = 5 + seq_len + 1
+    special = SpecialIds(sentinels=tuple(range(5, vocab - 1)))
+    word_start = np.ones(vocab, dtype=bool) if getattr(objective, "whole_word", False) else None
+    try:
+        build_objective(objective, special, vocab, document_masking=False,
+                        reset_position_ids=False, word_start=word_start).check(seq_len)  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate_config(cfg: KilnConfig) -> None:
@@ -1132,6 +1167,7 @@ def validate_config(cfg: KilnConfig) -> None:
             f"objective={cfg.objective.kind} trains {' or '.join(cfg.objective.families)} models, "
             f"but model={cfg.model.name} is {cfg.model.family}; use objective={suggestion}"
         )
+    _validate_objective(cfg)
     engine = cfg.engine
     _check_choice("engine.precision", engine.precision, ("auto", "bf16", "fp32"))
     _check_choice("engine.backend", engine.backend, ("auto", "nccl", "gloo"))

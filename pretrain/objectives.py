@@ -713,7 +713,7 @@ class UL2(EncoderDecoderObjective):
             if weight < 0:
                 raise ValueError(f"objective.{name.lower()}_weight={weight} must be >= 0")
         if sum(weights.values()) <= 0:
-            raise ValueError("objective.r_weight, s_weight and x_weight are all 0")
+            raise ValueError("objective.r_weight, s_weight and x_weight are all 0: set one > 0")
         self.cfg = cfg
         r_keys = ("objective.r_noise_density", "objective.r_mean_span_length")
         x_keys = ("objective.x_noise_density", "objective.x_mean_span_length")

@@ -281,6 +281,42 @@ def test_wrong_type_names_the_key() -> None:
             "trainer.async_checkpoint=true writes checkpoints in the background under engine=ddp "
             "or engine=fsdp; DeepSpeed .this run: ZeRO stage 3. writes its own",
         ),
+        # the objectives' own settings, refused when composed (kiln plan too), not by the ranks
+        (
+            ["model=tiny_encoder", "objective=mlm", "objective.mask_prob=1.5"],
+            "objective.mask_prob=1.5 must be in .0, 1.",
+        ),
+        (
+            ["model=tiny_encoder_decoder", "objective=span", "objective.noise_density=1.0"],
+            "objective.noise_density=1.0 must be in .0, 1.",
+        ),
+        (
+            [
+                "model=tiny_encoder_decoder",
+                "objective=ul2",
+                "objective.r_weight=0",
+                "objective.s_weight=0",
+                "objective.x_weight=0",
+            ],
+            "objective.r_weight, s_weight and x_weight are all 0: set one > 0",
+        ),
+        (
+            ["model=tiny_encoder_decoder", "objective=span", "data.seq_len=4"],
+            "data.seq_len=4 is too short for span corruption",
+        ),
+        (
+            ["model=tiny_encoder", "objective=mlm", "data.seq_len_warmup_steps=10"],
+            "data.seq_len_warmup_steps=10 warms up causal LM only",
+        ),
+        (
+            [
+                "engine=ddp",
+                "engine.context_parallel=2",
+                "cluster.gpus_per_node=2",
+                "data.seq_len_warmup_steps=10",
+            ],
+            "set data.seq_len_warmup_steps=0 .or engine.context_parallel=1.",
+        ),
     ],
 )
 def test_semantic_errors_name_the_key(overrides: list[str], message: str) -> None:
