@@ -61,6 +61,7 @@ from pretrain.config import (
 from pretrain.models.accounting import (
     ParamCounts,
     count_parameters,
+    head_fraction,
     is_moe_block,
     training_flops,
 )
@@ -679,7 +680,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
         flops = training_flops(model, enc_len, dec_len)
         seq = {"encoder_seq_len": enc_len, "decoder_seq_len": dec_len}
     else:
-        flops = training_flops(model, data.seq_len)
+        flops = training_flops(model, data.seq_len, head_share=head_fraction(cfg.objective))
         seq = {"seq_len": data.seq_len}
     tokens_per_step = data.global_batch_size * flops.tokens_per_sequence
     scaling_params = counts.active

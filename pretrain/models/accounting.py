@@ -13,6 +13,9 @@ Conventions (used by `kiln plan` and for MFU; see README "FLOP convention"):
   `torch.utils.flop_counter.FlopCounterMode` counts for `scaled_dot_product_attention`.
   `T_ctx` is the sequence length, or for sliding-window attention the window (plus
   `global_tokens`) in windowed blocks and the sequence length in global ones (`global_every`).
+* The output head counts at the positions it runs on: every position, except for masked LM,
+  whose loss needs (and whose encoder computes) the vocabulary logits at the masked positions
+  only (`objective.mask_prob` of them; `head_fraction`).
 * Encoder-decoder FLOPs are per example and reported per *input* (encoder) token: weight FLOPs
   `6 * (N_enc * S_enc + N_dec * S_dec)` where the cross-attention K/V projections multiply
   S_enc tokens, attention `12 * H * Q * (L_e * S_enc^2 + L_d * S_dec^2 + L_d * S_enc * S_dec)`,
@@ -29,7 +32,9 @@ from pretrain.config import (
     DecoderConfig,
     EncoderConfig,
     EncoderDecoderConfig,
+    MaskedLMConfig,
     ModelConfig,
+    ObjectiveConfig,
 )
 
 
@@ -209,8 +214,28 @@ def attention_context(model: ModelConfig, seq_len: int, layer: int = 0) -> int:
     return min(seq_len, model.attention_window + model.global_tokens)
 
 
+def head_params(model: ModelConfig) -> int:
+    """Matmul parameters of the output head: the vocabulary projection (and its bias), with an
+    encoder's MLM transform (dense + norm) when it has one."""
+    head = model.vocab_size * model.d_model
+    if isinstance(model, EncoderConfig):
+        head += model.vocab_size if model.bias else 0
+        if model.mlm_head_transform:
+            head += linear_params(model.d_model, model.d_model, model.bias) + norm_params(model)
+    return head
+
+
+def head_fraction(objective: ObjectiveConfig) -> float:
+    """The share of positions the output head runs on: masked LM computes (and needs) the
+    vocabulary logits at the masked positions only, `objective.mask_prob` of them."""
+    return objective.mask_prob if isinstance(objective, MaskedLMConfig) else 1.0
+
+
 def training_flops(
-    model: ModelConfig, seq_len: int, decoder_seq_len: int | None = None
+    model: ModelConfig,
+    seq_len: int,
+    decoder_seq_len: int | None = None,
+    head_share: float = 1.0,
 ) -> FlopsPerToken:
     """Training FLOPs per token under the module's convention.
 
@@ -218,6 +243,8 @@ def training_flops(
         model: the model config.
         seq_len: tokens per sequence (the encoder input length for encoder-decoders).
         decoder_seq_len: decoder (target) length, encoder-decoders only.
+        head_share: the share of positions the output head runs on (`head_fraction`: masked
+            LM's mask rate; 1 for every other objective, and for the logits of every position).
     """
     counts = count_parameters(model)
     inner = model.n_heads * model.resolved_head_dim
@@ -225,7 +252,8 @@ def training_flops(
         if decoder_seq_len is None:
             raise ValueError("encoder-decoder FLOPs need decoder_seq_len")
         return _encoder_decoder_flops(model, seq_len, decoder_seq_len)
-    weights = 6.0 * counts.matmul_active * seq_len
+    head = head_params(model)
+    weights = 6.0 * ((counts.matmul_active - head) + head * head_share) * seq_len
     contexts = sum(attention_context(model, seq_len, layer) for layer in range(model.n_layers))
     attention = 12.0 * inner * contexts * seq_len
     per_sequence = weights + attention

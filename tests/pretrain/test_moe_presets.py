@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain.config import KilnConfig, build_config, register_configs
 from pretrain.engine import compute_loss
 from pretrain.models import build_model
-from pretrain.models.accounting import count_parameters, training_flops
+from pretrain.models.accounting import count_parameters, head_fraction, training_flops
 from pretrain.models.moe import moe_layers
 from pretrain.objectives import encoder_decoder_lengths
 
@@ -63,7 +63,8 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def flops(cfg: KilnConfig) -> float:
     if cfg.model.family == "encoder_decoder":
         return training_flops(cfg.model, *encoder_decoder_lengths(cfg)).per_token
-    return training_flops(cfg.model, cfg.data.seq_len).per_token
+    share = head_fraction(cfg.objective)  # masked LM: the head runs at the masked positions
+    return training_flops(cfg.model, cfg.data.seq_len, head_share=share).per_token
 
 
 @pytest.mark.parametrize("name", PRESETS)
