@@ -256,7 +256,8 @@ class MetricsLogger:
             id=self.run_id,
             resume="allow",
             config=config,
-            dir=str(self.run_dir),
+            # W&B's files go where WANDB_DIR says (a local disk, say), else in the run directory
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
             mode=self.mode,
             # stdout stays untouched (Slurm logs keep it); no code or git diff is uploaded;
             # offline, W&B's own hints (`wandb online`, `wandb sync`) repeat kiln's line
@@ -302,15 +303,24 @@ class MetricsLogger:
         if self.console and echo:
             print(format_record(written), flush=True)
         if self._wandb_run is not None:
-            # Numbers (and booleans) only: text and None stay in metrics.jsonl.
-            numbers = {
-                f"{kind}/{k}": v
-                for k, v in written.items()
-                if k not in ("step", "kind", "time") and isinstance(v, (int, float))
-            }
-            if numbers:
-                self._wandb_run.log(numbers, step=written["step"])
+            self._to_wandb(written)
         return written
+
+    def _to_wandb(self, written: dict[str, Any]) -> None:
+        """Numbers (and booleans) as history under `kind/name`; an event's under
+        `event/EVENT/name` (a checkpoint's seconds apart from an evaluation's), and its text
+        (a path, a sample) in the run's summary under the same keys. None stays in
+        metrics.jsonl."""
+        kind = written["kind"]
+        prefix = f"event/{written.get('event')}" if kind == "event" else kind
+        fields = {k: v for k, v in written.items() if k not in ("step", "kind", "time", "event")}
+        numbers = {f"{prefix}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))}
+        if numbers:
+            self._wandb_run.log(numbers, step=written["step"])
+        if kind == "event":
+            text = {f"{prefix}/{k}": v for k, v in fields.items() if isinstance(v, str)}
+            if text:
+                self._wandb_run.summary.update(text)
 
     def event(self, step: int, event: str, **fields: Any) -> dict[str, Any]:
         """An `event` record: `{"step": step, "kind": "event", "event": event, **fields}`."""

@@ -292,6 +292,7 @@ def train(cfg: Any, context: Any) -> int:
                 with profiler.region("forward_backward"):
                     loss = engine.forward_backward(batch, last, poison=poison)
                 losses.append(loss)  # on the device: one host sync per step, not per micro-batch
+            lr = engine.lr()  # this step's: optimizer_step moves the schedule to the next
             with profiler.region("optimizer_step"):
                 grad_norm, skipped = engine.optimizer_step()
             losses = torch.stack(losses).float().tolist()
@@ -306,9 +307,10 @@ def train(cfg: Any, context: Any) -> int:
             step_time = time.perf_counter() - started
             profiled = profiler.in_window(state.step)
             profile = profiler.after_step(state.step, step_time)
-            # alike on every rank; the last step always, so a short run shows its loss
+            # alike on every rank; the first step (the starting loss, near ln V for a new model,
+            # the checkpoint's after a resume) and the last always, so a short run shows both
             log_now = state.step % cfg.logger.log_every == 0 or skipped
-            log_now = log_now or state.step == trainer.max_steps
+            log_now = log_now or state.step in (start_step + 1, trainer.max_steps)
             moe: dict[str, float] = {}
             timed = trainer.checkpoint_minutes > 0 and rank == 0
             due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
@@ -325,7 +327,7 @@ def train(cfg: Any, context: Any) -> int:
             if logger is not None and log_now:
                 tokens_per_s = tokens_per_step / step_time
                 logger.log({
-                    "kind": "train", "step": state.step, "loss": loss, "lr": engine.lr(),
+                    "kind": "train", "step": state.step, "loss": loss, "lr": lr,
                     "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
                     "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                     "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
@@ -517,14 +519,15 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
 
 def _flops_per_token(cfg: Any) -> float:
     """Training FLOPs per token of the model at the run's lengths (`kiln plan`'s convention)."""
-    from pretrain.models.accounting import training_flops
+    from pretrain.models.accounting import head_fraction, training_flops
 
     if cfg.model.family == "encoder_decoder":
         from pretrain.objectives import encoder_decoder_lengths
 
         encoder, decoder = encoder_decoder_lengths(cfg)
         return training_flops(cfg.model, encoder, decoder).per_token
-    return training_flops(cfg.model, cfg.data.seq_len).per_token
+    share = head_fraction(cfg.objective)
+    return training_flops(cfg.model, cfg.data.seq_len, head_share=share).per_token
 
 
 def _memory_gib(context: Any) -> float:

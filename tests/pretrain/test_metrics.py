@@ -43,6 +43,7 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("NETRC", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -106,14 +107,20 @@ def complete_records(path: Path, timeout: float = 60.0) -> list[Any]:
         time.sleep(0.1)
 
 
-def read_offline_run(directory: Path) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """(the run record, its config, history rows by step) of an offline run directory."""
+def read_offline_run(
+    directory: Path,
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(the run record, its config, history rows by step, summary) of an offline run
+    directory."""
     [path] = directory.glob("run-*.wandb")
-    run, history = None, []
+    run, history, summary = None, [], {}
     for record in complete_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "history":
             # A key with "/" is stored as its parts in nested_key.
             items = record.history.item
@@ -125,7 +132,7 @@ def read_offline_run(directory: Path) -> tuple[Any, dict[str, Any], list[dict[st
             )
     assert run is not None
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    return run, config, history
+    return run, config, history, summary
 
 
 def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
@@ -142,7 +149,8 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
         ),
         logger.log({"step": 20, "loss": torch.tensor(4.25), "lr": 6e-4, "tokens_seen": 40960}),
         logger.log({"kind": "eval", "step": 20, "eval_loss": 4.4, "eval_ppl": 81.45}),
-        logger.event(20, "checkpoint", path="ckpt/step_20", resumed_from=None),
+        logger.event(20, "checkpoint", path="ckpt/step_20", resumed_from=None, seconds=1.5),
+        logger.event(20, "eval_done", seconds=0.25),
     ]
     directory = logger.finish()
     assert logger.finish() is None  # a second call is harmless
@@ -151,7 +159,7 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == logged
     assert logged[1]["loss"] == 4.25 and isinstance(logged[1]["loss"], float)
-    assert [r["kind"] for r in logged] == ["train", "train", "eval", "event"]
+    assert [r["kind"] for r in logged] == ["train", "train", "eval", "event", "event"]
     assert all(r["time"] > 0 for r in logged)
 
     out = capsys.readouterr().out
@@ -160,14 +168,17 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
         "| skipped False" in out
     )
     assert "step 20 | eval | eval_loss 4.4 | eval_ppl 81.45" in out
-    assert "step 20 | event | event checkpoint | path ckpt/step_20 | resumed_from None" in out
+    assert (
+        "step 20 | event | event checkpoint | path ckpt/step_20 | resumed_from None | seconds 1.5"
+        in out
+    )
     assert f"wandb sync {directory}" in out
 
     # The offline run: in RUN_DIR/wandb, named by the persisted id, holding config and metrics.
     assert directory is not None and directory.parent == run_dir / "wandb"
     assert directory.name.startswith("offline-run-") and directory.name.endswith(logger.run_id)
     assert (run_dir / RUN_ID_FILE).read_text().strip() == logger.run_id
-    run, config, history = read_offline_run(directory)
+    run, config, history, summary = read_offline_run(directory)
     assert run.run_id == logger.run_id and run.display_name == "tiny-run"
     assert (
         run.project == "kiln" and run.run_group == "ablation" and list(run.tags) == ["tiny", "cpu"]
@@ -184,8 +195,12 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
     assert by_step[20]["train/loss"] == 4.25 and by_step[20]["train/tokens_seen"] == 40960
     assert by_step[20]["eval/eval_loss"] == 4.4 and by_step[20]["eval/eval_ppl"] == 81.45
     assert by_step[10]["train/skipped"] is False
-    # Text and None stay in metrics.jsonl.
-    assert not any(key.startswith("event/") for row in history for key in row)
+    # An event's numbers under its name (a checkpoint's seconds apart from others'), its text
+    # in the summary; None stays in metrics.jsonl.
+    assert by_step[20]["event/checkpoint/seconds"] == 1.5
+    assert by_step[20]["event/eval_done/seconds"] == 0.25
+    assert summary["event/checkpoint/path"] == "ckpt/step_20"
+    assert not any("resumed_from" in key for row in history for key in row)
 
     # No secret anywhere under the run directory (logs, config, the .wandb file).
     for path in run_dir.rglob("*"):
@@ -216,6 +231,21 @@ def test_a_resumed_run_appends_and_continues_the_same_wandb_run(tmp_path: Path) 
     with MetricsLogger(cfg, run_dir, run_id="ckpt1234", console=False) as third:
         assert third.run_id == "ckpt1234"
     assert (run_dir / RUN_ID_FILE).read_text().strip() == "ckpt1234"
+
+
+def test_wandb_dir_puts_the_wandb_files_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WANDB_DIR (a local disk, away from a shared run directory) is where W&B writes; the run
+    id stays with the run."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "local"))
+    run_dir = tmp_path / "run"
+    with MetricsLogger(make_config(), run_dir, console=False) as logger:
+        logger.log({"step": 1, "loss": 2.0})
+        directory = logger.wandb_dir
+    assert directory is not None and directory.parent == tmp_path / "local" / "wandb"
+    assert not (run_dir / "wandb").exists()
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == logger.run_id
 
 
 def test_disabled_and_none_write_only_the_jsonl(tmp_path: Path) -> None:

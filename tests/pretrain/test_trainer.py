@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from test_loader import write_corpus
 
+from pretrain.config import OptimConfig
+from pretrain.optim import lr_lambda
 from pretrain.preflight import no_gpu
 
 KILN = Path(sys.executable).parent / "kiln"
@@ -70,7 +72,8 @@ def test_loss_falls_and_checkpoints_rotate(corpus: Path, tmp_path: Path) -> None
 def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_path: Path) -> None:
     """`kiln train -m`: point N trains in RUN_DIR/sweep-N (in one directory the second point
     resumed the first's last checkpoint and trained nothing); the last step's loss is logged
-    whatever logger.log_every; resuming a finished run says there is nothing to train."""
+    whatever logger.log_every, and the first; resuming a finished run says there is nothing to
+    train."""
     run_dir = tmp_path / "run"
     args = [a for a in train_args(corpus, run_dir, "trainer.max_steps=5", "logger.log_every=3")
             if a != "optim.lr=3e-3"]  # fmt: skip
@@ -78,7 +81,7 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == ["sweep-0", "sweep-1"]
     points = [losses(run_dir / f"sweep-{n}") for n in (0, 1)]
-    assert [sorted(p) for p in points] == [[3, 5], [3, 5]]
+    assert [sorted(p) for p in points] == [[1, 3, 5], [1, 3, 5]]
     assert points[0][5] != points[1][5]
     configs = [(run_dir / f"sweep-{n}" / "config.yaml").read_text() for n in (0, 1)]
     assert "lr: 0.001\n" in configs[0] and "lr: 0.003\n" in configs[1]
@@ -101,7 +104,7 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
         f"kiln train: {run_dir / 'sweep-0' / 'checkpoints' / 'step_00000005'} is at step 5, "
         "trainer.max_steps=5: nothing to train"
     ) in again.stderr
-    assert sorted(losses(run_dir / "sweep-0")) == [3, 5]
+    assert sorted(losses(run_dir / "sweep-0")) == [1, 3, 5]
 
     # extended: the cosine schedule is drawn for the new length (said), final/ moves on, and
     # kiln report tells where the run stands
@@ -116,7 +119,13 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     ) in longer.stderr
     records = (run_dir / "sweep-0" / "metrics.jsonl").read_text().splitlines()
     rates = {r["step"]: r["lr"] for r in map(json.loads, records) if r.get("kind") == "train"}
-    assert rates[5] == pytest.approx(1e-4) and rates[8] == pytest.approx(3e-4)  # 0.1 x optim.lr
+    # the rate each step trained at (the schedule's value at its 0-based index)
+    cosine = OptimConfig(schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    assert rates[1] == pytest.approx(1e-3 / 2)  # warmup: lr / warmup_steps, not 0
+    assert rates[5] == pytest.approx(1e-3 * lr_lambda(cosine, 5)(4))
+    assert rates[6] == pytest.approx(3e-3 * lr_lambda(cosine, 8)(5))  # first after the resume
+    assert rates[8] == pytest.approx(3e-3 * lr_lambda(cosine, 8)(7))
+    assert rates[8] > 3e-4  # the last step trains above the floor (0.1 x optim.lr)
     report = subprocess.run([str(KILN), "report", f"report.run_dir={run_dir / 'sweep-0'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr
