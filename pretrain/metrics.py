@@ -185,15 +185,25 @@ def format_value(value: Any) -> str:
     return f"{value:.3e}"
 
 
+# console formats of some fields, whatever their size: a rate in one notation, counts whole
+FIELD_FORMATS = {"lr": "{:.3e}", "tokens_per_s": "{:,.0f}", "tokens_seen": "{:,.0f}"}
+QUIET_ZERO = ("nonfinite_steps",)  # said on the console only once they are not 0
+
+
 def format_record(record: Mapping[str, Any]) -> str:
     """One compact console line: `step 120 | train | loss 3.21 | lr 3.000e-04 | ...`.
-    Per-layer fields (`moe/L3/load_max`, with a `/`) stay in metrics.jsonl and W&B."""
+    Per-layer fields (`moe/L3/load_max`, with a `/`) stay in metrics.jsonl and W&B, as do
+    fields that say nothing (False, None, a zero count of non-finite steps)."""
     parts = [f"step {record['step']:,}", str(record["kind"])]
-    parts += [
-        f"{k} {format_value(v)}"
-        for k, v in record.items()
-        if k not in ("step", "kind", "time") and "/" not in k
-    ]
+    for key, value in record.items():
+        if key in ("step", "kind", "time") or "/" in key or value is None or value is False:
+            continue
+        if key in QUIET_ZERO and value == 0:
+            continue
+        form = FIELD_FORMATS.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        text = form.format(value) if form and number and math.isfinite(value) else None
+        parts.append(f"{key} {text or format_value(value)}")
     return " | ".join(parts)
 
 

@@ -58,6 +58,33 @@ def preflight(cfg: Any, on_this_machine: bool = True) -> list[str]:
     return problems
 
 
+def nothing_to_train(cfg: Any) -> str | None:
+    """The line to say, in place of starting any rank, when the checkpoint this run resumes is
+    already at `trainer.max_steps` and `RUN_DIR/final` was written from it: a rerun then
+    changes nothing (no config rewritten over the one the steps trained with, no new W&B
+    run). Without a current `final/`, the ranks start and write it."""
+    import json
+
+    if cfg.trainer.resume == "none":
+        return None
+    if cfg.trainer.resume == "auto":
+        path, _ = latest_checkpoint(cfg.trainer.run_dir)
+    else:
+        path = Path(cfg.trainer.resume)
+    try:
+        step = json.loads((Path(path) / "trainer.json").read_text())["step"]  # type: ignore[arg-type]
+        final = Path(cfg.trainer.run_dir) / "final"
+        written = json.loads((final / "config.json").read_text()).get("step")
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    if step < cfg.trainer.max_steps or written != step:
+        return None
+    return (
+        f"{path} is at step {step}, trainer.max_steps={cfg.trainer.max_steps}: nothing to "
+        f"train ({final} holds that step; a larger trainer.max_steps trains on)"
+    )
+
+
 def gpu_device_files() -> list[str]:
     """The device files of an NVIDIA (or, under ROCm, AMD; or WSL's) GPU driver on this
     machine, found without importing torch."""

@@ -94,6 +94,24 @@ def _not_a_stop(record: logging.LogRecord) -> bool:
     )
 
 
+def _not_ctrl_c(record: logging.LogRecord) -> bool:
+    """Drop torchrun's lines about a Ctrl-C ("Received SIGINT death signal", "Closing process
+    N via signal SIGINT"): rank 0 says in one line that the run was interrupted and where it
+    stands."""
+    message, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+    sigint = {signal.SIGINT, int(signal.SIGINT), "SIGINT"}
+    return not (
+        message.startswith(
+            (
+                "Received %s death signal",
+                "Closing process %s via signal %s",
+                "Sending process %s closing signal %s",
+            )
+        )  # fmt: skip
+        and any(arg in sigint for arg in args)
+    )
+
+
 def main() -> int:
     parent = os.environ.pop(PARENT_ENV, "")
     if parent.isdigit():  # started by `kiln train`: stop (SIGTERM, as torchrun stops) with it
@@ -123,6 +141,9 @@ def main() -> int:
             train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_stop)
+    for name in ("torch.distributed.elastic.multiprocessing.api",
+                 "torch.distributed.elastic.agent.server.api"):  # fmt: skip
+        logging.getLogger(name).addFilter(_not_ctrl_c)
     os.environ[UNDER_TORCHRUN] = "1"  # the ranks' environment (forked or started)
     try:
         if warm and request.get("fork"):
@@ -136,6 +157,8 @@ def main() -> int:
         # else every failed rank stopped on a signal and rank 0 said so, or said its error
         return 1
     except SignalException as error:
+        if error.sigval == signal.SIGINT:  # Ctrl-C: rank 0 has said where the run stands
+            return INTERRUPTED_EXIT_CODE
         # torchrun was signalled itself (its parent `kiln train` died, or a kill sent to it):
         # it has stopped the ranks the way it stops them; its stack would say nothing more
         print(f"torchrun: stopped by {signal.Signals(error.sigval).name}; the ranks were "

@@ -412,13 +412,17 @@ def one_line(error: BaseException) -> str:
 def run(cfg: Any) -> int:
     """`kiln train` entry point."""
     if "RANK" not in os.environ:
-        from pretrain.preflight import preflight
+        from pretrain.preflight import nothing_to_train, preflight
 
         problems = preflight(cfg)
         for problem in problems:
             print(f"kiln train: {problem}", file=sys.stderr)
         if problems:
             return USER_ERROR_EXIT_CODE
+        done = nothing_to_train(cfg)
+        if done:
+            print(f"kiln train: {done}", file=sys.stderr)
+            return 0
     run_dir = Path(cfg.trainer.run_dir)
     config_path = write_run_config(cfg, run_dir)
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node

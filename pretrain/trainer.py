@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointManager, ModelRecord, rank_and_world
-from pretrain.exit_codes import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
+from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -229,6 +229,7 @@ def train(cfg: Any, context: Any) -> int:
     logger = MetricsLogger(cfg, run_dir, run_id=state.wandb_run_id) if rank == 0 else None
     if logger is not None:
         state.wandb_run_id = logger.run_id
+        print(f"kiln train: {_run_line(cfg, state.step, world)}", flush=True)
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
                     "data_parallel": dp_world, "context_parallel": cp,
                     "resumed_from": str(resume_from) if resume_from else None,
@@ -260,6 +261,7 @@ def train(cfg: Any, context: Any) -> int:
     eval_every = trainer.eval_every
     collector = GarbageCollector(trainer.gc_every)
     profiler = StepProfiler(trainer.profile, run_dir, rank, context.device, state.step + 1)
+    timed_from = (time.monotonic(), state.step)  # (when, step): the ETA's start
     try:
         while state.step < trainer.max_steps:
             profiler.before_step(state.step + 1)
@@ -324,6 +326,8 @@ def train(cfg: Any, context: Any) -> int:
                 moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
             else:
                 (loss,), (signalled, due) = step_all_reduce([sum(losses) / len(losses)], flags)
+            if state.step == start_step + 1:  # the first step compiles and warms up: not timed
+                timed_from = (time.monotonic(), state.step)
             if logger is not None and log_now:
                 tokens_per_s = tokens_per_step / step_time
                 logger.log({
@@ -332,7 +336,8 @@ def train(cfg: Any, context: Any) -> int:
                     "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                     "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
                     "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
-                } | moe | ({"profiled": True} if profiled else {}))  # fmt: skip
+                } | moe | ({"profiled": True} if profiled else {})
+                  | _eta(timed_from, state.step, trainer.max_steps))  # fmt: skip
             if profile is not None and logger is not None:
                 # the lists go to metrics.jsonl only (keys with "/" stay off the console line)
                 logger.log({"kind": "event", "step": state.step, "event": "profile",
@@ -379,6 +384,10 @@ def train(cfg: Any, context: Any) -> int:
             if signalled:
                 exit_code = REQUEUE_EXIT_CODE
                 break
+    except KeyboardInterrupt:  # Ctrl-C stops at once; `kiln report` tells it from a crash
+        if rank == 0:
+            _write_exit(run_dir, INTERRUPTED_EXIT_CODE, state)
+        raise
     finally:
         profiler.close()
         collector.stop()
@@ -387,17 +396,14 @@ def train(cfg: Any, context: Any) -> int:
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
         _finish_run(cfg, engine, loader, run_dir, logger, state)
+        if logger is not None:
+            print(f"kiln train: done at step {state.step:,}; next: kiln report "
+                  f"report.run_dir={run_dir}, kiln export export.checkpoint={run_dir} "
+                  "export.output_dir=DIR", flush=True)  # fmt: skip
     if logger is not None:
         logger.finish()
     if rank == 0:  # the exit status survives torchrun, which reports any failure as 1
-        from pretrain.checkpoint import atomic_write_bytes
-
-        record = {
-            "exit_code": exit_code,
-            "step": state.step,
-            "nonfinite_steps": state.nonfinite_steps,
-        }
-        atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
+        _write_exit(run_dir, exit_code, state)
         if exit_code == REQUEUE_EXIT_CODE:
             sys.stderr.write(
                 f"kiln train: stopped by a signal at step {state.step}, saved "
@@ -468,7 +474,7 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     path = save_consolidated(model, cfg.model, run_dir / "final",
                              tokenizer if tokenizer.is_file() else None, step=state.step)  # fmt: skip
     logger.log({"kind": "event", "step": state.step, "event": "final", "path": str(path)})
-    if cfg.model.family != "decoder" or not tokenizer.is_file():
+    if cfg.model.family != "decoder" or not tokenizer.is_file() or cfg.trainer.sample_tokens < 1:
         return
     from data_pipeline.tokenizer import load_processor
     from pretrain.models.generation import SamplingConfig, generate
@@ -515,6 +521,47 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
         logger.log({"kind": "eval", "step": state.step, "eval_loss": loss,
                     "eval_ppl": math.exp(min(loss, 50.0))})  # fmt: skip
     return True
+
+
+def _run_line(cfg: Any, step: int, world: int) -> str:
+    """Where the run goes and what it trains, said once at its start."""
+    from pretrain.models.accounting import count_parameters
+
+    size = _count(count_parameters(cfg.model).total)
+    data, engine = cfg.data, cfg.engine
+    kind = f"ZeRO-{engine.zero_stage}" if engine.kind == "deepspeed" else engine.kind
+    tokens = data.global_batch_size * data.seq_len
+    steps = f"steps {step:,} -> {cfg.trainer.max_steps:,}" if step else (
+        f"{cfg.trainer.max_steps:,} steps")  # fmt: skip
+    return (
+        f"{cfg.trainer.run_dir}: model={cfg.model.name} ({size} parameters), "
+        f"objective={cfg.objective.kind}, {kind} on {world} rank"
+        f"{'s' if world != 1 else ''}; {steps} of {data.global_batch_size} x {data.seq_len} "
+        f"tokens ({_count(tokens * (cfg.trainer.max_steps - step))} tokens to go)"
+    )
+
+
+def _count(n: float) -> str:
+    """1,234 / 12.3M / 4.56B."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _eta(timed_from: tuple[float, int], step: int, max_steps: int) -> dict[str, str]:
+    """{"eta": "1h02m"} from the steps since the first timed one, once there are some."""
+    since, first = timed_from
+    if step <= first or step >= max_steps:
+        return {}
+    seconds = (time.monotonic() - since) / (step - first) * (max_steps - step)
+    hours, rest = divmod(int(seconds), 3600)
+    return {"eta": f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"}
+
+
+def _write_exit(run_dir: Path, exit_code: int, state: TrainState) -> None:
+    """RUN_DIR/exit.json: how the run ended (`kiln train`'s status, `kiln report`'s status)."""
+    from pretrain.checkpoint import atomic_write_bytes
+
+    record = {"exit_code": exit_code, "step": state.step, "nonfinite_steps": state.nonfinite_steps}
+    atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
 
 
 def _flops_per_token(cfg: Any) -> float:
