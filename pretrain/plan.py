@@ -733,6 +733,7 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "data_parallel_ranks": data_parallel,
             "context_parallel": context_parallel(cfg),
             "grad_accumulation": data.global_batch_size // (data.micro_batch_size * data_parallel),
+            "activation_checkpointing": bool(cfg.engine.activation_checkpointing),
             "tokens_per_step": tokens_per_step,
         },
         flops={
@@ -921,6 +922,9 @@ def render_table(plan: Plan) -> str:
                 f"({c['gpus_per_node']} ranks).",
                 soft_wrap=True,
             )
+    verdict = fit_verdict(plan)
+    if verdict:
+        console.print(verdict, soft_wrap=True)
     largest = plan.micro_batch["largest"]
     labels = {e.strategy: e.label or e.strategy for e in plan.memory}
     console.print(
@@ -936,6 +940,42 @@ def render_table(plan: Plan) -> str:
     if "float8" in plan.conventions:
         console.print(f"FP8: {plan.conventions['float8']}.", soft_wrap=True)
     return console.export_text()
+
+
+def fit_verdict(plan: Plan) -> str | None:
+    """One line on whether this config's own engine (the `*` row, with or without activation
+    checkpointing as configured) fits, and if not, what does."""
+    ours = plan.cluster.get("strategy")
+    mine = next((e for e in plan.memory if e.strategy == ours), None)
+    if mine is None:
+        return None
+    checkpointed = plan.batch.get("activation_checkpointing", False)
+    total = mine.total_checkpointed if checkpointed else mine.total
+    fits = mine.fits_checkpointed if checkpointed else mine.fits
+    label = mine.label or mine.strategy
+    label = "engine=ddp, the zero0 row" if label == "zero0" else label
+    how = "with" if checkpointed else "without"
+    device = plan.cluster["gpu_memory_gib"]
+    if fits:
+        return (f"This config ({label}, {how} activation checkpointing): {total / GIB:.2f} GiB "
+                f"per GPU of {device:g}: fits.")  # fmt: skip
+    fixes = []
+    if not checkpointed and mine.fits_checkpointed:
+        fixes.append(
+            f"engine.activation_checkpointing=true ({mine.total_checkpointed / GIB:.2f} GiB)"
+        )
+    rows = [e.label or e.strategy for e in plan.memory
+            if e.strategy != ours and (e.fits_checkpointed if checkpointed else e.fits)]  # fmt: skip
+    if rows:
+        fixes.append(f"an engine whose row fits ({', '.join(rows)})")
+    largest = (
+        plan.micro_batch["largest"].get(ours, {}).get("checkpointed" if checkpointed else "plain")
+    )
+    if largest:
+        fixes.append(f"data.micro_batch_size={largest} (the largest that fits; 0 picks it)")
+    return (f"This config ({label}, {how} activation checkpointing) needs {total / GIB:.2f} GiB "
+            f"per GPU, more than the {device:g} GiB (less plan.memory_reserve): it will not fit. "
+            f"Try {'; or '.join(fixes)}.")  # fmt: skip
 
 
 def run(cfg: KilnConfig) -> int:

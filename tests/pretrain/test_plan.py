@@ -34,6 +34,7 @@ from pretrain.plan import (
     chinchilla_tokens,
     compiled_loss,
     compute_optimal,
+    fit_verdict,
     format_duration,
     largest_tensor,
     loss_compilation,
@@ -860,3 +861,22 @@ def test_context_parallel_activations_match_a_measured_peak(tmp_path: Path) -> N
     for rank in range(CP_WORLD):
         peak = json.loads(Path(f"{result}.{rank}").read_text())
         assert peak == pytest.approx(estimate, rel=0.10), rank
+
+
+def test_the_table_says_whether_this_configs_engine_fits_and_what_would() -> None:
+    """An 8B model under DDP on H200s: the `*` row says NO; the plan says so in words, with
+    the engines that fit, or activation checkpointing and the largest micro-batch."""
+    ddp = fit_verdict(build_plan(config("model=llama_8b", "cluster=h200", "cluster.nodes=2")))
+    assert ddp is not None and ddp.startswith(
+        "This config (engine=ddp, the zero0 row, without activation checkpointing) needs "
+    )
+    assert ddp.endswith(
+        "it will not fit. Try an engine whose row fits (zero1, zero2, zero3, fsdp)."
+    )
+    zero2 = fit_verdict(build_plan(config("model=llama_8b", "cluster=h200", "cluster.nodes=2",
+                                          "engine=zero2", "data.micro_batch_size=32")))  # fmt: skip
+    assert zero2 is not None and "Try engine.activation_checkpointing=true (" in zero2
+    assert zero2.endswith("or data.micro_batch_size=16 (the largest that fits; 0 picks it).")
+    fsdp = fit_verdict(build_plan(config("model=llama_8b", "cluster=h200", "engine=fsdp")))
+    assert fsdp is not None and fsdp.endswith(": fits.")
+    assert fsdp in render_table(build_plan(config("model=llama_8b", "cluster=h200", "engine=fsdp")))
