@@ -230,6 +230,9 @@ def train(cfg: Any, context: Any) -> int:
     if logger is not None:
         state.wandb_run_id = logger.run_id
         print(f"kiln train: {_run_line(cfg, state.step, world)}", flush=True)
+        unused = _unused_vocabulary(cfg.model.vocab_size, loader.manifest.tokenizer.vocab_size)
+        if unused:
+            print(f"kiln train: {unused}", flush=True)
         logger.log({"kind": "event", "step": state.step, "event": "start", "world_size": world,
                     "data_parallel": dp_world, "context_parallel": cp,
                     "resumed_from": str(resume_from) if resume_from else None,
@@ -538,6 +541,19 @@ def _run_line(cfg: Any, step: int, world: int) -> str:
         f"objective={cfg.objective.kind}, {kind} on {world} rank"
         f"{'s' if world != 1 else ''}; {steps} of {data.global_batch_size} x {data.seq_len} "
         f"tokens ({_count(tokens * (cfg.trainer.max_steps - step))} tokens to go)"
+    )
+
+
+def _unused_vocabulary(model: int, tokenizer: int) -> str | None:
+    """A note when the model's vocabulary is larger than the tokenizer's by more than padding
+    to a multiple of 128 (those embedding rows are never trained on: a tokenizer rebuilt
+    smaller, say, and the model preset's size left as it was)."""
+    padded = -(-tokenizer // 128) * 128
+    if model <= padded:
+        return None
+    return (
+        f"model.vocab_size={model} is {model - tokenizer:,} ids more than the tokenizer's "
+        f"{tokenizer} (rows no token uses); model.vocab_size={padded} would do"
     )
 
 
