@@ -411,8 +411,9 @@ def build_loader(
     if new_mixture or new_length:
         previous = GlobalOrder(list(current.weights), current, data.shuffle_buffer, data.seed)
         base = previous.consumed(state.samples)
+        say = log.warning if rank == 0 else log.debug  # said once, not once per rank
         if new_mixture:
-            log.warning(
+            say(
                 "mixture weights change at global sample %d: %s -> %s", state.samples,
                 current.weights, weights,
             )  # fmt: skip
@@ -421,7 +422,7 @@ def build_loader(
             old = _stride(objective, state.seq_len, causal)
             new = _stride(objective, data.seq_len, causal)
             base = {name: -(-count * old // new) for name, count in base.items()}
-            log.warning(
+            say(
                 "data.seq_len changes at global sample %d: %d -> %d; each source continues "
                 "after the tokens it gave (fewer than %d tokens per source skipped)",
                 state.samples, state.seq_len, data.seq_len, new,
