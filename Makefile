@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(KILN) data experiment=demo
 	$(KILN) train experiment=demo
-	$(KILN) report experiment=demo report.run_dir=out/demo/run
+	$(KILN) report experiment=demo
 
 services:
 	bash scripts/install-services.sh

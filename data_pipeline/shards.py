@@ -53,6 +53,10 @@ class ShardFormatError(ValueError):
     """A shard or manifest that does not follow this format; the message names the file."""
 
 
+class NoManifestError(ShardFormatError):
+    """A directory with no manifest.json and no build under way in it."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -293,6 +297,14 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
+def find_output_dir(path: Path) -> Path | None:
+    """The output directory that an existing `path` inside one lies in (its manifest.json, its
+    shards/ directory, a shard, the tokenizer), or None."""
+    if not path.exists():
+        return None
+    return next((p for p in list(path.parents)[:2] if (p / MANIFEST_NAME).is_file()), None)
+
+
 def read_manifest(out_dir: Path) -> Manifest:
     """Load `out_dir/manifest.json`, checking its format and version."""
     path = Path(out_dir) / MANIFEST_NAME
@@ -302,7 +314,7 @@ def read_manifest(out_dir: Path) -> Manifest:
                 f"{path}: no manifest yet: the `kiln data` build in {out_dir} has not finished "
                 "(running now, or stopped: rerun its command to resume it)"
             )
-        raise ShardFormatError(f"{path}: no manifest (run `kiln data output_dir={out_dir}` first)")
+        raise NoManifestError(f"{path}: no manifest (run `kiln data output_dir={out_dir}` first)")
     try:
         data = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

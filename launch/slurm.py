@@ -1,5 +1,6 @@
 """`kiln launch cluster=slurm`: render an sbatch script from the typed cluster config and
-`slurm/job.sbatch.tmpl`, submit it, and report the job.
+`launch/templates/job.sbatch.tmpl` (package data: it ships in the wheel), submit it, and report
+the job.
 
 The job runs the launch directory's `config.pkl`:
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from launch.launcher import in_multirun, write_command, write_config
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.tmpl"
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch.tmpl"
 SCRIPT_NAME = "job.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # characters an #SBATCH line cannot carry literally (sbatch reads one line, with "..." quoting)

@@ -2,13 +2,15 @@
 
     kiln export export.checkpoint=CKPT export.output_dir=OUT [export.dtype=bfloat16]
                 [export.tokenizer=PATH.model] [overwrite=true]
+    kiln export experiment=NAME [overrides] [export.output_dir=OUT]
 
 CKPT is a consolidated checkpoint (`pretrain/checkpoint_io.py`), a training checkpoint of any
 engine (`RUN_DIR/checkpoints/step_N`: an intermediate one, for evaluation; `RUN_DIR/checkpoints`
 or its `latest` file for the one it names), or a run directory (the newer of its `final/` and
-its latest checkpoint). OUT receives config.json,
-generation_config.json and model.safetensors for the checkpoint's transformers class
-(`pretrain/models/hf`), plus the tokenizer: `export.tokenizer` when given, else the
+its latest checkpoint); without export.checkpoint, the composed run directory
+(`trainer.run_dir`), as `kiln train` with the same experiment and overrides wrote it. OUT
+receives config.json, generation_config.json and model.safetensors for the checkpoint's
+transformers class (`pretrain/models/hf`), plus the tokenizer: `export.tokenizer` when given, else the
 checkpoint's `tokenizer.model`. OUT is written under a temporary name and renamed when
 complete; it is never the checkpoint's own directory (or a parent of it), nor a run, data or
 checkpoint directory of kiln's. Problems the user can fix (no checkpoint, a model with no
@@ -67,19 +69,30 @@ def is_consolidated(directory: Path) -> bool:
     return isinstance(config, dict) and config.get("format") == "kiln-consolidated"
 
 
+def missing_checkpoint(path: Path) -> str:
+    """What to say of a checkpoint path that does not exist: a training checkpoint pruned by
+    `trainer.keep_checkpoints` (or mistyped) comes with the ones its directory holds."""
+    if not (path.name.startswith("step_") and path.parent.is_dir()):
+        return f"{path} does not exist"
+    held = sorted(p.name for p in path.parent.glob("step_*") if p.is_dir())
+    return f"{path} does not exist; {path.parent} holds {', '.join(held) or 'no checkpoint'}"
+
+
 def run(cfg: KilnConfig) -> int:
     settings = cfg.export
     # what a user can fix without a checkpoint being read is said before torch and
     # transformers are imported (about 3 s of the command's start)
-    if settings.checkpoint is None:
+    if settings.checkpoint is None and not Path(cfg.trainer.run_dir).is_dir():
         return fail(
-            "export.checkpoint is required: pass export.checkpoint=PATH, a consolidated "
-            "checkpoint (RUN_DIR/final), a training checkpoint (RUN_DIR/checkpoints/step_N) or a "
-            "run directory"
+            f"nothing to export: no run at trainer.run_dir={cfg.trainer.run_dir}; pass the "
+            "experiment and overrides the run trained with, or export.checkpoint=PATH: a "
+            "consolidated checkpoint (RUN_DIR/final), a training checkpoint "
+            "(RUN_DIR/checkpoints/step_N) or a run directory"
         )
-    checkpoint = Path(settings.checkpoint)
+    # the composed run, as `kiln train` wrote it: the newer of its final/ and latest checkpoint
+    checkpoint = Path(settings.checkpoint or cfg.trainer.run_dir)
     if not checkpoint.exists():
-        return fail(f"export.checkpoint: {checkpoint} does not exist")
+        return fail(f"export.checkpoint: {missing_checkpoint(checkpoint)}")
     out_dir = Path(settings.output_dir)
     problem = output_problem(checkpoint, out_dir)
     if problem is not None:

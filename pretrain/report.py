@@ -2,6 +2,11 @@
 
     kiln report report.run_dir=RUN_DIR [report.output=DIR]
     kiln report report.data_dir=DATA_DIR
+    kiln report experiment=NAME [overrides]
+
+With neither report.run_dir nor report.data_dir, the composed config names what to report, as
+it does for `kiln train`: its `trainer.run_dir`, or, before that run exists, its `data.path`
+(a finished data build).
 
 A run report reads `RUN_DIR/metrics.jsonl` (written by `pretrain.metrics.MetricsLogger`) and
 writes one PNG per metric into `report.output` (default `RUN_DIR/report`): loss (train and eval)
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import KilnConfig
-from pretrain.exit_codes import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
+from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 from pretrain.metrics import METRICS_FILE, read_records
 from pretrain.plan import human
 
@@ -223,6 +228,9 @@ def run_status(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[tuple[s
         elif code == REQUEUE_EXIT_CODE:
             status = (f"stopped by a signal at step {step:,}, saved (exit {code}); "
                       "trainer.resume=auto continues")  # fmt: skip
+        elif code == INTERRUPTED_EXIT_CODE:
+            status = (f"interrupted (Ctrl-C) after step {step:,}; trainer.resume=auto continues "
+                      "from its latest checkpoint")  # fmt: skip
         elif code == NONFINITE_EXIT_CODE:
             why = stops[-1].get("reason") if stops else "non-finite losses"
             status = f"diverged at step {step:,}: {why} (exit {code})"
@@ -346,20 +354,44 @@ def render_data_report(report: dict[str, Any]) -> str:
 # entry point
 
 
+def composed_target(cfg: KilnConfig) -> tuple[str | None, str | None]:
+    """(run_dir, data_dir) to report when neither report.run_dir nor report.data_dir is
+    given: the composed run (`trainer.run_dir`) when it exists, else the composed data build
+    (a local `data.path`) when it has finished (its report.json), else (None, None)."""
+    from pretrain.data import remote
+
+    if Path(cfg.trainer.run_dir).is_dir():
+        return cfg.trainer.run_dir, None
+    if not remote.is_remote(cfg.data.path):
+        data_dir = remote.local_path(cfg.data.path)
+        if (data_dir / DATA_REPORT_FILE).is_file():
+            return None, str(data_dir)
+    return None, None
+
+
 def run(cfg: KilnConfig) -> int:
-    """Entry point of `kiln report`."""
+    """Entry point of `kiln report`. With neither report.run_dir nor report.data_dir, the
+    composed config says what to report: `kiln report experiment=NAME` reports that
+    experiment's run (or, before it has one, its data build)."""
     settings = cfg.report
-    if settings.run_dir is None and settings.data_dir is None:
-        return fail(
-            "nothing to report: pass report.run_dir=RUN_DIR (a training run) or "
-            "report.data_dir=DIR (a `kiln data` output)"
-        )
+    run_dir, data_dir = settings.run_dir, settings.data_dir
+    if run_dir is None and data_dir is None:
+        run_dir, data_dir = composed_target(cfg)
+        if run_dir is None and data_dir is None:
+            return fail(
+                f"nothing to report: no run at trainer.run_dir={cfg.trainer.run_dir} and no "
+                f"data build at data.path={cfg.data.path}; pass report.run_dir=RUN_DIR (a "
+                "training run) or report.data_dir=DIR (a `kiln data` output)"
+            )
+        if data_dir is not None:
+            print(f"kiln report: no run at trainer.run_dir={cfg.trainer.run_dir} yet; the data "
+                  f"build at data.path={cfg.data.path}:")  # fmt: skip
     try:
-        if settings.data_dir is not None:
-            sys.stdout.write(render_data_report(load_data_report(Path(settings.data_dir))))
-        if settings.run_dir is not None:
+        if data_dir is not None:
+            sys.stdout.write(render_data_report(load_data_report(Path(data_dir))))
+        if run_dir is not None:
             output = Path(settings.output) if settings.output else None
-            report_run(Path(settings.run_dir), output)
+            report_run(Path(run_dir), output)
     except ReportError as error:
         return fail(str(error))
     return 0

@@ -12,11 +12,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import Manifest, ShardFormatError, read_manifest, sha256_file
+from data_pipeline.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    NoManifestError,
+    ShardFormatError,
+    find_output_dir,
+    read_manifest,
+    sha256_file,
+)
 
 
 class DataError(ValueError):
     """Data that cannot feed this run: the message names the shard, source or key."""
+
+
+def data_command(cfg: Any, out_dir: Path, *extra: str) -> str:
+    """The `kiln data` command that writes `out_dir` for this run: with the run's experiment
+    (which sets the corpus and tokenizer), and `output_dir` when the experiment's differs."""
+    experiment = getattr(cfg, "experiment_name", None)
+    args = [f"experiment={experiment}"] if experiment else []
+    if not experiment or Path(getattr(cfg, "output_dir", "")) != out_dir:
+        args.append(f"output_dir={out_dir}")
+    return " ".join(["kiln data", *args, *extra])
 
 
 def open_manifest(cfg: Any, out_dir: Path) -> Manifest:
@@ -24,6 +42,15 @@ def open_manifest(cfg: Any, out_dir: Path) -> Manifest:
     DataError names what does not fit."""
     try:
         manifest = read_manifest(out_dir)
+    except NoManifestError as error:
+        above = find_output_dir(out_dir)
+        if above is not None:  # data.path names a file or directory inside the output
+            raise DataError(
+                f"data.path={out_dir}: data.path is the kiln data output directory (the one "
+                f"holding {MANIFEST_NAME}): use data.path={above}"
+            ) from error
+        raise DataError(f"{out_dir / MANIFEST_NAME}: no manifest (run "
+                        f"`{data_command(cfg, out_dir)}` first)") from error  # fmt: skip
     except ShardFormatError as error:
         raise DataError(str(error)) from error
     tokenizer = manifest.tokenizer
@@ -34,8 +61,8 @@ def open_manifest(cfg: Any, out_dir: Path) -> Manifest:
     if path.is_file() and sha256_file(path) != tokenizer.sha256:
         raise DataError(
             f"{path}: sha256 differs from the manifest (the tokenizer changed since the "
-            f"shards were built); restore it, or rebuild with `kiln data output_dir={out_dir} "
-            "overwrite=true`"
+            f"shards were built); restore it, or rebuild with "
+            f"`{data_command(cfg, out_dir, 'overwrite=true')}`"
         )
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise DataError(

@@ -376,9 +376,13 @@ def test_kiln_export_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("kiln export: ") and f"{tmp_path}/nowhere" in line
     assert "Traceback" not in result.stderr and result.stdout == ""
-    result = kiln(cwd=tmp_path)
-    assert result.returncode == 1 and "export.checkpoint is required" in result.stderr
-    assert "Traceback" not in result.stderr
+    result = kiln(cwd=tmp_path)  # nor the composed run directory
+    assert result.returncode == 1 and result.stderr == (
+        "kiln export: nothing to export: no run at trainer.run_dir=runs/default; pass the "
+        "experiment and overrides the run trained with, or export.checkpoint=PATH: a "
+        "consolidated checkpoint (RUN_DIR/final), a training checkpoint "
+        "(RUN_DIR/checkpoints/step_N) or a run directory\n"
+    )
     # both are said before torch and transformers are imported (seconds of the start)
     probe = ("import sys; from pretrain.config import KilnConfig; from pretrain.export import "
              "run; cfg = KilnConfig(); cfg.export.checkpoint = sys.argv[1]; code = run(cfg); "
@@ -387,6 +391,28 @@ def test_kiln_export_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.stdout == "1 False False\n", result.stderr[-2000:]
     assert f"kiln export: export.checkpoint: {tmp_path}/nowhere does not exist" in result.stderr
+
+
+def test_kiln_export_of_an_experiment_exports_its_run(tokenizer: Path, tmp_path: Path) -> None:
+    """Without export.checkpoint, the composed trainer.run_dir (`kiln export experiment=demo`
+    after `kiln train experiment=demo`); a checkpoint `trainer.keep_checkpoints` pruned is
+    named with the ones its directory holds."""
+    cfg = decoder(name="tiny_llama")
+    run_dir = tmp_path / "out" / "demo" / "run"
+    save_consolidated(tiny_model(cfg), cfg, run_dir / "final", tokenizer_path=tokenizer, step=7)
+    result = kiln("experiment=demo", "export.output_dir=hf", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "reading the consolidated checkpoint out/demo/run/final at step 7\n" in result.stdout
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    checkpoints = run_dir / "checkpoints"
+    for step in (1000, 600, 800):
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True)
+    result = kiln(f"export.checkpoint={checkpoints}/step_00000200", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"kiln export: export.checkpoint: {checkpoints}/step_00000200 does not exist; "
+        f"{checkpoints} holds step_00000600, step_00000800, step_00001000\n"
+    )
 
 
 def export_config(*overrides: str) -> KilnConfig:

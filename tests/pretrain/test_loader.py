@@ -302,6 +302,31 @@ def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
         build_loader(config(corpus, mixture={"books": 1.0}), CausalWindows())
 
 
+def test_a_data_path_inside_the_output_and_the_build_command_are_named(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """data.path one level too deep names the output directory; with no shards at all, the
+    `kiln data` command to run carries the run's experiment, and output_dir when it differs."""
+    for inside in (corpus / "manifest.json", corpus / "shards", next(corpus.glob("shards/*"))):
+        with pytest.raises(DataError) as error:
+            build_loader(config(inside), CausalWindows())
+        assert str(error.value) == (
+            f"data.path={inside}: data.path is the kiln data output directory (the one holding "
+            f"manifest.json): use data.path={corpus}"
+        )
+    missing = tmp_path / "missing"
+    for experiment, output_dir, command in [
+        (None, "out/data", f"kiln data output_dir={missing}"),
+        ("demo", str(missing), "kiln data experiment=demo"),
+        ("demo", "out/demo/data", f"kiln data experiment=demo output_dir={missing}"),
+    ]:
+        cfg = config(missing)
+        cfg.experiment_name, cfg.output_dir = experiment, output_dir
+        with pytest.raises(DataError) as error:
+            build_loader(cfg, CausalWindows())
+        assert str(error.value) == f"{missing}/manifest.json: no manifest (run `{command}` first)"
+
+
 def test_sequence_length_warmup_keeps_every_token(corpus: Path) -> None:
     plain = collect(config(corpus), rank=0, world=1, steps=6)
     warm = collect(config(corpus, seq_len_warmup_steps=4, seq_len_warmup_start=8), rank=0,

@@ -147,9 +147,15 @@ def test_run_errors_are_one_line_and_exit_1(
     assert captured.out == ""
 
 
-def test_nothing_to_report_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(config()) == 1
-    assert "pass report.run_dir=RUN_DIR" in capsys.readouterr().err
+def test_nothing_to_report_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config()
+    cfg.trainer.run_dir, cfg.data.path = str(tmp_path / "run"), str(tmp_path / "data")
+    assert run(cfg) == 1
+    assert capsys.readouterr().err == (
+        f"kiln report: nothing to report: no run at trainer.run_dir={tmp_path}/run and no data "
+        f"build at data.path={tmp_path}/data; pass report.run_dir=RUN_DIR (a training run) or "
+        "report.data_dir=DIR (a `kiln data` output)\n"
+    )
 
 
 def data_report() -> dict:
@@ -305,6 +311,32 @@ def test_kiln_report_end_to_end_writes_only_the_plots(tmp_path: Path) -> None:
         == f"kiln report: report.run_dir={tmp_path / 'absent'} is not a directory"
     )
     assert list(work.iterdir()) == []
+
+
+def test_kiln_report_of_an_experiment_reports_its_run_else_its_data(tmp_path: Path) -> None:
+    """`kiln report experiment=demo`, as `make demo` runs it: the composed trainer.run_dir;
+    before that run exists, the composed data.path's build; neither: both named."""
+    result = kiln("experiment=demo", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "kiln report: nothing to report: no run at trainer.run_dir=out/demo/run and no data "
+        "build at data.path=out/demo/data; pass report.run_dir=RUN_DIR (a training run) or "
+        "report.data_dir=DIR (a `kiln data` output)\n"
+    )
+    data_dir = tmp_path / "out" / "demo" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "report.json").write_text(json.dumps(data_report()))
+    result = kiln("experiment=demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("kiln report: no run at trainer.run_dir=out/demo/run yet; "
+                                    "the data build at data.path=out/demo/data:\n")  # fmt: skip
+    assert "tokenizer: vocab 4,096" in result.stdout
+    write_metrics(tmp_path / "out" / "demo" / "run")
+    result = kiln("experiment=demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("kiln report: out/demo/run\n")
+    assert "wrote out/demo/run/report/loss.png" in result.stdout
+    assert_png(tmp_path / "out" / "demo" / "run" / "report" / "loss.png")
 
 
 def test_profiled_steps_stay_out_of_the_medians_and_the_profile_is_summarized() -> None:
