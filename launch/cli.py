@@ -133,26 +133,43 @@ def run_subcommand(name: str, args: Sequence[str]) -> None:
             sys.exit(code)
 
     if "--help" in args or "-h" in args:
-        print_app_help(app)
+        print_app_help(name, args)
     else:
-        with composition_errors_said_by_kiln(name) as composed:
+        with composition_errors_said_by_kiln(name, args) as composed:
             app()
 
 
-# Hydra's message for `key=value` naming a key the schema lacks (it suggests `+key=value`,
-# which then fails as kiln's unknown-key error; see pretrain.config.unknown_keys)
+# Hydra's messages (with HYDRA_FULL_ERROR unset: the exception, then its causes) that kiln
+# says in one line. `key=value` naming a key the schema lacks (Hydra suggests `+key=value`,
+# which then fails as kiln's unknown-key error; see pretrain.config.unknown_keys):
 HYDRA_UNKNOWN_KEY = re.compile(
-    r"Could not override '(?P<key>[^']+)'\.\n(?:To append to your config use \S+\n)?"
+    r"Could not override '(?P<key>[^']+)'\.\n(?:To append to your config use \+(?P<typed>.+)\n)?"
     r"Key '(?P<leaf>[^']+)' not in '(?P<schema>\w+)'"
+)
+# `group=option` naming no preset of the group
+HYDRA_UNKNOWN_OPTION = re.compile(
+    r"Could not find '(?P<group>[^']+)/(?P<option>[^'/]+)'\n\n"
+    r"Available options in '[^']+':\n(?P<options>(?:\t.+\n)+)"
+)
+# `key=value` with a value the key's type refuses (the cause's lines between)
+HYDRA_WRONG_TYPE = re.compile(
+    r"Error merging override (?P<typed>.+)\n(?:.+\n)*?    full_key: (?P<full_key>\S+)\n"
+    r"(?:    reference_type=.+\n)?    object_type=(?P<schema>\w+)"
+)
+# `map.name=value` for an entry a name -> value map does not have yet (added with `+`)
+HYDRA_NEW_MAP_ENTRY = re.compile(
+    r"Could not override '(?P<key>[^']+)'\.\nTo append to your config use \+(?P<typed>.+)\n"
+    r"Key '(?P<leaf>[^']+)' is not in struct\n    full_key: \S+\n    reference_type=Dict\["
 )
 
 
 @contextlib.contextmanager
-def composition_errors_said_by_kiln(name: str) -> Iterator[Callable[[], None]]:
+def composition_errors_said_by_kiln(name: str, args: Sequence[str]) -> Iterator[Callable[[], None]]:
     """Hold what is written to stderr while Hydra composes the config; yield the function the
     app calls once it has (stderr is then passed through, the held text first). When
-    composition fails on a misspelled key, kiln's one line, with the closest settings, replaces
-    Hydra's message (which suggests `+key=value`); anything else Hydra said is passed on."""
+    composition fails on a mistyped override (`args`: the command line), kiln's one line
+    replaces Hydra's message (see `composition_error_message`); anything else Hydra said is
+    passed on."""
     real, held = sys.stderr, io.StringIO()
 
     def composed() -> None:
@@ -166,43 +183,142 @@ def composition_errors_said_by_kiln(name: str) -> Iterator[Callable[[], None]]:
     finally:
         if sys.stderr is held:  # composition failed, or --cfg printed the config
             sys.stderr = real
-            real.write(unknown_key_message(name, held.getvalue()) or held.getvalue())
+            hydra_said = held.getvalue()
+            real.write(composition_error_message(name, hydra_said, args) or hydra_said)
             real.flush()
 
 
-def unknown_key_message(name: str, hydra_said: str) -> str | None:
-    """Kiln's line for Hydra's unknown-key error in `hydra_said`, or None when it is not one."""
+def composition_error_message(name: str, hydra_said: str, args: Sequence[str]) -> str | None:
+    """Kiln's line for the composition error in `hydra_said`, or None when it is none of a
+    misspelled key, an unknown option, a value of the wrong type or a new map entry."""
+    problem = (
+        unknown_key_problem(hydra_said)
+        or unknown_option_problem(hydra_said, args)
+        or wrong_type_problem(hydra_said)
+        or new_map_entry_problem(hydra_said)
+    )
+    return f"kiln {name}: config error: {problem}\n" if problem else None
+
+
+def unknown_key_problem(hydra_said: str) -> str | None:
+    """`key=value` for a key kiln's schema lacks, with the closest settings and groups."""
     match = HYDRA_UNKNOWN_KEY.search(hydra_said)
     if match is None:
         return None
-    import difflib
-
     from pretrain import config
 
     schema = getattr(config, match["schema"], None)
     key, leaf = match["key"], match["leaf"]
     if not dataclasses.is_dataclass(schema) or not key.endswith(leaf):
         return None
-    parent = key[: -len(leaf)]
-    close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(schema)], n=2)
-    hint = f" (did you mean {' or '.join(parent + c for c in close)}?)" if close else ""
-    return f"kiln {name}: config error: {key} is not a setting of kiln{hint}\n"
+    value = match["typed"].partition("=")[2] if match["typed"] else None
+    hint = config.closest_settings(leaf, schema, key[: -len(leaf)], value)
+    return f"{key} is not a setting of kiln{hint}"
 
 
-def print_app_help(app: Callable[[], None]) -> None:
-    """Hydra's `--help` without the `schema/*` groups: those hold the typed defaults the
-    presets extend (ConfigStore entries), not options a user picks, and Hydra lists every group
-    it can find, with no setting to hide some."""
-    import contextlib
-    import io
+def unknown_option_problem(hydra_said: str, args: Sequence[str]) -> str | None:
+    """`group=option` on the command line naming no preset of the group, with the options and
+    the closest one (a preset's own defaults list naming a missing one is Hydra's to say)."""
+    match = HYDRA_UNKNOWN_OPTION.search(hydra_said)
+    if match is None:
+        return None
+    group, option = match["group"], match["option"]
+    if f"{group}={option}" not in {arg.lstrip("+") for arg in args}:
+        return None
+    import difflib
 
-    text = io.StringIO()
+    options = match["options"].split()
+    close = difflib.get_close_matches(option, options, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{group}={option} is not an option of {group} (options: {', '.join(options)}){hint}"
+
+
+def wrong_type_problem(hydra_said: str) -> str | None:
+    """`key=value` with a value the key's type refuses: what the schema says it takes."""
+    match = HYDRA_WRONG_TYPE.search(hydra_said)
+    if match is None:
+        return None
+    import typing
+
+    from pretrain import config
+
+    schema = getattr(config, match["schema"], None)
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    leaf = match["full_key"].rsplit(".", 1)[-1]
+    if leaf not in hints:
+        return None
+    key, _, value = match["typed"].lstrip("+").partition("=")
+    expected = describe_type(hints[leaf], key)
+    problem = f"{key}={value}: {key} takes {expected}, not '{value}'"
+    return problem + (f"; write {key}=[{value}]" if expected.startswith("a list") else "")
+
+
+def describe_type(hint: object, key: str) -> str:
+    """A schema field's type as the command line spells what it takes ("an integer", "a list")."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg, key) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if typing.get_origin(hint) is dict:
+        return f"a map ({key}.NAME=VALUE)"
+    if dataclasses.is_dataclass(hint):
+        return f"settings ({key}.NAME=VALUE)"
+    words = {bool: "true or false", int: "an integer", float: "a float", str: "a string"}
+    return words.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def new_map_entry_problem(hydra_said: str) -> str | None:
+    """`map.name=value` for an entry a map (such as data.mixture: source name -> weight) does not
+    have: Hydra adds entries with `+` alone."""
+    match = HYDRA_NEW_MAP_ENTRY.search(hydra_said)
+    if match is None or not match["key"].endswith(f".{match['leaf']}"):
+        return None
+    key, leaf, typed = match["key"], match["leaf"], match["typed"]
+    parent = key[: -len(leaf) - 1]
+    return (
+        f"{typed}: {parent} has no entry {leaf}, and a new entry of a map is added with +; "
+        f"write +{typed}"
+    )
+
+
+def print_app_help(name: str, args: Sequence[str]) -> None:
+    """`kiln NAME --help`: Hydra's help template (`hydra.help` in hydra_conf) with the config
+    composed from the overrides in `args`, and the groups and options of `hydra_conf/`. Hydra's
+    own listing takes 6-11 s (each of its ~150 lookups deep-copies the config store) and lists
+    the `schema/*` groups too, the typed defaults the presets extend, not options a user picks.
+    An override that does not compose is said as on a run (Hydra's help raises a traceback)."""
+    import string
+
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pretrain.config import config_groups
+
+    overrides = get_args_parser().parse_args(args).overrides  # as Hydra reads the command line
     try:
-        with contextlib.redirect_stdout(text):
-            app()
-    finally:
-        lines = text.getvalue().splitlines(keepends=True)
-        sys.stdout.write("".join(line for line in lines if not line.startswith("schema/")))
+        with initialize_config_module("hydra_conf", version_base="1.3"):
+            cfg = compose(name, overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        hydra_said = f"{error}\n"  # as Hydra says it on a run
+        if isinstance(error.__cause__, OmegaConfBaseException):
+            hydra_said += f"{error.__cause__}\n"
+        sys.stderr.write(composition_error_message(name, hydra_said, args) or hydra_said)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+    HydraConfig.instance().set_config(cfg)  # for the template's ${hydra:...}
+    template = string.Template(cfg.hydra.help.template)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    groups = "".join(
+        f"{group}: {', '.join(options)}\n" for group, options in config_groups().items()
+    )
+    print(template.safe_substitute(APP_CONFIG_GROUPS=groups, CONFIG=OmegaConf.to_yaml(cfg)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -556,7 +556,7 @@ class LocalClusterConfig(ClusterConfig):
 
 @dataclass
 class SlurmClusterConfig(ClusterConfig):
-    """A Slurm cluster; the sbatch script is rendered from `slurm/` templates."""
+    """A Slurm cluster; the sbatch script is rendered from `launch/templates/job.sbatch.tmpl`."""
 
     kind: ClassVar[str] = "slurm"
 
@@ -688,7 +688,9 @@ class PlanConfig:
 class ExportConfig:
     """`kiln export`: a checkpoint to a Hugging Face transformers directory."""
 
-    checkpoint: str | None = None  # consolidated, RUN_DIR/checkpoints/step_N or RUN_DIR (required)
+    checkpoint: str | None = (
+        None  # consolidated, RUN_DIR/checkpoints/step_N or RUN_DIR; None: trainer.run_dir
+    )
     output_dir: str = "out/hf"
     dtype: str = "float32"  # float32 | bfloat16 | float16: the exported weights
     tokenizer: str | None = None  # SentencePiece .model to export when the checkpoint has none
@@ -830,13 +832,39 @@ def build_config(raw: Any) -> KilnConfig:
     return cfg
 
 
+def config_groups() -> dict[str, list[str]]:
+    """The config groups of `hydra_conf/` and their options (the presets `group=option` picks),
+    read from the package's directories: what `kiln <subcommand> --help` lists."""
+    from importlib.resources import files
+
+    groups = {}
+    for folder in (f for f in files("hydra_conf").iterdir() if f.is_dir()):
+        options = [
+            f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")
+        ]
+        if options:
+            groups[folder.name] = sorted(options)
+    return dict(sorted(groups.items()))
+
+
+def closest_settings(key: str, schema: type, path: str = "", value: Any = None) -> str:
+    """The " (did you mean ...?)" for `path + key`, a key `schema` lacks: its closest fields and,
+    at the top level, config groups (`experiement=demo` means experiment, one of whose options
+    is demo, rather than experiment_name); empty when none is close."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(schema)]
+    groups = config_groups() if path == "" else {}
+    close = difflib.get_close_matches(key, list(dict.fromkeys([*names, *groups])), n=2)
+    close = [name for name in close if value in groups.get(name, ())] or close
+    return f" (did you mean {' or '.join(path + name for name in close)}?)" if close else ""
+
+
 def unknown_keys(node: Any, path: str = "") -> list[str]:
     """Keys of a composed config that its schema does not have, each said with the closest
     names it has. Hydra refuses a misspelled `key=value`, but suggests `+key=value`, which adds
     the key and which `OmegaConf.to_object` then drops without a word."""
-    import difflib
-
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 
     problems: list[str] = []
     if isinstance(node, ListConfig):
@@ -850,12 +878,13 @@ def unknown_keys(node: Any, path: str = "") -> list[str]:
         [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
     )
     for key in node:
+        child = node._get_node(key)
         if names is not None and key not in names:
-            close = difflib.get_close_matches(str(key), names, n=2)
-            hint = f" (did you mean {' or '.join(f'{path}{c}' for c in close)}?)" if close else ""
+            value = child._value() if isinstance(child, ValueNode) else None
+            hint = closest_settings(str(key), schema, path, value)
             problems.append(f"{path}{key} is not a setting of kiln{hint}")
         else:
-            problems += unknown_keys(node._get_node(key), f"{path}{key}.")
+            problems += unknown_keys(child, f"{path}{key}.")
     return problems
 
 

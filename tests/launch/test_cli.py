@@ -92,21 +92,76 @@ def test_misspelled_key_fails_naming_the_key(tmp_path: Path) -> None:
     result = kiln("plan", "cluster=slurm", "cluster.partiton=gpu", cwd=tmp_path)
     assert result.stderr == ("kiln plan: config error: cluster.partiton is not a setting of "
                              "kiln (did you mean cluster.partition?)\n")  # fmt: skip
-    result = kiln("plan", "model.d_model=wide", cwd=tmp_path)
-    assert result.returncode == 1 and "model.d_model" in result.stderr
+    result = kiln("plan", "cluster.nodes=1,2", cwd=tmp_path)  # a sweep without -m
+    assert result.returncode == 1 and "Ambiguous value for argument 'cluster.nodes=1,2'" in (
+        result.stderr
+    )
     assert "kiln plan: config error" not in result.stderr  # Hydra's own message, as it is
 
 
+def test_a_misspelled_group_is_suggested_as_the_group(tmp_path: Path) -> None:
+    """The top level's suggestions are its settings and the config groups (experiment is a
+    group, not a setting); a group one of whose options is the value given comes alone."""
+    for name, typed, meant in (("train", "experiement=demo", "experiment"),
+                               ("plan", "engin=ddp", "engine"),
+                               ("plan", "+experiement=demo", "experiment")):  # fmt: skip
+        result = kiln(name, typed, cwd=tmp_path)
+        key = typed.lstrip("+").split("=")[0]
+        assert (result.returncode, result.stderr) == (
+            1, f"kiln {name}: config error: {key} is not a setting of kiln (did you mean {meant}?)\n"
+        ), typed  # fmt: skip
+    result = kiln("plan", "experiement=nothing_of_its", cwd=tmp_path)
+    assert result.stderr == ("kiln plan: config error: experiement is not a setting of kiln "
+                             "(did you mean experiment or experiment_name?)\n")  # fmt: skip
+
+
 def test_unknown_option_fails_naming_the_option(tmp_path: Path) -> None:
-    result = kiln("plan", "model=nonexistent", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Could not find 'model/nonexistent'" in result.stderr
-    assert "llama_8b" in result.stderr  # the available options are listed
+    """`group=option` naming no preset: one line with the group's options and the closest."""
+    engines = "ddp, fsdp, hsdp, zero1, zero2, zero2_offload, zero3, zero3_offload"
+    experiments = "bert_mlm, demo, gpt2_124m, llama_8b_fsdp, long_context, t5_span"
+    models = ("bert_base, gpt2_124m, gpt2_350m, llama_1b, llama_8b, mixtral_8x7b, olmoe_1b_7b, "
+              "t5_base, tiny_decoder, tiny_encoder, tiny_encoder_decoder, tiny_gpt2, tiny_moe, "
+              "tiny_moe_encoder, tiny_moe_t5")  # fmt: skip
+    cases = {
+        ("train", "engine=zero4"): "kiln train: config error: engine=zero4 is not an option of "
+        f"engine (options: {engines}); did you mean zero3?",
+        ("train", "experiment=gpt2"): "kiln train: config error: experiment=gpt2 is not an "
+        f"option of experiment (options: {experiments}); did you mean gpt2_124m?",
+        ("plan", "model=nonexistent"): "kiln plan: config error: model=nonexistent is not an "
+        f"option of model (options: {models})",
+    }
+    for args, message in cases.items():
+        result = kiln(*args, cwd=tmp_path)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", message + "\n")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_wrong_type_and_semantic_errors_fail_before_anything_runs(tmp_path: Path) -> None:
-    result = kiln("train", "data.seq_len=long", cwd=tmp_path)
-    assert result.returncode == 1 and "data.seq_len" in result.stderr
+def test_a_value_of_the_wrong_type_says_what_the_key_takes(tmp_path: Path) -> None:
+    """Hydra's and OmegaConf's messages (reference_type=OptimConfig ...) become one line: the
+    override, what its key takes, and for a list or a map entry the override to write."""
+    cases = {
+        ("train", "optim.lr=abc"): "kiln train: config error: optim.lr=abc: optim.lr takes a "
+        "float, not 'abc'",
+        ("plan", "data.seq_len=long"): "kiln plan: config error: data.seq_len=long: "
+        "data.seq_len takes an integer, not 'long'",
+        ("plan", "plan.tokens=many"): "kiln plan: config error: plan.tokens=many: plan.tokens "
+        "takes a float or null, not 'many'",
+        ("plan", "trainer=3"): "kiln plan: config error: trainer=3: trainer takes settings "
+        "(trainer.NAME=VALUE), not '3'",
+        ("data", "corpus=files", "corpus.sources.0.paths=/my/dir"): "kiln data: config error: "
+        "corpus.sources.0.paths=/my/dir: corpus.sources.0.paths takes a list, not '/my/dir'; "
+        "write corpus.sources.0.paths=[/my/dir]",
+        ("train", "data.mixture.foo=1"): "kiln train: config error: data.mixture.foo=1: "
+        "data.mixture has no entry foo, and a new entry of a map is added with +; write "
+        "+data.mixture.foo=1",
+    }
+    for args, message in cases.items():
+        result = kiln(*args, cwd=tmp_path)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", message + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_semantic_errors_fail_before_anything_runs(tmp_path: Path) -> None:
     result = kiln("train", "model=bert_base", cwd=tmp_path)  # validated before "not built yet"
     assert result.returncode == 1
     assert "config error: objective=clm trains decoder models" in result.stderr
@@ -131,6 +186,15 @@ def test_subcommand_help_lists_config_groups(tmp_path: Path) -> None:
     assert "demo" in groups["experiment"].split(", ")
     # the typed schemas the presets extend are not options to pick
     assert not [group for group in groups if group.startswith("schema")], groups
+    assert list(groups) == ["cluster", "corpus", "data", "engine", "experiment", "filters",
+                            "logger", "model", "objective", "optim"]  # fmt: skip
+    # the config shown is the one the overrides compose; one that does not is kiln's line
+    result = kiln("train", "model=llama_8b", "-h", cwd=tmp_path)
+    assert result.returncode == 0 and "  name: llama_8b\n" in result.stdout
+    result = kiln("train", "engine=zero4", "--help", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("kiln train: config error: engine=zero4 is not an option")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_multirun_sweeps_plan_over_models(tmp_path: Path) -> None:
@@ -148,6 +212,19 @@ def test_multirun_sweeps_plan_over_models(tmp_path: Path) -> None:
         text = text[end:]
     assert [p["model"]["name"] for p in plans] == ["gpt2_124m", "gpt2_350m"]
     assert plans[0]["model"]["params_total"] < plans[1]["model"]["params_total"]
+
+
+def test_a_sweep_leaves_only_hydras_record_of_it(tmp_path: Path) -> None:
+    """Hydra's multirun.yaml, and no empty per-point folder beside it (a point writes where
+    kiln puts it: RUN_DIR/sweep-N, OUTPUT_DIR/sweep-N, or nowhere for a plan)."""
+    result = kiln("plan", "-m", "optim.lr=1e-3,3e-4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("kiln plan: tiny_decoder") == 2
+    [record] = [path for path in tmp_path.rglob("*") if not path.is_dir()]
+    assert record.parent.parent == tmp_path / "runs" / "plan" / "multirun"
+    assert record.name == "multirun.yaml"
+    folders = sorted(path for path in tmp_path.rglob("*") if path.is_dir())
+    assert folders == [record.parents[3], record.parents[2], record.parents[1], record.parent]
 
 
 # What a process that only plans, or only starts the ranks, runs: it must not import torch
@@ -259,6 +336,17 @@ def test_train_says_what_stops_every_rank_before_starting_one(tmp_path: Path) ->
         assert probes[1:] == ["PROBE False nothing", "PROBE False None"], override
         assert stderr.strip() == message, override
         assert not (tmp_path / "run").exists()
+    # data.path one level too deep (the manifest itself, the shards/ directory in the output)
+    for inside in ("shards/manifest.json", "shards/shards"):
+        _, stderr = probe(tmp_path, *base, f"data.path={tmp_path}/{inside}", code=1)
+        assert stderr.strip() == (
+            f"kiln train: data.path={tmp_path}/{inside}: data.path is the kiln data output "
+            f"directory (the one holding manifest.json): use data.path={tmp_path}/shards"
+        )
+    # no shards yet: the `kiln data` command to run keeps the experiment (its tokenizer)
+    _, stderr = probe(tmp_path, *base, "experiment=demo", code=1)
+    assert stderr.strip() == ("kiln train: out/demo/data/manifest.json: no manifest (run `kiln "
+                              "data experiment=demo` first)")  # fmt: skip
     # both problems at once: both said
     probes, stderr = probe(tmp_path, *base, "data.path=missing", f"trainer.resume={tmp_path}",
                            code=1)  # fmt: skip
