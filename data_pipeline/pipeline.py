@@ -995,7 +995,6 @@ def print_summary(report: dict[str, Any]) -> None:
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for every column
         console.width = 160
-    table = Table(title=f"kiln data: {report['output_dir']}", title_justify="left")
     columns = (
         "source",
         "weight",
@@ -1011,10 +1010,8 @@ def print_summary(report: dict[str, Any]) -> None:
         "shards",
         "token share",
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "source" else "right")
-    for name, s in report["sources"].items():
-        table.add_row(
+    rows = [
+        (
             name,
             f"{s['weight']:g}",
             f"{s['documents_in']:,}",
@@ -1029,6 +1026,22 @@ def print_summary(report: dict[str, Any]) -> None:
             f"{sum(s['shards'].values())}",
             f"{s['natural_share']:.1%} (target {s['target_share']:.0%})",
         )
+        for name, s in report["sources"].items()
+    ]
+    table = Table(title=f"kiln data: {report['output_dir']}", title_justify="left")
+    if console.width >= 150:  # a row per source
+        for column in columns:
+            table.add_column(column, justify="left" if column == "source" else "right")
+        for row in rows:
+            table.add_row(*row)
+    else:  # a narrow terminal: a column per source, so no number is cut
+        for column, *cells in zip(columns, *rows, strict=True):
+            if not table.columns:
+                table.add_column(column)
+                for cell in cells:
+                    table.add_column(cell, justify="right")
+            else:
+                table.add_row(column, *cells)
     console.print(table)
     stages_table = Table(title="stages", title_justify="left")
     for column in ("stage", "seconds", "units run", "resumed", "throughput"):
