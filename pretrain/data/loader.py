@@ -59,6 +59,10 @@ class LoaderState:
     segments: list[Segment] = field(default_factory=list)  # mixture history, current last
     tokenizer_sha256: str = ""
     seq_len: int = 0
+    # the order's shuffle window and seed (data.shuffle_buffer, data.seed) of the current
+    # segment; 0 / None in a state saved before they were recorded (the config's then)
+    window: int = 0
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,16 +71,21 @@ class LoaderState:
             "segments": [segment.to_dict() for segment in self.segments],
             "tokenizer_sha256": self.tokenizer_sha256,
             "seq_len": self.seq_len,
+            "window": self.window,
+            "seed": self.seed,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoaderState:
+        seed = data.get("seed")
         return cls(
             samples=int(data["samples"]),
             steps=int(data.get("steps", 0)),
             segments=[Segment.from_dict(s) for s in data["segments"]],
             tokenizer_sha256=str(data["tokenizer_sha256"]),
             seq_len=int(data["seq_len"]),
+            window=int(data.get("window", 0)),
+            seed=None if seed is None else int(seed),
         )
 
 
@@ -294,6 +303,8 @@ class Loader:
             segments=list(self.state.segments),
             tokenizer_sha256=self.state.tokenizer_sha256,
             seq_len=self.state.seq_len,
+            window=self.state.window,
+            seed=self.state.seed,
         )
 
     def ledger(self, steps: int) -> dict[str, dict[str, float]]:
@@ -406,12 +417,30 @@ def build_loader(
     if not state.segments:
         state.segments = [Segment(start=state.samples, weights=weights)]
     current = state.segments[-1]
+    say = log.warning if rank == 0 else log.debug  # said once, not once per rank
+    # The order's seed stays the run's: the sources' streams (their shard orders) depend on
+    # it, and with another one the samples each source gave would be other tokens.
+    seed = data.seed if state.seed is None else state.seed
+    if seed != data.seed:
+        say("data.seed=%d is not applied on resume: the run keeps its data order (seed %d); a "
+            "new order needs a new run", data.seed, seed)  # fmt: skip
+    window = state.window or data.shuffle_buffer
     new_mixture = _normalised(current.weights) != _normalised(weights)
     new_length = bool(state.seq_len) and state.seq_len != data.seq_len
-    if new_mixture or new_length:
-        previous = GlobalOrder(list(current.weights), current, data.shuffle_buffer, data.seed)
-        base = previous.consumed(state.samples)
-        say = log.warning if rank == 0 else log.debug  # said once, not once per rank
+    new_window = window != data.shuffle_buffer
+    if new_mixture or new_length or new_window:
+        previous = GlobalOrder(list(current.weights), current, window, seed)
+        # Within a window each source's slots are shuffled: part-way through one, a source
+        # has given some of the window's samples, not its first ones. The new segment starts
+        # after the whole window (its unread samples are left, none read twice).
+        boundary = current.start + -(-(state.samples - current.start) // window) * window
+        base = previous.consumed(boundary)
+        if boundary > state.samples:
+            say("the new data order starts after the current shuffle window: %d samples of it "
+                "are left unread, so none is read twice", boundary - state.samples)  # fmt: skip
+        if new_window:
+            say("data.shuffle_buffer changes at global sample %d: %d -> %d", state.samples,
+                window, data.shuffle_buffer)  # fmt: skip
         if new_mixture:
             say(
                 "mixture weights change at global sample %d: %s -> %s", state.samples,
@@ -424,12 +453,13 @@ def build_loader(
             base = {name: -(-count * old // new) for name, count in base.items()}
             say(
                 "data.seq_len changes at global sample %d: %d -> %d; each source continues "
-                "after the tokens it gave (fewer than %d tokens per source skipped)",
-                state.samples, state.seq_len, data.seq_len, new,
+                "after the tokens of the current shuffle window",
+                state.samples, state.seq_len, data.seq_len,
             )  # fmt: skip
             state.seq_len = data.seq_len
         current = Segment(state.samples, weights, base, current.number + 1)
         state.segments.append(current)
+    state.window, state.seed = data.shuffle_buffer, seed
     eos = tokenizer.special_ids["eos"]
     raw = objective.raw_length(data.seq_len)
     dataset = ShardDataset(
@@ -445,7 +475,7 @@ def build_loader(
         start_step=state.steps,
         warmup=(data.seq_len_warmup_steps if causal else 0, data.seq_len_warmup_start),
         window=data.shuffle_buffer,
-        seed=data.seed,
+        seed=seed,
         eos=eos,
         vocab_size=tokenizer.vocab_size,
     )

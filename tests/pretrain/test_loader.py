@@ -217,6 +217,35 @@ def test_changing_weights_on_resume_never_rereads(corpus: Path) -> None:
         assert min(p for s, p in later if s == source) == given[-1] + 1
 
 
+@pytest.mark.parametrize("change", ["mixture", "shuffle_buffer"])
+def test_a_change_on_resume_in_the_middle_of_a_shuffle_window_never_rereads(
+    corpus: Path, change: str
+) -> None:
+    """120 samples into windows of 50, a source has given a shuffled part of the third
+    window, not its first samples: the new order starts after that window (its 30 unread
+    samples are left), where it started at the count given and read 11% of samples twice.
+    A new data.shuffle_buffer starts a new order too; data.seed stays the run's."""
+    cfg = config(corpus, shuffle_buffer=50)
+    first = build_loader(cfg, CausalWindows(), num_steps=10)
+    order = first.dataset.order()
+    given = {order.lookup(i) for i in range(120)}
+    state = LoaderState.from_dict(json.loads(json.dumps(first.state_after(10).to_dict())))
+    assert (state.window, state.seed) == (50, 5)
+    changes = {"mixture": {"mixture": {"web": 0.5, "code": 0.5}, "shuffle_buffer": 50},
+               "shuffle_buffer": {"shuffle_buffer": 30}}[change]  # fmt: skip
+    second = build_loader(config(corpus, seed=9, **changes), CausalWindows(), state=state,
+                          num_steps=10)  # fmt: skip
+    assert len(second.state.segments) == 2 and second.dataset.seed == 5  # the run's seed
+    later = second.dataset.order()
+    read = [later.lookup(i) for i in range(120, 240)]
+    assert not given & set(read)  # no source sample is read twice
+    window_end = {source: max(p for s, p in (order.lookup(i) for i in range(150)) if s == source)
+                  for source in (0, 1)}  # fmt: skip
+    for source in (0, 1):  # each continues after the third window, none of it left behind
+        assert min(p for s, p in read if s == source) == window_end[source] + 1
+    assert second.state_after(10).window == changes["shuffle_buffer"]
+
+
 def test_missing_and_corrupt_shards(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "data"
     shutil.copytree(corpus, out)
