@@ -411,7 +411,9 @@ def build_loader(
         )
     shards, skipped = check_shards(out_dir, manifest, data.verify, data.on_bad_shard, split)
     weights = dict(manifest.weights)
-    weights |= {name: float(w) for name, w in data.mixture.items()}
+    if split == "train":  # the held-out set keeps the build's weights: evaluations under
+        # another data.mixture (an ablation, a change on resume) compare on the same samples
+        weights |= {name: float(w) for name, w in data.mixture.items()}
     weights = {name: weights[name] for name in shards}
     state = state or LoaderState(tokenizer_sha256=tokenizer.sha256, seq_len=data.seq_len)
     if not state.segments:

@@ -130,7 +130,8 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
     """The local directory holding remote `path`'s manifest, tokenizer and shards.
 
     The manifest is fetched on every call (it is small, and a rebuilt corpus must not be read
-    through a stale one); the tokenizer and shards only when the cache lacks them or they
+    through a stale one), and the copy cached before is read when that fails (a server gone
+    since the run started); the tokenizer and shards only when the cache lacks them or they
     changed. With `on_bad_shard="skip"` a shard that cannot be fetched is left out (logged
     here; the loader then counts it as missing and skips it); otherwise the error names it.
     """
@@ -138,8 +139,16 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
     with _locked(directory):
         try:
             fetch(file_url(path, MANIFEST_NAME), directory / MANIFEST_NAME)
+        except FetchError as error:
+            # the server gone mid-run (each evaluation builds its loader anew): a manifest
+            # fetched before holds, and its files are cached; a first fetch has none
+            if not (directory / MANIFEST_NAME).is_file():
+                raise FetchError(f"data.path={path}: no readable manifest: {error}") from error
+            log.warning("data.path=%s: the manifest cannot be fetched now (%s); reading the "
+                        "copy cached in %s", path, error, directory)  # fmt: skip
+        try:
             manifest = read_manifest(directory)
-        except (FetchError, ShardFormatError) as error:
+        except ShardFormatError as error:
             raise FetchError(f"data.path={path}: no readable manifest: {error}") from error
         tokenizer = manifest.tokenizer
         fetched = 0

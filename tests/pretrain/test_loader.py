@@ -319,6 +319,26 @@ def test_evaluation_leaves_out_a_source_without_held_out_shards(tmp_path: Path) 
         build_loader(config(out, on_bad_shard="skip"), CausalWindows())
 
 
+def test_the_held_out_set_keeps_the_builds_weights_whatever_the_mixture(tmp_path: Path) -> None:
+    """Evaluations of an ablation's mixtures (or across a change on resume) must read the same
+    samples to compare: data.mixture weighs the training samples only."""
+    out = tmp_path / "data"
+    manifest = write_corpus(out, {"web": [40], "code": [30]}, {"web": 0.5, "code": 0.5})
+    rng = np.random.default_rng(2)
+    held = [write_shard(out, name, "val", 0, [[rng.integers(5, VOCAB, 30) for _ in range(8)]],
+                        VOCAB) for name in ("web", "code")]  # fmt: skip
+    write_manifest(out, Manifest(manifest.fingerprint, manifest.tokenizer,
+                                 [*manifest.shards, *held], manifest.weights))  # fmt: skip
+
+    def rows(**data: object) -> list[list[int]]:
+        loader = build_loader(config(out, **data), CausalWindows(), split="val", num_steps=2)
+        return [row.tolist() for batch in loader.loader for row in batch["input_ids"]]
+
+    assert rows(mixture={"web": 0.9, "code": 0.1}) == rows()
+    train = build_loader(config(out, mixture={"web": 0.9, "code": 0.1}), CausalWindows())
+    assert train.dataset.segment.weights == {"web": 0.9, "code": 0.1}
+
+
 def test_tokenizer_and_vocabulary_checks(corpus: Path) -> None:
     cfg = config(corpus)
     cfg.model = DecoderConfig(vocab_size=VOCAB - 1)

@@ -84,6 +84,19 @@ def test_http_path_gives_the_local_batches_and_fetches_once(
     assert requests == ["/manifest.json"]  # the rest comes from the cache
 
 
+def test_a_server_gone_after_the_first_fetch_leaves_the_cached_copy(
+    served: tuple[Path, str, list[str]], tmp_path: Path
+) -> None:
+    """Each evaluation builds its loader anew, fetching the manifest: with the server gone
+    mid-run, evaluation was turned off for the rest of the run. The cached copy serves."""
+    root, url, _ = served
+    remote = batches(url, tmp_path / "cache")
+    (root / "manifest.json").rename(root / "moved.json")  # the server answers 404 now
+    assert same(batches(url, tmp_path / "cache"), remote)
+    with pytest.raises(DataError, match="no readable manifest"):
+        batches(url, tmp_path / "other-cache")  # nothing cached: the error, as before
+
+
 def test_pipe_command_gives_the_local_batches(
     served: tuple[Path, str, list[str]], tmp_path: Path
 ) -> None:
