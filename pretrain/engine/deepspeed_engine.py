@@ -249,6 +249,13 @@ def convert_to_universal(source: Path, target: Path, *, log: Path | None = None)
         ds_to_universal.main(args)
 
 
+def _not_a_tensor_parallel_note(record: logging.LogRecord) -> bool:
+    """Drop DeepSpeed's "MPU is not provided, setting tp size to 1" on loading a universal
+    checkpoint (a resume at another world size): kiln uses no tensor parallelism, so it is
+    what DeepSpeed should do, said on every rank."""
+    return not record.getMessage().startswith("MPU is not provided")
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO stage `engine.zero_stage` over all ranks, stepped by DeepSpeed."""
 
@@ -260,6 +267,7 @@ class DeepSpeedEngine(Engine):
         from pretrain.optim import build_optimizer, build_scheduler
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        logging.getLogger("DeepSpeed").addFilter(_not_a_tensor_parallel_note)
         self.module = model
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
