@@ -109,7 +109,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
         print(f"kiln report: skipped {bad} malformed line(s) in {path}", file=sys.stderr)
     if not any(r["kind"] in ("train", "eval") for r in records):
         raise ReportError(f"{path} has no train or eval records")
-    events = ("profile", "start", "stopped", "final")
+    events = ("profile", "start", "stopped", "final", "data")
     return [r for r in records if r["kind"] in ("train", "eval") or r.get("event") in events]
 
 
@@ -184,6 +184,12 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     _, tokens = points(records, "train", "tokens_seen")
     if tokens:
         rows.append(("tokens seen", f"{human(tokens[-1])} ({int(tokens[-1]):,})"))
+    ledger = [r for r in records if r.get("event") == "data"]
+    if ledger:  # the data ledger at the last checkpoint: epochs of each source read
+        last = ledger[-1]
+        epochs = ", ".join(f"{key.split('/', 1)[1]} {value:.3g}" for key, value in last.items()
+                           if key.startswith("epochs/") and is_number(value))  # fmt: skip
+        rows.append(("epochs read", f"{epochs} (at step {last['step']:,})"))
     for event in (r for r in records if r.get("kind") == "event" and r.get("event") == "profile"):
         top = event.get("profile/top") or []
         parts = [f"{t['name'][:48]} {t['share']:.0%}" for t in top[:3]]

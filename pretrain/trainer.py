@@ -384,6 +384,12 @@ def train(cfg: Any, context: Any) -> int:
                     logger.log({"kind": "event", "step": state.step, "event": "checkpoint",
                                 "path": str(path), "background": background,
                                 "seconds": stalled})  # fmt: skip
+                    # the data ledger: how much of each source the run has read (metrics.jsonl,
+                    # W&B, kiln report; keys with "/" stay off the console)
+                    ledger = loader.ledger(state.step - start_step)
+                    logger.log({"kind": "event", "step": state.step, "event": "data"}
+                               | {f"epochs/{name}": round(entry["epochs"], 4)
+                                  for name, entry in ledger.items()}, echo=False)  # fmt: skip
             if signalled:
                 exit_code = REQUEUE_EXIT_CODE
                 break

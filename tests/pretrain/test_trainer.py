@@ -144,6 +144,11 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     rows = dict(line.strip().split("  ", 1) for line in report.stdout.splitlines()
                 if line.startswith("  "))  # fmt: skip
     assert rows["status"].strip() == "finished at step 8"
+    # the data ledger, logged at each checkpoint: the epochs of each source read
+    data = [r for r in map(json.loads, records) if r.get("event") == "data"]
+    assert data and data[-1]["step"] == 8 and all(v > 0 for k, v in data[-1].items()
+                                                  if k.startswith("epochs/"))  # fmt: skip
+    assert rows["epochs read"].strip().endswith("(at step 8)")
     assert rows["final"].strip() == f"{run_dir / 'sweep-0' / 'final'} (step 8)"
 
 
