@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import logging
 import os
 import random
 import shutil
@@ -284,6 +285,14 @@ class CheckpointManager:
             state = json.loads((path / TRAINER_STATE).read_text())
             if not isinstance(state, dict):
                 raise ValueError(f"a JSON {type(state).__name__}, not an object")
+            # a state without its step or data position would resume from step 0 on these
+            # weights, silently, and overwrite the run's checkpoints
+            missing = [key for key in ("step", "loader") if key not in state]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+            named = path.name.removeprefix("step_")
+            if named.isdigit() and int(named) != state["step"]:
+                raise ValueError(f"it records step {state['step']} in {path.name}")
         except (OSError, ValueError) as error:
             raise CheckpointError(
                 f"{path / TRAINER_STATE}: unreadable ({error}): a damaged checkpoint; resume "
@@ -291,22 +300,44 @@ class CheckpointManager:
             ) from error
         if self.model is not None:
             self.model.check(state, path)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        # DCP logs a missing .metadata (to the root logger) with its traceback before it
+        # fails: the failure is said in one line below
+        logging.getLogger().addFilter(_not_a_metadata_fallback)
+        rng = path / f"rng_rank{self.rank}.pt"
         try:
             engine.load(path)
+            if state.get("world_size") == self.world and rng.is_file():
+                set_rng_state(torch.load(rng, weights_only=False))
         except CheckpointError:
             raise
-        except (OSError, EOFError, RuntimeError, ValueError, KeyError) as error:
-            # a file torch cannot read (truncated, missing), or the engine's own refusal
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, AssertionError,
+                CheckpointException) as error:  # fmt: skip
+            # a file torch cannot read (truncated, missing; DCP's CheckpointException, a
+            # BaseException, or its assertion on missing metadata), or the engine's refusal
+            if isinstance(error, CheckpointException) and error.failures:
+                error = next(iter(error.failures.values()))[0]  # a rank's own error
             raise CheckpointError(
-                f"{path}: cannot resume from it: {type(error).__name__}: {error}"
-            ) from error
-        rng = path / f"rng_rank{self.rank}.pt"
-        if state.get("world_size") == self.world:
-            if rng.is_file():
-                set_rng_state(torch.load(rng, weights_only=False))
-            else:  # the weights and the data position are restored; the random draws are not
-                print(f"kiln train: rank {self.rank}: {rng} is missing: this rank's random "
-                      "generators start afresh, so the resumed run is not bitwise the "
-                      "uninterrupted one", file=sys.stderr, flush=True)  # fmt: skip
+                f"{path}: cannot resume from it: {type(error).__name__}: "
+                f"{_first_line(error) or 'a file ends early (truncated)'}"
+            ) from None
+        if state.get("world_size") == self.world and not rng.is_file():
+            # the weights and the data position are restored; the random draws are not
+            print(f"kiln train: rank {self.rank}: {rng} is missing: this rank's random "
+                  "generators start afresh, so the resumed run is not bitwise the "
+                  "uninterrupted one", file=sys.stderr, flush=True)  # fmt: skip
         barrier()
         return state
+
+
+def _not_a_metadata_fallback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(
+        ("Global metadata is not found", "Rank local metadata is not found")
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (DCP's CheckpointException holds every
+    rank's traceback)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")

@@ -116,7 +116,9 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_engine_loads(tmp_pa
     engine = TensorEngine()
     engine.load = lambda directory: loaded.append(directory)  # type: ignore[attr-defined]
     loaded: list[Path] = []
-    path = CheckpointManager(tmp_path, keep=2, model=record).save(engine, {"tokens_seen": 1}, 1)
+    path = CheckpointManager(tmp_path, keep=2, model=record).save(
+        engine, {"tokens_seen": 1, "loader": {}}, 1
+    )
     saved = json.loads((path / "trainer.json").read_text())
     assert saved["model"]["d_model"] == 16 and saved["tokens_seen"] == 1
     assert saved["parameters"]["embed.weight"] == [64, 16] and len(saved["parameters"]) == 20
@@ -153,7 +155,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_engine_loads(tmp_pa
         tmp_path, keep=2, model=ModelRecord("decoder", asdict(longer), build_model(longer))
     ).load(engine, path)
     # a checkpoint from before models were recorded: the engine decides
-    CheckpointManager(tmp_path, keep=2).save(engine, {}, 2)
+    CheckpointManager(tmp_path, keep=2).save(engine, {"loader": {}}, 2)
     wider = replace(small, d_model=24)
     CheckpointManager(
         tmp_path, keep=2, model=ModelRecord("decoder", asdict(wider), build_model(wider))

@@ -305,7 +305,21 @@ def test_a_damaged_checkpoint_is_named_and_never_silently_replaced(
         ), line
     assert "Traceback" not in result.stderr
 
+    # a trainer.json without its step or data position, or with another step, resumed from
+    # step 0 on these weights and overwrote the run's checkpoints
     step_4 = checkpoints / "step_00000004"
+    saved = (step_4 / "trainer.json").read_text()
+    for damage, why in (("{}", "it lacks step, loader"),
+                        (json.dumps(json.loads(saved) | {"step": 3}),
+                         "it records step 3 in step_00000004")):  # fmt: skip
+        (step_4 / "trainer.json").write_text(damage)
+        args = train_args(corpus, run_dir, f"trainer.resume={step_4}", "trainer.max_steps=6")
+        result = kiln_train(args, tmp_path)
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert f"{step_4 / 'trainer.json'}: unreadable ({why})" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    (step_4 / "trainer.json").write_text(saved)
+
     (step_4 / "rng_rank1.pt").unlink()
     args = train_args(corpus, run_dir, f"trainer.resume={step_4}", "trainer.max_steps=6")
     result = kiln_train(args, tmp_path)
