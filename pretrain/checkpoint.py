@@ -2,14 +2,20 @@
 
     RUN_DIR/checkpoints/step_00000200/    engine state (model, optimizer, scheduler: the
                                           engine's own format), rng_rank{R}.pt per rank,
+                                          tokenizer.model (the run's SentencePiece model),
+                                          checksums.json (each file's size and sha256),
                                           trainer.json (step, tokens, loader state, W&B id,
-                                          the model's config and parameter shapes...),
-                                          tokenizer.model (the run's SentencePiece model)
+                                          the model's config and parameter shapes...)
     RUN_DIR/checkpoints/latest            the name of the newest complete checkpoint
 
 A checkpoint is written under `.step_N.tmp`, renamed when every rank has written its part,
 and only then does `latest` (itself written through a temporary file and a rename) move to
-it: a crash at any moment leaves `latest` naming a complete checkpoint.
+it: a crash at any moment leaves `latest` naming a complete checkpoint. Before the rename the
+ranks share out the files: each hashes its share and flushes it to the disk (fsync), so a
+power cut cannot leave `latest` naming files the disk never received, and a resume (each rank
+its share again) or `kiln export` refuses a checkpoint whose bytes changed since (a flipped
+bit resumed as other weights, silently). A write that fails (a full disk) is one error naming
+the checkpoint, its cause and the disk's free space; the part written is removed.
 
 `save(..., background=True)` (`trainer.async_checkpoint`) stops the loop only to copy the state
 into host memory; a thread per rank writes the files, the ranks meet at a barrier of their own
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import errno
 import json
 import logging
 import os
@@ -43,6 +50,15 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import atomic_write_bytes
+from pretrain.checkpoint_io import (
+    CHECKSUMS,
+    CheckpointError,
+    damage,
+    file_problems,
+    file_sha256,
+    recorded_files,
+)
+from pretrain.exit_codes import peer_gone
 from pretrain.preflight import config_differences
 
 TRAINER_STATE = "trainer.json"
@@ -117,8 +133,6 @@ class ModelRecord:
         """Raise CheckpointError unless the checkpoint at `path` (its trainer.json, `saved`)
         holds parameters of the same names and shapes. One written before checkpoints recorded
         their model passes unchecked (the engine's own load then decides)."""
-        from pretrain.checkpoint_io import CheckpointError
-
         theirs = saved.get("parameters")
         if theirs is None or theirs == self.parameters:
             return
@@ -159,6 +173,9 @@ class CheckpointManager:
         # the run's resolved config, recorded in trainer.json ("config"): a resume with other
         # settings says which
         self.run_config: dict[str, Any] | None = None
+        # check each file against its checksum before a resume reads it
+        # (`trainer.verify_checkpoints`)
+        self.verify = True
         self.rank, self.world = rank_and_world()
         self._writer: threading.Thread | None = None  # the background save in flight
         self._failure: tuple[str, BaseException] | None = None
@@ -169,7 +186,6 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; None before the first one; CheckpointError when it
         names no complete checkpoint (see `pretrain.preflight.latest_checkpoint`)."""
-        from pretrain.checkpoint_io import CheckpointError
         from pretrain.preflight import latest_checkpoint
 
         path, problem = latest_checkpoint(self.root.parent)
@@ -186,7 +202,10 @@ class CheckpointManager:
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # a save cut short before (this one's, or another step's of a killed run) holds
+            # space this one may need; none other is in flight (`wait` above)
+            for stale in [tmp, *self.root.glob(".step_*.tmp")]:
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
         record = self.model.as_dict() if self.model is not None else {}
@@ -208,10 +227,14 @@ class CheckpointManager:
             )  # fmt: skip
             self._writer.start()
             return final
-        engine.save(tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        try:
+            engine.save(tmp)
+            torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        except _write_errors() as error:
+            raise self._write_failed(tmp, final, error) from None
         barrier()
-        self._finish(tmp, final, payload, step)
+        checksums = self._checksum_share(tmp, None)
+        self._finish(tmp, final, payload, step, checksums)
         barrier()
         return final
 
@@ -223,9 +246,15 @@ class CheckpointManager:
             torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
             if self._group is not None:
                 dist.barrier(group=self._group)  # every rank's part is on disk
-            self._finish(tmp, final, payload, step)
+            checksums = self._checksum_share(tmp, self._group)
+            self._finish(tmp, final, payload, step, checksums)
             self._written.append((final, time.perf_counter() - started))
-        except BaseException as error:  # raised in the training thread by wait()
+        except _write_errors() as error:  # raised in the training thread by wait()
+            if peer_gone(error):  # another rank's write failed, and it said so
+                self._failure = (final.name, error)
+            else:
+                self._failure = (final.name, self._write_failed(tmp, final, error))
+        except BaseException as error:
             self._failure = (final.name, error)
 
     def written(self) -> list[tuple[Path, float]]:
@@ -237,18 +266,91 @@ class CheckpointManager:
             done.append(self._written.popleft())
         return done
 
-    def _finish(self, tmp: Path, final: Path, payload: str, step: int) -> None:
-        """Rank 0, once every rank's part is written: trainer.json, the rename, `latest`."""
+    def _checksum_share(self, tmp: Path, group: Any) -> dict[str, dict[str, Any]]:
+        """Every rank, once every part is written: hash and fsync its share of the files (every
+        rank-th, by name), gathered on rank 0, which gets {name: {"bytes", "sha256"}} for all
+        of them (the other ranks get {})."""
+        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        mine = {
+            name: {"sha256": file_sha256(tmp / name, sync=True), "bytes": (tmp / name).stat().st_size}
+            for name in names[self.rank :: self.world]
+        }  # fmt: skip
+        if self.world == 1 or not dist.is_initialized():
+            return mine
+        parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=group)
+        return {name: entry for part in parts or [] for name, entry in part.items()}
+
+    def _finish(self, tmp: Path, final: Path, payload: str, step: int,
+                checksums: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+        """Rank 0, once every rank's part is written and hashed: the tokenizer, checksums.json
+        and trainer.json (the mark of a complete checkpoint), each flushed to the disk; the
+        rename; `latest`."""
         if os.environ.get("KILN_FAULT_CRASH_IN_SAVE") == str(step):  # tests: die mid-save
             os._exit(17)
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        try:
             if self.tokenizer is not None and self.tokenizer.is_file():
                 shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
+                checksums["tokenizer.model"] = {
+                    "sha256": file_sha256(tmp / "tokenizer.model", sync=True),
+                    "bytes": (tmp / "tokenizer.model").stat().st_size,
+                }
+            record = {"algorithm": "sha256", "files": dict(sorted(checksums.items()))}
+            atomic_write_bytes(tmp / CHECKSUMS, json.dumps(record, indent=1).encode())
             atomic_write_bytes(tmp / TRAINER_STATE, payload.encode())
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            atomic_write_bytes(self.root / "latest", final.name.encode())
-            self._prune()
+        except _write_errors() as error:
+            raise self._write_failed(tmp, final, error) from None
+        for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            sync_directory(directory)  # the files' names, not only their bytes
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        sync_directory(self.root)
+        atomic_write_bytes(self.root / "latest", final.name.encode())
+        sync_directory(self.root)
+        self._prune()
+
+    def _write_failed(self, tmp: Path, final: Path, error: BaseException) -> CheckpointError:
+        """The error for a checkpoint this rank could not write (a full disk, mostly): its
+        cause in a line, the disk's free space when that is the cause, and the checkpoint
+        a resume starts from. What was written of it is removed (the space it took is the
+        space a resume needs)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]  # a rank's own error
+        written = tree_bytes(tmp)
+        try:
+            previous = self.latest()
+        except CheckpointError:
+            previous = None
+        took = tree_bytes(previous) if previous is not None else 0
+        detail = (
+            f"; a save needs room for one checkpoint ({_mebibytes(took)} the last) beyond the "
+            f"trainer.keep_checkpoints={self.keep} kept, until the oldest is pruned"
+            if took else ""
+        )  # fmt: skip
+        note = disk_full_note(self.root, error, max(written, took), detail)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if previous is not None:
+            then = f"`latest` still names {previous.name}, where trainer.resume=auto continues"
+        else:
+            then = "no checkpoint of this run was written before"
+        return CheckpointError(
+            f"cannot write checkpoint {final} on rank {self.rank}: {type(error).__name__}: "
+            f"{_first_line(error) or 'a write failed'}{note}; {then}"
+        )
+
+    def other_checkpoint(self, path: Path) -> str:
+        """What to resume from instead of the checkpoint at `path`, in words."""
+        others = sorted(
+            p for p in self.root.glob("step_*")
+            if (p / TRAINER_STATE).is_file() and p.resolve() != Path(path).resolve()
+        )  # fmt: skip
+        if not others:
+            return "no other checkpoint of this run is kept; start over in a new trainer.run_dir"
+        return f"resume from another with trainer.resume={others[-1]}"
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any; raise if it failed."""
@@ -258,6 +360,8 @@ class CheckpointManager:
         if self._failure is not None:
             name, error = self._failure
             self._failure = None
+            if isinstance(error, CheckpointError) or peer_gone(error):
+                raise error  # said in one line by the rank
             raise RuntimeError(
                 f"the background checkpoint {self.root / name} failed on rank {self.rank}: "
                 f"{type(error).__name__}: {error}; `latest` still names the previous one"
@@ -274,12 +378,35 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _verify(self, path: Path) -> None:
+        """CheckpointError on every rank unless each file the checkpoint at `path` recorded is
+        as it was written; the ranks hash a share each (every rank-th file, by name)."""
+        try:
+            files = recorded_files(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {self.other_checkpoint(path)}") from None
+        if files is None:  # written before checkpoints recorded their files
+            return
+        # a missing RNG file is said by `load`, and the run goes on without it
+        names = [
+            n for n in sorted(files) if not (n.startswith("rng_rank") and not (path / n).exists())
+        ]
+        problems = file_problems(path, names[self.rank :: self.world], files)
+        if self.world > 1 and dist.is_initialized():
+            shares: list[Any] = [None] * self.world
+            dist.all_gather_object(shares, problems)
+            problems = [problem for share in shares for problem in share]
+        if problems:
+            raise CheckpointError(
+                f"{damage(path, problems)}; {self.other_checkpoint(path)} (or "
+                "trainer.verify_checkpoints=false to read it as it is)"
+            )
+
     def load(self, engine: Any, path: Path) -> dict[str, Any]:
         """Restore `engine` and this rank's RNG from `path`; returns the trainer state. A
-        damaged checkpoint (unreadable trainer.json, engine files that do not load) is a
-        CheckpointError naming it, not a traceback per rank."""
-        from pretrain.checkpoint_io import CheckpointError
-
+        damaged checkpoint (unreadable trainer.json, files changed since they were written,
+        engine files that do not load) is a CheckpointError naming it, not a traceback per
+        rank."""
         path = Path(path)
         try:
             state = json.loads((path / TRAINER_STATE).read_text())
@@ -295,11 +422,13 @@ class CheckpointManager:
                 raise ValueError(f"it records step {state['step']} in {path.name}")
         except (OSError, ValueError) as error:
             raise CheckpointError(
-                f"{path / TRAINER_STATE}: unreadable ({error}): a damaged checkpoint; resume "
-                "from another with trainer.resume=PATH"
+                f"{path / TRAINER_STATE}: unreadable ({error}): a damaged checkpoint; "
+                f"{self.other_checkpoint(path)}"
             ) from error
         if self.model is not None:
             self.model.check(state, path)
+        if self.verify:
+            self._verify(path)
         from torch.distributed.checkpoint.api import CheckpointException
 
         # DCP logs a missing .metadata (to the root logger) with its traceback before it
@@ -329,6 +458,71 @@ class CheckpointManager:
                   "uninterrupted one", file=sys.stderr, flush=True)  # fmt: skip
         barrier()
         return state
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError (Python's own writes), RuntimeError (torch.save's
+    "unexpected pos" on a full disk, DeepSpeed's), DCP's CheckpointException (a BaseException,
+    holding each rank's error)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (OSError, RuntimeError, CheckpointException)
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the files under `path` (0 when it is gone)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory: the names of the files in it reach the disk, not only their bytes.
+    A filesystem that cannot (some network ones say EINVAL) is left to its own guarantees."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _errnos(error: BaseException) -> set[int]:
+    """The OS error numbers in `error` and its causes (torch reports a full disk as a
+    RuntimeError saying "No space left on device", or only "unexpected pos")."""
+    found: set[int] = set()
+    seen: BaseException | None = error
+    while seen is not None and len(found) < 8:
+        if isinstance(seen, OSError) and seen.errno:
+            found.add(seen.errno)
+        text = str(seen)
+        if "No space left on device" in text:
+            found.add(errno.ENOSPC)
+        if "Disk quota exceeded" in text:
+            found.add(errno.EDQUOT)
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
+def disk_full_note(directory: Path, error: BaseException, needed: int, detail: str = "") -> str:
+    """The note " (the disk is full: ...)" when that is why the write failed: the error says
+    so, or says nothing of its cause and fewer than `needed` bytes are free; otherwise ""."""
+    numbers = _errnos(error)
+    if numbers and not numbers & {errno.ENOSPC, errno.EDQUOT}:
+        return ""  # another cause (permissions, a missing directory...), said by the error
+    free = shutil.disk_usage(directory).free
+    if not numbers and free >= max(needed, 1 << 20):
+        return ""
+    full = "the disk quota is used up" if errno.EDQUOT in numbers else "the disk is full"
+    return f" ({full}: {_mebibytes(free)} free in {directory}{detail})"
+
+
+def _mebibytes(count: int) -> str:
+    if count >= 1 << 30:
+        return f"{count / (1 << 30):,.1f} GiB"
+    if count >= 1 << 20:
+        return f"{count / (1 << 20):,.1f} MiB"
+    return f"{count / (1 << 10):,.1f} KiB"
 
 
 def _not_a_metadata_fallback(record: logging.LogRecord) -> bool:

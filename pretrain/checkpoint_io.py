@@ -47,6 +47,78 @@ class CheckpointError(ValueError):
     """A path that is not a readable checkpoint; the message names the path."""
 
 
+# A training checkpoint's record of its files (pretrain/checkpoint.py writes it, before its
+# trainer.json): {"algorithm": "sha256", "files": {RELATIVE_PATH: {"bytes": N, "sha256": HEX}}},
+# every file but trainer.json (the one a user may edit by hand) and this one.
+CHECKSUMS = "checksums.json"
+
+
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The sha256 of the file at `path`, hex; with `sync`, its data also flushed to the disk
+    (fsync: the page cache is the machine's, so any process there may flush what another
+    wrote)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+        if sync:
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def recorded_files(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The files the training checkpoint at `path` recorded when it was written (its
+    checksums.json), or None for one written before checkpoints recorded them."""
+    record = Path(path) / CHECKSUMS
+    if not record.is_file():
+        return None
+    try:
+        files = json.loads(record.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"files is a JSON {type(files).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{record}: unreadable ({error}): a damaged checkpoint") from error
+    return files
+
+
+def file_problems(path: Path, names: list[str], files: dict[str, dict[str, Any]]) -> list[str]:
+    """How each of `names` (of `files`, as `recorded_files` gives them) in the checkpoint at
+    `path` differs from what was written: missing, another size, other bytes."""
+    problems = []
+    for name in names:
+        target, entry = Path(path) / name, files[name]
+        if not target.is_file():
+            problems.append(f"{name} is missing")
+        elif target.stat().st_size != entry.get("bytes"):
+            problems.append(f"{name} has {target.stat().st_size:,} bytes, {entry.get('bytes'):,} "
+                            "were written")  # fmt: skip
+        elif file_sha256(target) != entry.get("sha256"):
+            problems.append(f"{name} does not match the checksum written with it")
+    return problems
+
+
+def damage(path: Path, problems: list[str]) -> str:
+    """The message for a checkpoint whose files changed since they were written."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (
+        f"{path}: {problems[0]}{more}: the checkpoint changed after it was written (a damaged "
+        "disk or copy)"
+    )
+
+
+def verify_files(path: Path) -> None:
+    """CheckpointError unless every file the training checkpoint at `path` recorded is as it
+    was written (one process reads them all: `kiln export`; resuming ranks share the work)."""
+    files = recorded_files(path)
+    if files is None:
+        return
+    problems = file_problems(path, sorted(files), files)
+    if problems:
+        raise CheckpointError(damage(path, problems))
+
+
 def consolidated_step(path: Path) -> int | None:
     """The training step recorded in the consolidated checkpoint at `path`, if any."""
     try:
@@ -198,6 +270,7 @@ class CheckpointSource:
             return self.load_model().state_dict()
         import torch
 
+        verify_files(self.path)  # flipped bytes would load as other weights, silently
         try:
             if self.kind == "ddp":
                 from pretrain.engine.ddp import read_model_state

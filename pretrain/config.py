@@ -649,6 +649,9 @@ class TrainerConfig:
     # and one on a stop signal are written in the foreground
     async_checkpoint: bool = False
     resume: str = "auto"  # auto (latest in run_dir) | none | a checkpoint path
+    # check each file of the checkpoint a run resumes from against the sha256 written with it
+    # (the ranks share the reading); false reads a checkpoint changed on purpose as it is
+    verify_checkpoints: bool = True
     # start a new run from these weights (a consolidated checkpoint, a training checkpoint of
     # any engine, a run directory, or a transformers directory): the optimizer, schedule, step
     # and data start afresh. Only when there is nothing to resume: a requeue resumes its own.

@@ -29,3 +29,16 @@ def rank_status(code: int) -> int:
     if code == USER_ERROR_EXIT_CODE and os.environ.get(UNDER_TORCHRUN):
         return SAID_EXIT_CODE
     return code
+
+
+# what a rank says when a collective fails because another rank's process ended
+PEER_GONE = "stopped: another rank's process ended (its own message says why)"
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether `error` is gloo's report that the other end of a collective went away (the
+    other rank's own error, or a kill, is the news; this rank's traceback would bury it)."""
+    text = str(error)
+    return "gloo" in text and any(
+        cause in text for cause in ("Connection closed by peer", "Connection reset by peer")
+    )

@@ -15,7 +15,8 @@ Python's `json` reads back (a NaN loss is worth seeing).
 
 Field names the trainer uses (train): `loss`, `lr`, `grad_norm`, `tokens_per_s`,
 `tokens_seen`, `mfu` (a fraction, 0-1), `step_time` and `data_wait` (seconds), `memory_gib`;
-(eval): `eval_loss`, `eval_ppl`. `kiln report` plots these names.
+(eval): `eval_loss`, `eval_ppl`, and with more than one source in the held-out split
+`eval_loss/SOURCE` for each. `kiln report` plots these names.
 
 W&B (`logger.backend=wandb`) gets each record's numbers under `<kind>/<field>` at the record's
 step. The run id is made once and kept in `RUN_DIR/wandb_run_id.txt` (and returned for the
@@ -193,8 +194,11 @@ QUIET_ZERO = ("nonfinite_steps",)  # said on the console only once they are not 
 def format_record(record: Mapping[str, Any]) -> str:
     """One compact console line: `step 120 | train | loss 3.21 | lr 3.000e-04 | ...`.
     Per-layer fields (`moe/L3/load_max`, with a `/`) stay in metrics.jsonl and W&B, as do
-    fields that say nothing (False, None, a zero count of non-finite steps)."""
+    fields that say nothing (False, None, a zero count of non-finite steps). The eval losses
+    of each source (`eval_loss/web`) end the line together: `by source: web 3.1, code 2.4`."""
     parts = [f"step {record['step']:,}", str(record["kind"])]
+    by_source = [f"{key.split('/', 1)[1]} {format_value(value)}"
+                 for key, value in record.items() if key.startswith("eval_loss/")]  # fmt: skip
     for key, value in record.items():
         if key in ("step", "kind", "time") or "/" in key or value is None or value is False:
             continue
@@ -204,6 +208,8 @@ def format_record(record: Mapping[str, Any]) -> str:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         text = form.format(value) if form and number and math.isfinite(value) else None
         parts.append(f"{key} {text or format_value(value)}")
+    if by_source:
+        parts.append(f"by source: {', '.join(by_source)}")
     return " | ".join(parts)
 
 
@@ -308,8 +314,11 @@ class MetricsLogger:
             "time": record.get("time", round(time.time(), 3)),
         }
         written |= {str(k): _plain(v) for k, v in record.items() if k not in written}
-        self._file.write(json.dumps(written) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(written) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk, mostly: say which file
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
         if self.console and echo:
             print(format_record(written), flush=True)
         if self._wandb_run is not None:

@@ -220,14 +220,15 @@ def offloaded(cfg: KilnConfig, strategy: str) -> tuple[bool, bool]:
 
 
 def row_label(cfg: KilnConfig, strategy: str) -> str:
-    """What a memory row is under the run's settings: the strategy, "hsdp (shard S)" for
+    """What a memory row is under the run's settings: the strategy ("ddp" for ZeRO stage 0,
+    plain data parallel), "hsdp (shard S)" for
     FSDP2 with `engine.replicate_degree` > 1 (S: the ranks that share the states),
     "zeroN+offload"."""
     if strategy == "fsdp" and fsdp_engine(cfg).replicate_degree > 1:
         return f"hsdp (shard {shard_ranks(cfg, strategy)})"
     if any(offloaded(cfg, strategy)):
         return f"{strategy}+offload"
-    return strategy
+    return "ddp" if strategy == "zero0" else strategy  # what engine= takes
 
 
 def offload_memory(
@@ -953,7 +954,6 @@ def fit_verdict(plan: Plan) -> str | None:
     total = mine.total_checkpointed if checkpointed else mine.total
     fits = mine.fits_checkpointed if checkpointed else mine.fits
     label = mine.label or mine.strategy
-    label = "engine=ddp, the zero0 row" if label == "zero0" else label
     how = "with" if checkpointed else "without"
     device = plan.cluster["gpu_memory_gib"]
     if fits:

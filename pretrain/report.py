@@ -10,7 +10,8 @@ it does for `kiln train`: its `trainer.run_dir`, or, before that run exists, its
 
 A run report reads `RUN_DIR/metrics.jsonl` (written by `pretrain.metrics.MetricsLogger`) and
 writes one PNG per metric into `report.output` (default `RUN_DIR/report`): loss (train and eval)
-against step, learning rate, tokens/s and MFU; a metric the run never logged gets no plot. It
+against step, learning rate, tokens/s and MFU, and for a run evaluated on more than one source
+the eval loss of each (`eval_loss_by_source.png`); a metric the run never logged gets no plot. It
 prints a short summary (how the run stands: training now, finished, stopped by a signal,
 diverged or ended without a word; its checkpoints; losses, speed) and the paths. A data report prints a table of the sources, tokens and
 shards in a `kiln data` output's `report.json`. Both may be asked for at once.
@@ -66,6 +67,26 @@ PLOTS = (
     PlotSpec("tokens_per_s", "tokens/s", (Series("train", "tokens_per_s", "tokens/s"),)),
     PlotSpec("mfu", "MFU (%)", (Series("train", "mfu", "MFU"),), scale=100.0),  # logged 0-1
 )
+
+
+SOURCE_LOSS = "eval_loss/"  # the eval loss of one source of the held-out split: + its name
+
+
+def eval_sources(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The sources whose eval losses the run logged (`eval_loss/SOURCE`), in logged order."""
+    names = {key[len(SOURCE_LOSS) :]: None for r in records if r["kind"] == "eval"
+             for key in r if key.startswith(SOURCE_LOSS)}  # fmt: skip
+    return list(names)
+
+
+def source_plot(records: Sequence[dict[str, Any]]) -> PlotSpec | None:
+    """The eval loss of each source beside the overall one; None for a run without them."""
+    names = eval_sources(records)
+    if not names:
+        return None
+    series = [Series("eval", f"{SOURCE_LOSS}{name}", name) for name in names]
+    return PlotSpec("eval_loss_by_source", "eval loss",
+                    (Series("eval", "eval_loss", "all sources"), *series))  # fmt: skip
 
 
 class ReportError(Exception):
@@ -172,6 +193,10 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     if finite:
         best, at = min(finite)
         rows.append(("best eval loss", f"{best:.4f} at step {at:,} (last {eval_losses[-1]:.4f})"))
+    for name in eval_sources(records):  # the last eval loss of each source
+        at_steps, values = points(records, "eval", f"{SOURCE_LOSS}{name}")
+        if values:
+            rows.append((f"eval loss ({name})", f"{values[-1]:.4f} at step {at_steps[-1]:,}"))
     unprofiled = [r for r in records if not r.get("profiled")]
     for field, label, fmt in (
         ("tokens_per_s", "tokens/s (median, all ranks)", lambda v: human(v)),
@@ -263,7 +288,8 @@ def report_run(run_dir: Path, output: Path | None) -> list[Path]:
     out = output if output is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for spec in PLOTS:
+    by_source = source_plot(records)
+    for spec in (*PLOTS, *([by_source] if by_source else [])):
         path = out / f"{spec.name}.png"
         if plot(records, spec, path, title=f"{run_dir.resolve().name}: {spec.ylabel}"):
             written.append(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -25,7 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, rank_status
+from pretrain.exit_codes import (
+    INTERRUPTED_EXIT_CODE,
+    PEER_GONE,
+    USER_ERROR_EXIT_CODE,
+    peer_gone,
+    rank_status,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -155,6 +162,23 @@ def worker(cfg: Any, *, one_line_errors: bool = True) -> int:
             raise
         # one write: the ranks share the terminal, and print() writes the newline apart
         sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {one_line(error)}\n")
+        sys.stderr.flush()
+        return USER_ERROR_EXIT_CODE
+    except OSError as error:
+        if not one_line_errors or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk (metrics.jsonl, a log): what filled it is the user's to see; the run's
+        # checkpoints are intact
+        sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {error}; "
+                         f"{resume_hint(cfg.trainer.run_dir)}\n")  # fmt: skip
+        sys.stderr.flush()
+        return USER_ERROR_EXIT_CODE
+    except RuntimeError as error:
+        if not one_line_errors or not peer_gone(error):
+            raise
+        # a collective cut short because another rank's process ended (its error, said by it
+        # above, or a kill): gloo's traceback here would bury that rank's own line
+        sys.stderr.write(f"kiln train: rank {os.environ.get('RANK', '0')}: {PEER_GONE}\n")
         sys.stderr.flush()
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:

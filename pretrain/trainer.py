@@ -92,10 +92,6 @@ class SpikeDetector:
         return zscore
 
 
-def mean_across_ranks(value: float) -> float:
-    return step_all_reduce([value], [])[0][0]
-
-
 class GarbageCollector:
     """Python's garbage collector during the loop.
 
@@ -165,6 +161,7 @@ def train(cfg: Any, context: Any) -> int:
     # unwrapped: the names and shapes each checkpoint records and `load` checks
     checkpoints.model = ModelRecord(cfg.model.family, dataclasses.asdict(cfg.model), model)
     checkpoints.run_config = dataclasses.asdict(cfg)
+    checkpoints.verify = trainer.verify_checkpoints
     if cp > 1:
         from pretrain.engine.context_parallel import apply_context_parallel, shard_sequence
 
@@ -480,8 +477,22 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
     model = empty_model(cfg.model, "cpu")
     model.load_state_dict(weights)
     tokenizer = loader.dataset.out_dir / loader.manifest.tokenizer.path
-    path = save_consolidated(model, cfg.model, run_dir / "final",
-                             tokenizer if tokenizer.is_file() else None, step=state.step)  # fmt: skip
+    from safetensors import SafetensorError
+
+    try:
+        path = save_consolidated(model, cfg.model, run_dir / "final",
+                                 tokenizer if tokenizer.is_file() else None, step=state.step)  # fmt: skip
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, mostly
+        from pretrain.checkpoint import disk_full_note
+        from pretrain.checkpoint_io import CheckpointError
+
+        note = disk_full_note(run_dir, error, 1 << 20)
+        raise CheckpointError(
+            f"cannot write {run_dir / 'final'}: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'a write failed'}"
+            f"{note}; the checkpoint of step {state.step} is complete: the same command, once "
+            "it can write, writes final/ from it and trains no step"
+        ) from None
     logger.log({"kind": "event", "step": state.step, "event": "final", "path": str(path)})
     if cfg.model.family != "decoder" or not tokenizer.is_file() or cfg.trainer.sample_tokens < 1:
         return
@@ -506,7 +517,15 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
               cp_rank: int = 0, cp: int = 1) -> bool:  # fmt: skip
     """Eval loss on the held-out split; `rank`/`world` are data-parallel (context-parallel
     ranks share samples and take their slice of each). False when the shards have no
-    held-out split (said once, as an event and on stderr)."""
+    held-out split (said once, as an event and on stderr).
+
+    `eval_loss` is the mean over the micro-batches of all ranks of each one's mean loss (as it
+    always was). When the split holds more than one source, `eval_loss/SOURCE` is the mean
+    loss of that source's labelled positions, from the same forward passes: each row's loss
+    sum and labelled-position count, added up per source over micro-batches and ranks. For
+    causal LM (every position labelled, so every micro-batch weighs alike) their mean weighted
+    by those counts is `eval_loss`; for mlm, span and ul2, whose micro-batches hold varying
+    numbers of targets, it is the mean over all targets, which `eval_loss` approximates."""
     from pretrain.data.loader import DataError, build_run_loader
 
     try:
@@ -524,11 +543,28 @@ def _evaluate(cfg: Any, engine: Any, state: TrainState, logger: Any, rank: int, 
         batches = (shard_sequence(batch, cp_rank, cp) for batch in loader.loader)
     else:
         batches = iter(loader.loader)
-    losses = [float(engine.eval_loss(batch)) for batch in batches]
-    loss = mean_across_ranks(sum(losses) / max(1, len(losses)))
+    sources = loader.dataset.sources
+    means = []  # each micro-batch's mean loss (of this rank's slice of it, under cp)
+    totals = torch.zeros(2, len(sources), dtype=torch.float64)  # per source: loss sum, count
+    for batch in batches:
+        loss_sums, counts = (t.double().cpu() for t in engine.eval_row_losses(batch))
+        means.append(float(loss_sums.sum() / counts.sum()))
+        # the rows of a sample (more than one under sequence-length warmup) are consecutive
+        index = batch["index"]
+        owner = loader.sources_of(index).repeat_interleave(len(counts) // len(index))
+        totals.index_add_(1, owner, torch.stack([loss_sums, counts]))
+    # one all-reduce: the mean over the ranks of their mean, and of each sum and count (the
+    # ratio of two such means is that of the totals)
+    values = step_all_reduce([sum(means) / max(1, len(means)), *totals.flatten().tolist()], [])[0]
+    loss, sums, counts = values[0], values[1 : 1 + len(sources)], values[1 + len(sources) :]
     if logger is not None:
-        logger.log({"kind": "eval", "step": state.step, "eval_loss": loss,
-                    "eval_ppl": math.exp(min(loss, 50.0))})  # fmt: skip
+        record = {"kind": "eval", "step": state.step, "eval_loss": loss,
+                  "eval_ppl": math.exp(min(loss, 50.0))}  # fmt: skip
+        if len(sources) > 1:  # a source the evaluation's samples never drew has no loss
+            record |= {f"eval_loss/{name}": total / count
+                       for name, total, count in zip(sources, sums, counts, strict=True)
+                       if count > 0}  # fmt: skip
+        logger.log(record)
     return True
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shards import Manifest, ShardFormatError, ShardRecord, sha256_file
 from pretrain.data.manifest import DataError, open_manifest
+from pretrain.data.notices import first_time, is_rank_zero
 from pretrain.data.order import GlobalOrder, Segment
 from pretrain.data.shard_reader import ShardIndex, SourceStream
 from pretrain.noising import ids_after_ends
@@ -307,6 +308,12 @@ class Loader:
             seed=self.state.seed,
         )
 
+    def sources_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The source of each global sample in `index` (a batch's `index`): its position in
+        `dataset.sources`, (n,) int64."""
+        order = self.dataset.order()
+        return torch.tensor([order.lookup(i)[0] for i in index.tolist()], dtype=torch.int64)
+
     def ledger(self, steps: int) -> dict[str, dict[str, float]]:
         """Per source after `steps` more steps: samples and tokens consumed, epochs of its
         training tokens (the data ledger)."""
@@ -338,6 +345,7 @@ def check_shards(
     """
     shards: dict[str, list[ShardRecord]] = {}
     skipped: list[str] = []
+    problems: dict[str, str] = {}  # local path: what is wrong with that shard
     for record in manifest.shards:
         if record.split != split:
             continue
@@ -358,13 +366,19 @@ def check_shards(
             shards.setdefault(record.source, []).append(record)
         elif on_bad == "skip":
             skipped.append(f"{path}: {problem}")
-            log.warning("skipping shard %s: %s", path, problem)
+            problems[str(path)] = f"{record.path} ({problem})"
         else:
             raise DataError(f"shard {path}: {problem} (data.on_bad_shard=skip skips bad shards)")
+    # each evaluation checks anew, and every rank: said once per run, on rank 0 (a remote
+    # shard that could not be fetched was said by `remote.mirror` under the same key)
+    new = [problems[key] for key in first_time(problems)]
+    if new and is_rank_zero():
+        log.warning("skipping %d shard(s) of %s: %s", len(new), out_dir, ", ".join(new))
     missing = [source for source in manifest.weights if source not in shards]
     if missing and (split == "train" or not shards):
         raise DataError(f"source {missing[0]!r} has no usable {split} shards in {out_dir}")
-    if missing:  # a source too small to hold documents out: the others are still evaluated
+    # a source too small to hold documents out: the others are still evaluated
+    if missing and first_time([f"no {split} {missing} {out_dir}"]) and is_rank_zero():
         log.warning("evaluating without source(s) %s: no usable %s shards in %s", missing, split,
                     out_dir)  # fmt: skip
     return dict(

@@ -9,6 +9,7 @@ with the cross-entropy. The trainer drives all of them through `Engine`:
 
     loss = engine.forward_backward(batch, last_micro_batch)   # for each micro-batch
     grad_norm, skipped = engine.optimizer_step()               # once per step
+    loss_sums, targets = engine.eval_row_losses(batch)         # evaluation: per row (sample)
     engine.save(directory) / engine.load(directory)            # collective
 
 `skipped` is True when the gradient was not finite: the update is dropped (and counted by the
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.models.loss import cross_entropy
+from pretrain.models.loss import IGNORE_INDEX, cross_entropy
 
 # engine.attention_backends: the names of torch's scaled_dot_product_attention backends
 ATTENTION_BACKENDS = {
@@ -43,7 +44,7 @@ ATTENTION_BACKENDS = {
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor],
-            loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> Tensor:  # fmt: skip
+            loss: Callable[..., Tensor] = cross_entropy) -> Tensor:  # fmt: skip
     """`loss` (the fp32 cross-entropy; compiled under compile_scope=blocks) of the model's
     logits against `labels`."""
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
@@ -55,6 +56,19 @@ def labelled_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     and cross-entropy in chunks, `pretrain.models.loss.linear_cross_entropy`)."""
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
     return model(**inputs, labels=batch["labels"])
+
+
+def lm_token_losses(model: nn.Module, batch: dict[str, Tensor],
+                    loss: Callable[..., Tensor] = cross_entropy) -> Tensor:  # fmt: skip
+    """`lm_loss` of each position: (B, T) fp32, 0 where there is no label."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+    return loss(model(**inputs), batch["labels"], reduction="none")
+
+
+def labelled_token_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """`labelled_loss` of each position: (B, T) fp32, 0 where there is no label."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+    return model(**inputs, labels=batch["labels"], reduction="none")
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -94,6 +108,7 @@ class Engine(abc.ABC):
         # replaced under engine.compile: compiled whole (compile_scope=loss), or with its
         # cross-entropy compiled (blocks)
         self.lm_loss: LossFn = lm_loss
+        self.token_losses: LossFn = lm_token_losses  # evaluation's, computed as `lm_loss` is
         self.attention_backends: list[str] = []  # engine.attention_backends ([]: torch's choice)
 
     def compile_loss(self, mode: str = "default") -> None:
@@ -102,6 +117,7 @@ class Engine(abc.ABC):
         output), which on a GPU is most of the gain of compiling (bench/gpu_models.py: 1.24x
         over compiling the model alone, half the peak memory at gpt2_124m)."""
         self.lm_loss = torch.compile(self.lm_loss, mode=mode)
+        self.token_losses = torch.compile(self.token_losses, mode=mode)
 
     def compile_cross_entropy(self, mode: str = "default") -> None:
         """Compile the cross-entropy over the model's logits (compile_scope=blocks, where the
@@ -110,6 +126,7 @@ class Engine(abc.ABC):
         the eager loss's 12 bytes), as torchtitan compiles its loss."""
         compiled = torch.compile(cross_entropy, mode=mode)
         self.lm_loss = functools.partial(lm_loss, loss=compiled)
+        self.token_losses = functools.partial(lm_token_losses, loss=compiled)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The training loss of one micro-batch already on the device (forward only)."""
@@ -168,12 +185,20 @@ class Engine(abc.ABC):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def eval_row_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """One micro-batch in evaluation mode: per row, the sum of its labelled positions'
+        fp32 losses and their number, both (B,) on the device. Their totals' ratio is the
+        micro-batch's mean loss; grouped by row, the loss of each sample (each source)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.compute_context():
-                return self.loss(self.to_device(batch)).detach()
+            batch = self.to_device(batch)
+            with self.compute_context(), self.attention_context():
+                losses = self.token_losses(self.model, batch)  # (B, T)
+            # summed at once: a CUDA-graph output (compile_mode=reduce-overhead) is overwritten
+            # by the next call
+            labelled = batch["labels"] != IGNORE_INDEX
+            return losses.float().flatten(1).sum(1), labelled.flatten(1).sum(1)
         finally:
             self.model.train(was_training)
 
@@ -323,7 +348,7 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     )
     engine.attention_backends = list(cfg.engine.attention_backends)
     if chunked:
-        engine.lm_loss = labelled_loss
+        engine.lm_loss, engine.token_losses = labelled_loss, labelled_token_losses
     if cfg.engine.compile and scope == "loss":
         engine.compile_loss(cfg.engine.compile_mode)
     elif cfg.engine.compile and not chunked:

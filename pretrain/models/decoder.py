@@ -98,6 +98,7 @@ class Decoder(nn.Module):
         padding_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         labels: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Logits for every position, or with `labels` their mean fp32 cross-entropy.
 
@@ -112,6 +113,7 @@ class Decoder(nn.Module):
             cache: a `DecoderCache` to read and extend (incremental decoding).
             labels: (B, T) next-token targets (-100: none): return the loss, computed in
                 chunks of `loss_chunk_tokens` tokens when that is set (`linear_cross_entropy`).
+            reduction: with `labels`, "mean", or "none" for each position's loss (B, T).
         """
         batch, length = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -137,8 +139,9 @@ class Decoder(nn.Module):
             return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B,T,V)
         chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
         if self.head is not None:
-            return self.head(x, labels, chunk, compiled=compiled)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled)
+            return self.head(x, labels, chunk, compiled=compiled, reduction=reduction)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled,
+                                    reduction)  # fmt: skip
 
     def _masks(
         self,

@@ -47,18 +47,20 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
 
     def forward(self, x: Tensor, embedding: Tensor, labels: Tensor | None = None,
-                chunk: int = 0, compiled: bool = False) -> Tensor:  # fmt: skip
+                chunk: int = 0, compiled: bool = False,
+                reduction: str = "mean") -> Tensor:  # fmt: skip
         """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table.
         With (...) `labels`, their mean fp32 cross-entropy (`linear_cross_entropy`, in chunks
-        of `chunk` tokens when > 0)."""
+        of `chunk` tokens when > 0), or with `reduction="none"` each position's."""
         if self.dense is not None and self.norm is not None:
             x = self.norm(self.act(self.dense(x)))
         if labels is None:
             logits = self.proj(x) if self.proj is not None else x @ embedding.T
             return logits + self.bias if self.bias is not None else logits
         if self.proj is None:
-            return linear_cross_entropy(x, embedding, self.bias, labels, chunk, compiled)
-        return self.proj(x, labels, chunk, bias=self.bias, compiled=compiled)
+            return linear_cross_entropy(x, embedding, self.bias, labels, chunk, compiled,
+                                        reduction)  # fmt: skip
+        return self.proj(x, labels, chunk, bias=self.bias, compiled=compiled, reduction=reduction)
 
 
 class Encoder(nn.Module):
@@ -180,6 +182,7 @@ class Encoder(nn.Module):
         padding_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Masked-LM logits for every position, or with `labels` the masked-LM loss.
 
@@ -198,6 +201,8 @@ class Encoder(nn.Module):
                 masked positions only (about 15%: what the loss reads; a compiled forward keeps
                 every position, for static shapes), in chunks of `loss_chunk_tokens` tokens
                 when set.
+            reduction: with `labels`, "mean", or "none" for each position's loss (B, T; 0
+                where unmasked).
 
         Returns:
             (B, T, V) logits, or the loss.
@@ -211,8 +216,12 @@ class Encoder(nn.Module):
         )
         if labels is None:
             return self.mlm_logits(hidden)
-        if not torch.compiler.is_compiling():
-            masked = labels != IGNORE_INDEX
-            hidden, labels = hidden[masked], labels[masked]
-        return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens,
-                         self.loss_chunk_compiled)  # fmt: skip
+        if torch.compiler.is_compiling():
+            return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens,
+                             self.loss_chunk_compiled, reduction)  # fmt: skip
+        masked = labels != IGNORE_INDEX
+        loss = self.head(hidden[masked], self.embed.weight, labels[masked],
+                         self.loss_chunk_tokens, self.loss_chunk_compiled, reduction)  # fmt: skip
+        if reduction == "none":  # the masked positions' losses back in place
+            return loss.new_zeros(labels.shape).masked_scatter(masked, loss)
+        return loss

@@ -269,6 +269,7 @@ class EncoderDecoder(nn.Module):
         decoder_padding_mask: Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         labels: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Run the decoder over `decoder_input_ids`, after whatever `cache` holds.
 
@@ -284,6 +285,7 @@ class EncoderDecoder(nn.Module):
                 `cache.length`, so the position bias uses absolute query positions.
             labels: (B, T) targets (-100: none): return their mean fp32 cross-entropy instead
                 (in chunks of `loss_chunk_tokens` tokens when set, `linear_cross_entropy`).
+            reduction: with `labels`, "mean", or "none" for each position's loss (B, T).
 
         Returns:
             (B, T, V) logits, or the loss.
@@ -316,14 +318,15 @@ class EncoderDecoder(nn.Module):
         x = self.decoder(self.drop(self.embed(decoder_input_ids)), inputs, caches, cross_caches)
         chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
         if self.head is not None:
-            return (
-                self.head(x) if labels is None else self.head(x, labels, chunk, compiled=compiled)
-            )
+            if labels is None:
+                return self.head(x)
+            return self.head(x, labels, chunk, compiled=compiled, reduction=reduction)
         if self.cfg.scale_logits_when_tied:
             x = x * self.cfg.d_model**-0.5
         if labels is None:
             return x @ self.embed.weight.T  # (B, T, V)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled)
+        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled,
+                                    reduction)  # fmt: skip
 
     def forward(
         self,
@@ -333,9 +336,10 @@ class EncoderDecoder(nn.Module):
         padding_mask: Tensor | None = None,
         decoder_padding_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Teacher-forced logits (B, T, V): `decode(encode(input_ids), ...)`; with `labels`,
-        their loss."""
+        their loss (`reduction="none"`: each position's)."""
         memory = self.encode(input_ids, padding_mask=padding_mask)
         return self.decode(
             decoder_input_ids,
@@ -343,4 +347,5 @@ class EncoderDecoder(nn.Module):
             memory_padding_mask=padding_mask,
             decoder_padding_mask=decoder_padding_mask,
             labels=labels,
+            reduction=reduction,
         )

@@ -3,7 +3,9 @@
 `cross_entropy(logits, labels)` is the mean fp32 cross-entropy every objective trains on
 (labels of -100 are ignored). `linear_cross_entropy(hidden, weight, bias, labels, chunk)` is
 the same loss of the logits `hidden @ weight.T + bias`; with `chunk > 0` (`engine.
-loss_chunk_tokens`) it never holds those (tokens, vocab) logits whole. It projects `chunk`
+loss_chunk_tokens`) it never holds those (tokens, vocab) logits whole. Both take
+`reduction="none"` for each position's loss instead of the mean (evaluation: the loss of each
+sample, hence of each data source, from one forward pass). It projects `chunk`
 tokens at a time, reduces them to their loss and, in the same pass, to their gradients with
 respect to the hidden states, the weight and the bias, and keeps only those. The backward pass
 then only scales them. What it keeps is tokens x d_model + vocab x d_model, where the whole
@@ -26,11 +28,16 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of (..., V) logits against (...) labels (-100 ignored), in fp32."""
-    return F.cross_entropy(
-        logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX
+def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Mean cross-entropy of (..., V) logits against (...) labels (-100 ignored), in fp32;
+    with `reduction="none"`, each position's, shaped like `labels` (0 where ignored)."""
+    losses = F.cross_entropy(
+        logits.float().flatten(0, -2),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
+    return losses if reduction == "mean" else losses.view(labels.shape)
 
 
 def compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -143,7 +150,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         chunk: int = 0, compiled: bool = False) -> Tensor:  # fmt: skip
+                         chunk: int = 0, compiled: bool = False,
+                         reduction: str = "mean") -> Tensor:  # fmt: skip
     """Mean fp32 cross-entropy of the logits `hidden @ weight.T + bias` against `labels`.
 
     Args:
@@ -154,7 +162,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
         chunk: tokens projected at a time, never holding all the logits (0: all at once).
         compiled: each chunk's softmax and gradient as one torch.compile'd function (under
             `engine.compile`), else eager in place.
+        reduction: "mean", or "none" for each position's loss, shaped like `labels` (0 where
+            ignored; for evaluation: with gradients, every chunk's logits would be kept).
     """
+    if reduction == "none":
+        return _token_cross_entropy(hidden, weight, bias, labels, chunk)
     if chunk <= 0:
         return cross_entropy(F.linear(hidden, weight, bias), labels)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
@@ -176,6 +188,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     return total / (labels != IGNORE_INDEX).sum()
 
 
+def _token_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                         chunk: int) -> Tensor:  # fmt: skip
+    """Each position's fp32 cross-entropy of `hidden @ weight.T + bias`, shaped like `labels`
+    (0 where ignored), from the logits of `chunk` tokens at a time (0: all at once)."""
+    if chunk <= 0:
+        return cross_entropy(F.linear(hidden, weight, bias), labels, reduction="none")
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if targets.numel() != flat.shape[0]:
+        raise ValueError(f"{targets.numel()} labels for {flat.shape[0]} hidden states")
+    losses = [
+        cross_entropy(F.linear(flat[s : s + chunk], weight, bias), targets[s : s + chunk],
+                      reduction="none")
+        for s in range(0, flat.shape[0], chunk)
+    ]  # fmt: skip
+    return torch.cat(losses).view(labels.shape)
+
+
 class OutputHead(nn.Linear):
     """The vocabulary projection of an untied head: logits, or given labels the loss
     (`linear_cross_entropy`). Called as a module so that engines that gather a module's
@@ -183,9 +212,10 @@ class OutputHead(nn.Linear):
     are those of `nn.Linear` (checkpoints and exports see no difference)."""
 
     def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 0,
-                bias: Tensor | None = None, compiled: bool = False) -> Tensor:  # fmt: skip
+                bias: Tensor | None = None, compiled: bool = False,
+                reduction: str = "mean") -> Tensor:  # fmt: skip
         """`bias`: an output bias kept elsewhere (BERT's MLM head), used for the loss."""
         if labels is None:
             return super().forward(x)
         bias = self.bias if bias is None else bias
-        return linear_cross_entropy(x, self.weight, bias, labels, chunk, compiled)
+        return linear_cross_entropy(x, self.weight, bias, labels, chunk, compiled, reduction)

@@ -5,6 +5,7 @@ test_engines.py, the crash mid-save in test_trainer_faults.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointManager, host_copy, write_files
+from pretrain.checkpoint_io import CheckpointError
 
 
 class TensorEngine:
@@ -27,6 +29,9 @@ class TensorEngine:
 
     def save(self, directory: Path) -> None:
         torch.save({"weight": self.weight}, directory / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        self.weight = torch.load(directory / "engine.pt", weights_only=True)["weight"]
 
     def save_async(self, directory: Path, group: object):  # noqa: ANN201
         files = host_copy({directory / "engine.pt": {"weight": self.weight}})
@@ -89,11 +94,12 @@ def test_a_failed_background_save_is_raised_and_latest_stays(tmp_path: Path) -> 
     checkpoints.save(engine, {}, step=1)
     engine.fail = True
     checkpoints.save(engine, {}, step=2, background=True)
-    with pytest.raises(RuntimeError, match=r"background checkpoint .*step_00000002 failed on "
-                       r"rank 0: OSError: .*No space left on device.*previous one"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_00000002 on "
+                       r"rank 0: OSError: .*No space left on device \(the disk is full: .* free "
+                       r"in .*; `latest` still names step_00000001"):  # fmt: skip
         checkpoints.save(engine, {}, step=3, background=True)
     assert checkpoints.latest() == tmp_path / "checkpoints" / "step_00000001"
-    assert not (tmp_path / "checkpoints" / ".step_00000002.tmp" / "trainer.json").exists()
+    assert not (tmp_path / "checkpoints" / ".step_00000002.tmp").exists()  # its space freed
     checkpoints.wait()  # raised once: nothing in flight, nothing left to raise
     engine.fail = False
     checkpoints.save(engine, {}, step=3, background=True)
@@ -107,7 +113,6 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_engine_loads(tmp_pa
     from dataclasses import asdict, replace
 
     from pretrain.checkpoint import ModelRecord
-    from pretrain.checkpoint_io import CheckpointError
     from pretrain.config import DecoderConfig
     from pretrain.models import build_model
 
@@ -177,3 +182,60 @@ def test_a_save_clears_what_a_killed_save_or_prune_left(tmp_path: Path) -> None:
     (root / "step_00000000" / "engine.pt").write_bytes(b"left over")
     checkpoints.save(engine, {}, step=3)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000003"]
+
+
+def test_a_checkpoint_records_its_files_and_one_changed_since_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """checksums.json holds each file's size and sha256 (trainer.json aside: a hand edit is
+    checked by its own rules); a file changed after the save, or cut short, is refused before
+    the engine reads it. Unchecked, a flipped bit in a tensor loads silently as another weight."""
+    engine = TensorEngine()
+    engine.weight = torch.arange(4.0)
+    checkpoints = CheckpointManager(tmp_path, keep=3)
+    path = checkpoints.save(engine, {"loader": {}}, step=1)
+    record = json.loads((path / "checksums.json").read_text())
+    assert record["algorithm"] == "sha256"
+    assert sorted(record["files"]) == ["engine.pt", "rng_rank0.pt"]
+    for name, entry in record["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    restored = TensorEngine()
+    checkpoints.load(restored, path)
+    assert torch.equal(restored.weight, torch.arange(4.0))
+
+    original = (path / "engine.pt").read_bytes()
+    data = bytearray(original)
+    data[original.index(torch.arange(4.0).numpy().tobytes()) + 5] ^= 0x01  # one bit of a weight
+    (path / "engine.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as refused:
+        checkpoints.load(TensorEngine(), path)
+    assert str(refused.value) == (
+        f"{path}: engine.pt does not match the checksum written with it: the checkpoint changed "
+        "after it was written (a damaged disk or copy); no other checkpoint of this run is kept; "
+        "start over in a new trainer.run_dir (or trainer.verify_checkpoints=false to read it as "
+        "it is)"
+    )
+    checkpoints.verify = False  # what the check is for: the engine reads another weight
+    checkpoints.load(restored, path)
+    assert not torch.equal(restored.weight, torch.arange(4.0))
+
+    checkpoints.verify = True
+    checkpoints.save(engine, {"loader": {}}, step=2)  # the one before, named in the refusal
+    (path / "engine.pt").write_bytes(original[:100])
+    with pytest.raises(CheckpointError, match=rf"engine.pt has 100 bytes, {len(original):,} were "
+                       rf"written: .*resume from another with trainer.resume="
+                       rf"{tmp_path / 'checkpoints' / 'step_00000002'} "):  # fmt: skip
+        checkpoints.load(TensorEngine(), path)
+    (path / "engine.pt").write_bytes(original)
+    (path / "rng_rank0.pt").unlink()  # said by `load`; the run goes on without it
+    checkpoints.load(restored, path)
+    assert "rng_rank0.pt is missing: this rank's random generators start afresh" in (
+        capsys.readouterr().err
+    )
+    (path / "checksums.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"checksums.json: unreadable .*a damaged checkpoint"):
+        checkpoints.load(TensorEngine(), path)
+    (path / "checksums.json").unlink()  # a checkpoint from before they were written
+    checkpoints.load(restored, path)
+    assert torch.equal(restored.weight, torch.arange(4.0))

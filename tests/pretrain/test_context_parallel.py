@@ -80,23 +80,26 @@ def test_context_parallel_equals_the_unsplit_model(tmp_path: Path) -> None:
 def test_kiln_train_with_context_parallelism_matches_one_rank(tmp_path: Path) -> None:
     """`engine.context_parallel=2` on 2 ranks: each sample's sequence is split between the
     ranks (one data-parallel group), and the per-step losses equal a 1-rank run of the same
-    global batch to float tolerance."""
+    global batch to float tolerance, as do the eval losses, overall and of each source (each
+    rank's part of a row summed over the group)."""
     import subprocess
     import sys
 
-    from test_loader import write_corpus
+    from test_loader import VOCAB, write_corpus_with_val
 
     corpus = tmp_path / "shards"
-    write_corpus(corpus, {"web": [200, 150]}, {"web": 1.0})
+    write_corpus_with_val(corpus, {"web": (5, VOCAB), "code": (5, 40)})
     kiln = Path(sys.executable).parent / "kiln"
+    evals: dict[Path, dict[int, dict]] = {}
 
     def train(run_dir: Path, *extra: str) -> dict[int, float]:
         args = [
             "model=tiny_decoder", "objective=clm", "engine=ddp", "cluster=local_cpu",
             "data=small", f"data.path={corpus}", "data.seq_len=64", "data.global_batch_size=4",
             "data.micro_batch_size=2", "data.shuffle_buffer=64", f"trainer.run_dir={run_dir}",
-            "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.eval_every=0",
-            "optim.lr=3e-3", "optim.warmup_steps=1", "logger=none", "logger.log_every=1", *extra,
+            "trainer.max_steps=6", "trainer.checkpoint_every=100", "trainer.eval_every=3",
+            "trainer.eval_steps=2", "optim.lr=3e-3", "optim.warmup_steps=1", "logger=none",
+            "logger.log_every=1", *extra,
         ]  # fmt: skip
         result = subprocess.run([str(kiln), "train", *args], cwd=tmp_path, capture_output=True,
                                 text=True, timeout=600)  # fmt: skip
@@ -106,6 +109,7 @@ def test_kiln_train_with_context_parallelism_matches_one_rank(tmp_path: Path) ->
         ]
         start = next(r for r in records if r.get("event") == "start")
         assert start["data_parallel"] == 1  # both ranks of the split run read the same samples
+        evals[run_dir] = {r["step"]: r for r in records if r["kind"] == "eval"}
         return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
     split = train(tmp_path / "cp", "cluster.gpus_per_node=2", "engine.context_parallel=2")
@@ -114,3 +118,11 @@ def test_kiln_train_with_context_parallelism_matches_one_rank(tmp_path: Path) ->
     for step, loss in whole.items():
         assert abs(split[step] - loss) <= 1e-4 * abs(loss), (step, split[step], loss)
     assert split[6] < split[1]
+    split_evals, whole_evals = evals[tmp_path / "cp"], evals[tmp_path / "one"]
+    assert sorted(split_evals) == sorted(whole_evals) == [3, 6]
+    for step, record in whole_evals.items():
+        keys = ("eval_loss", "eval_loss/web", "eval_loss/code")
+        assert record.keys() >= set(keys)
+        for key in keys:
+            got, expected = split_evals[step][key], record[key]
+            assert abs(got - expected) <= 1e-4 * abs(expected), (step, key, got, expected)

@@ -203,7 +203,12 @@ def test_an_intermediate_checkpoint_of_each_engine_exports(
 
         damaged = shutil.copytree(checkpoint(run_dir, 8), tmp_path / "damaged" / "step_00000008")
         shard = sorted((damaged / TAG).glob("*optim_states.pt"))[-1]
+        written = shard.stat().st_size
         shard.write_bytes(shard.read_bytes()[:5000])
+        with pytest.raises(CheckpointError, match=rf"{shard.name} has 5,000 bytes, {written:,} "
+                           "were written: the checkpoint changed after it was written"):  # fmt: skip
+            open_checkpoint(damaged).load_model()
+        (damaged / "checksums.json").unlink()  # unchecked, DeepSpeed's own load finds it
         with pytest.raises(CheckpointError, match=rf"{shard.name} cut short or damaged"):
             open_checkpoint(damaged).load_model()
 

@@ -71,6 +71,24 @@ def write_corpus(
     return manifest
 
 
+def write_corpus_with_val(out: Path, id_ranges: dict[str, tuple[int, int]]) -> Manifest:
+    """Synthetic shards with a held-out split: per source, one train shard of 300 documents and
+    one val shard of 60, its tokens drawn from its own id range [low, high) (a narrow range is
+    an easy source to learn), the sources weighted alike."""
+    rng = np.random.default_rng(1)
+    records = []
+    for source, (low, high) in id_ranges.items():
+        for split, n_docs in (("train", 300), ("val", 60)):
+            docs = [rng.integers(low, high, rng.integers(3, 60)) for _ in range(n_docs)]
+            blocks = [docs[i : i + 7] for i in range(0, n_docs, 7)]
+            records.append(write_shard(out, source, split, 0, blocks, VOCAB))
+    tokenizer = TokenizerRecord("tokenizer.model", "ab" * 32, VOCAB, "bpe",
+                                {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}, [])  # fmt: skip
+    manifest = Manifest("e" * 64, tokenizer, records, dict.fromkeys(id_ranges, 1.0))
+    write_manifest(out, manifest)
+    return manifest
+
+
 def config(out: Path, **data: object) -> SimpleNamespace:
     defaults = {"path": str(out), "seq_len": SEQ, "global_batch_size": 12, "micro_batch_size": 2,
                 "shuffle_buffer": 24, "num_workers": 0, "seed": 5}  # fmt: skip

@@ -148,7 +148,10 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
             | {"mfu": 0.31, "skipped": False}
         ),
         logger.log({"step": 20, "loss": torch.tensor(4.25), "lr": 6e-4, "tokens_seen": 40960}),
-        logger.log({"kind": "eval", "step": 20, "eval_loss": 4.4, "eval_ppl": 81.45}),
+        logger.log(
+            {"kind": "eval", "step": 20, "eval_loss": 4.4, "eval_ppl": 81.45}
+            | {"eval_loss/web": 4.125, "eval_loss/code": 5.0}
+        ),
         logger.event(20, "checkpoint", path="ckpt/step_20", resumed_from=None, seconds=1.5),
         logger.event(20, "eval_done", seconds=0.25),
     ]
@@ -165,7 +168,8 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
     out = capsys.readouterr().out
     # one notation per field (lr, counts whole); False and None left to metrics.jsonl
     assert "step 10 | train | loss 4.5 | lr 3.000e-04 | tokens_per_s 12,346 | mfu 0.31\n" in out
-    assert "step 20 | eval | eval_loss 4.4 | eval_ppl 81.45" in out
+    # the losses of each source end the eval line together
+    assert "step 20 | eval | eval_loss 4.4 | eval_ppl 81.45 | by source: web 4.125, code 5\n" in out
     assert "step 20 | event | event checkpoint | path ckpt/step_20 | seconds 1.5\n" in out
     assert f"wandb sync {directory}" in out
 
@@ -189,6 +193,7 @@ def test_records_go_to_jsonl_console_and_an_offline_wandb_run(
     assert by_step[10]["train/loss"] == 4.5 and by_step[10]["train/mfu"] == 0.31
     assert by_step[20]["train/loss"] == 4.25 and by_step[20]["train/tokens_seen"] == 40960
     assert by_step[20]["eval/eval_loss"] == 4.4 and by_step[20]["eval/eval_ppl"] == 81.45
+    assert by_step[20]["eval/eval_loss/web"] == 4.125 and by_step[20]["eval/eval_loss/code"] == 5.0
     assert by_step[10]["train/skipped"] is False
     # An event's numbers under its name (a checkpoint's seconds apart from others'), its text
     # in the summary; None stays in metrics.jsonl.

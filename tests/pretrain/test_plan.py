@@ -672,7 +672,7 @@ def test_micro_batch_zero_picks_the_largest_that_the_plan_fits() -> None:
     text = " ".join(render_table(plan).split())
     assert ("Largest micro-batch that fits, of the divisors of 128 sequences per rank (without "
             "/ with activation checkpointing; data.micro_batch_size=0 takes its engine's): "
-            "zero0 ") in text  # fmt: skip
+            "ddp ") in text  # fmt: skip
     assert (f"fsdp {plain.data.micro_batch_size} / {checkpointed.data.micro_batch_size}."
             in text)  # fmt: skip
     assert chosen("engine=fsdp", "cluster.gpu_memory_gib=1").data.micro_batch_size == 1
@@ -686,7 +686,7 @@ def test_largest_micro_batch_says_when_none_fits() -> None:
     assert micro_batches({"plain": 2, "checkpointed": 8}) == "2 / 8"
     # DDP's 8B model states alone are 128 GB: was "zero0 0 / 0"
     text = table(config("model=llama_8b", "cluster.nodes=8"))
-    assert "takes its engine's): zero0 none fits, zero1 8 / 8," in text
+    assert "takes its engine's): ddp none fits, zero1 8 / 8," in text
 
 
 LLAMA_8B_PSI = 8_030_261_248
@@ -868,7 +868,7 @@ def test_the_table_says_whether_this_configs_engine_fits_and_what_would() -> Non
     the engines that fit, or activation checkpointing and the largest micro-batch."""
     ddp = fit_verdict(build_plan(config("model=llama_8b", "cluster=h200", "cluster.nodes=2")))
     assert ddp is not None and ddp.startswith(
-        "This config (engine=ddp, the zero0 row, without activation checkpointing) needs "
+        "This config (ddp, without activation checkpointing) needs "
     )
     assert ddp.endswith(
         "it will not fit. Try an engine whose row fits (zero1, zero2, zero3, fsdp)."

@@ -113,6 +113,28 @@ def test_run_report_writes_one_png_per_metric_and_a_summary(
     assert "skipped 2 malformed line(s)" in err and "1 .. 50" in out
 
 
+def test_the_eval_loss_of_each_source_has_a_plot_and_a_summary_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run evaluated on two sources (`eval_loss/SOURCE`): their own plot beside the overall
+    eval loss, and each one's last eval loss in the summary."""
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, steps=30)
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        for step in (10, 20, 30):
+            web, code = 6.0 - step / 10, 4.0 - step / 20
+            metrics.write(json.dumps({"step": step, "kind": "eval", "eval_loss": (web + code) / 2,
+                                      "eval_loss/web": web, "eval_loss/code": code}) + "\n")  # fmt: skip
+    assert run(config(run_dir=str(run_dir))) == 0
+    out = capsys.readouterr().out
+    rows = summary_rows(out)
+    assert rows["eval loss (web)"] == "3.0000 at step 30"
+    assert rows["eval loss (code)"] == "2.5000 at step 30"
+    assert rows["best eval loss"] == "2.7500 at step 30 (last 2.7500)"
+    assert_png(run_dir / "report" / "eval_loss_by_source.png")
+    assert f"wrote {run_dir / 'report' / 'eval_loss_by_source.png'}" in out
+
+
 def test_only_logged_metrics_are_plotted_and_output_is_honoured(tmp_path: Path) -> None:
     run_dir, out_dir = tmp_path / "run", tmp_path / "plots" / "here"
     write_metrics(run_dir, steps=3, fields=("loss", "lr"))

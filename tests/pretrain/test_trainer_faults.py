@@ -12,12 +12,15 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from test_loader import write_corpus
+
+from pretrain.exit_codes import PEER_GONE
 
 KILN = Path(sys.executable).parent / "kiln"
 pytestmark = pytest.mark.slow
@@ -30,7 +33,8 @@ def said_by_the_ranks(stderr: str, line: str) -> None:
     other, which on a loaded machine may be stopped before it gets as far as its own line."""
     said: dict[int, list[str]] = {}
     for rank, text in re.findall(r"kiln train: rank (\d+): (.*)\n", stderr):
-        said.setdefault(int(rank), []).append(f"kiln train: rank {rank}: {text}\n")
+        if text != PEER_GONE:  # a rank whose collective the first one's exit cut short
+            said.setdefault(int(rank), []).append(f"kiln train: rank {rank}: {text}\n")
     assert said, stderr[-3000:]
     for rank, lines in said.items():
         assert lines == [line.format(rank=rank)], stderr[-3000:]
@@ -116,6 +120,58 @@ def test_crash_during_save_keeps_the_previous_checkpoint(
     ours, theirs = train_losses(rows), train_losses(records(reference))
     assert sorted(ours) == sorted(theirs) == list(range(1, 13))
     assert ours == theirs  # bitwise: the same floats, step by step
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 7 MiB filesystem (tmpfs): the tiny model's first checkpoint (4.2 MiB) fits, a second
+    does not. Mounting needs root (CI and these machines run as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(
+    corpus: Path, tmp_path: Path, reference: Path, small_disk: Path
+) -> None:
+    """The step-8 checkpoint fills the disk: the run stops with the cause, the free space and
+    where it resumes (torch said "unexpected pos 2169344 vs 2169236" in a traceback per rank);
+    the part written is removed; `latest` names step 4. With room made, the run resumes and
+    matches the uninterrupted one bitwise."""
+    run_dir = small_disk / "run"
+    checkpoints = run_dir / "checkpoints"
+    result = kiln_train(train_args(corpus, run_dir), tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    said = re.findall(r"kiln train: rank (\d): (.*)\n", result.stderr)
+    assert said, result.stderr[-3000:]
+    for rank, text in said:  # rank 1 may also fail writing its RNG file, or lose rank 0
+        assert text == PEER_GONE or re.fullmatch(
+            rf"cannot write checkpoint {re.escape(str(checkpoints))}/step_00000008 on rank "
+            rf"{rank}: \w+: .+ \(the disk is full: [\d.]+ [KM]iB free in "
+            rf"{re.escape(str(checkpoints))}; a save needs room for one checkpoint \(4\.\d MiB "
+            r"the last\) beyond the trainer.keep_checkpoints=3 kept, until the oldest is "
+            r"pruned\); `latest` still names step_00000004, where trainer.resume=auto continues",
+            text,
+        ), text
+    assert "0" in dict(said)  # rank 0 writes the engine file, the bulk
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000004"]
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    result = kiln_train(train_args(corpus, run_dir), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = records(run_dir)
+    resumed = [r for r in rows if r.get("event") == "start"][-1]
+    assert resumed["step"] == 4
+    ours, theirs = train_losses(rows), train_losses(records(reference))
+    assert sorted(ours) == list(range(1, 13))
+    assert ours == theirs  # bitwise
 
 
 @pytest.mark.parametrize(
@@ -292,8 +348,32 @@ def test_a_damaged_checkpoint_is_named_and_never_silently_replaced(
 
     step_8 = checkpoints / "step_00000008"
     engine_file = step_8 / "engine.pt"
-    engine_file.write_bytes(engine_file.read_bytes()[:4096])  # truncated
+    written = engine_file.read_bytes()
+    flipped = bytearray(written)
+    flipped[len(written) // 2] ^= 0x10  # a bit flipped on the disk, or in a copy
+    engine_file.write_bytes(bytes(flipped))
     resume_8 = train_args(corpus, run_dir, f"trainer.resume={step_8}", "trainer.max_steps=10")
+    result = kiln_train(resume_8, tmp_path)
+    assert result.returncode == 1
+    said_by_the_ranks(result.stderr, (
+        f"kiln train: rank {{rank}}: {step_8}: engine.pt does not match the checksum written "
+        "with it: the checkpoint changed after it was written (a damaged disk or copy); resume "
+        f"from another with trainer.resume={checkpoints / 'step_00000004'} (or "
+        "trainer.verify_checkpoints=false to read it as it is)\n"))  # fmt: skip
+    assert "Traceback" not in result.stderr
+    export = subprocess.run(
+        [str(KILN), "export", f"export.checkpoint={step_8}", f"export.output_dir={tmp_path / 'x'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert export.returncode == 1
+    assert export.stderr.strip() == (
+        f"kiln export: export.checkpoint: {step_8}: engine.pt does not match the checksum "
+        "written with it: the checkpoint changed after it was written (a damaged disk or copy)"
+    )
+    assert not (tmp_path / "x").exists()
+
+    engine_file.write_bytes(written[:4096])  # truncated, and the engine's own load reads it
+    resume_8.append("trainer.verify_checkpoints=false")
     result = kiln_train(resume_8, tmp_path)
     assert result.returncode == 1
     refusals = [line for line in result.stderr.splitlines() if "cannot resume" in line]

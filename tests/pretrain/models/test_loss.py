@@ -91,6 +91,20 @@ def preset(name: str, *changes: str) -> ModelConfig:
     return build_config(compose("plan", overrides=overrides)).model
 
 
+def family_batch(name: str, model: torch.nn.Module, cfg: ModelConfig) -> tuple[tuple, torch.Tensor]:
+    """(the model's positional inputs, labels) of a 2-row batch: the first 3 positions
+    unlabelled; the masked-LM's about 15% labelled; T5's decoder 10 positions long."""
+    ids = torch.randint(5, cfg.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    if name == "tiny_encoder":
+        labels[torch.rand(labels.shape) > 0.15] = -100
+        labels[0, 5] = ids[0, 5]
+    if isinstance(model, EncoderDecoder):
+        return (ids, torch.randint(5, cfg.vocab_size, (2, 10))), labels[:, :10]
+    return (ids,), labels
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_family_computes_its_loss_in_chunks(name: str, tied: bool) -> None:
@@ -101,16 +115,7 @@ def test_each_family_computes_its_loss_in_chunks(name: str, tied: bool) -> None:
     cfg = preset(name, f"model.tie_embeddings={str(tied).lower()}")
     torch.manual_seed(0)
     model = build_model(cfg)
-    ids = torch.randint(5, cfg.vocab_size, (2, 24))
-    labels = ids.clone()
-    labels[:, :3] = -100
-    if name == "tiny_encoder":
-        labels[torch.rand(labels.shape) > 0.15] = -100
-        labels[0, 5] = ids[0, 5]
-    args = (ids, torch.randint(5, cfg.vocab_size, (2, 10))) if isinstance(
-        model, EncoderDecoder) else (ids,)  # fmt: skip
-    if isinstance(model, EncoderDecoder):
-        labels = labels[:, :10]
+    args, labels = family_batch(name, model, cfg)
     whole = cross_entropy(model(*args), labels)
     reference = dict(zip([n for n, _ in model.named_parameters()],
                          torch.autograd.grad(whole, list(model.parameters())), strict=True))  # fmt: skip
@@ -123,6 +128,31 @@ def test_each_family_computes_its_loss_in_chunks(name: str, tied: bool) -> None:
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=param_name)
     model.loss_chunk_tokens = 0  # given labels, the logits whole: the same loss
     assert model(*args, labels=labels).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_gives_each_positions_loss(name: str, tied: bool, chunk: int) -> None:
+    """`reduction="none"` (evaluation, per sample): each position's fp32 cross-entropy of the
+    model's logits, 0 where unlabelled (the masked-LM head's masked positions put back in
+    place), whole or in chunks; over the labelled positions they average to the mean loss."""
+    cfg = preset(name, f"model.tie_embeddings={str(tied).lower()}")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    args, labels = family_batch(name, model, cfg)
+    model.loss_chunk_tokens = chunk
+    with torch.no_grad():
+        logits = model(*args)
+        losses = model(*args, labels=labels, reduction="none")
+        mean = model(*args, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), reduction="none"
+    ).view(labels.shape)
+    assert losses.shape == labels.shape and losses.dtype == torch.float32
+    assert (losses[labels == -100] == 0).all() and (losses[labels != -100] > 0).all()
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert (losses.sum() / (labels != -100).sum()).item() == pytest.approx(mean.item(), rel=1e-5)
 
 
 def test_a_compiled_forward_traces_the_chunks() -> None:
