@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -391,6 +392,7 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
     _check_fetchable(path)
     directory = cache_directory(path, cache_dir)
     asked = time.time()  # a failure met by another rank of this node since then stands
+    started = time.monotonic()
     with _cache_errors(f"data.path={path}", directory), _locked(directory):
         unreachable = _refresh_manifest(path, directory, asked)
         manifest = read_manifest(directory)  # read once before it replaced the cached copy
@@ -401,8 +403,10 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
         new = first_time(f"fetch {directory / file[0]}" for file in wanted)
         if new and unreachable is None:  # said by the rank that fetches: others wait for it
             total = sum(file[2] or 0 for file in wanted)
-            log.info("data.path=%s: fetching %d file(s) (%s) into %s", path, len(wanted),
-                     _amount(total), directory)  # fmt: skip
+            # on stderr, not the log (no handler shows INFO): a first download of a large
+            # corpus would otherwise look like a hang
+            print(f"kiln: data.path={path}: fetching {len(wanted)} file(s) ({_amount(total)}) "
+                  f"into {directory}", file=sys.stderr, flush=True)  # fmt: skip
         skipped: dict[str, FetchError] = {}
         for relative, sha256, size in wanted:
             try:
@@ -415,9 +419,9 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
                     continue
                 raise _advised(error, on_bad_shard) from None
     _say_skipped(path, directory, skipped)
-    if len(wanted) > len(skipped):
-        log.info("data.path=%s: %d file(s) fetched into %s", path, len(wanted) - len(skipped),
-                 directory)  # fmt: skip
+    if new and unreachable is None and len(wanted) > len(skipped):
+        print(f"kiln: data.path={path}: {len(wanted) - len(skipped)} file(s) fetched in "
+              f"{time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
     return directory
 
 

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -113,19 +114,29 @@ def same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> 
     )
 
 
-def test_http_path_gives_the_local_batches_and_fetches_once(served: Served, tmp_path: Path) -> None:
+def test_http_path_gives_the_local_batches_and_fetches_once(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, url, requests = served.root, served.url, served.requests
     local = batches(str(root), tmp_path / "unused-cache")
     assert len(local) == 6 * 6
+    capsys.readouterr()
     remote = batches(url, tmp_path / "cache")
     assert same(remote, local)
     shards = [r.path for r in read_manifest(root).shards]
     assert sorted(requests) == sorted(
         ["/manifest.json", "/tokenizer.model"] + [f"/{p}" for p in shards]
     )
+    # a first download says what it fetches (a large one would look like a hang)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].startswith(f"kiln: data.path={url}: fetching {len(shards) + 1} file(s) (")
+    assert f") into {tmp_path / 'cache'}/" in said[0]  # one directory per data.path
+    assert re.fullmatch(rf"kiln: data.path={re.escape(url)}: {len(shards) + 1} file\(s\) "
+                        r"fetched in [\d.]+ s", said[1])  # fmt: skip
     requests.clear()
     assert same(batches(url, tmp_path / "cache"), local)
     assert requests == ["/manifest.json"]  # the rest comes from the cache
+    assert capsys.readouterr().err == ""  # nothing fetched, nothing said
 
 
 def test_a_server_gone_after_the_first_fetch_leaves_the_cached_copy(
