@@ -53,9 +53,9 @@ def test_plan_table_for_llama_8b_on_64_gpus(tmp_path: Path) -> None:
     assert "8.03B (8,030,261,248)" in out
     assert "8 node(s) x 8 H100-SXM = 64 ranks" in out
     assert "161B tokens (20/param)" in out
-    for strategy in ("zero0", "zero1", "zero2", "zero3", "fsdp"):
+    for strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
         assert f"│ {strategy}" in out
-    assert "│ zero0 *  │" in out and "│ fsdp     │" in out  # the default engine, ddp: marked
+    assert "│ ddp *    │" in out and "│ fsdp     │" in out  # the default engine, ddp: marked
     assert "days" in out and "GPU-hours" in out
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing
 
