@@ -267,14 +267,15 @@ class CheckpointManager:
         return done
 
     def _checksum_share(self, tmp: Path, group: Any) -> dict[str, dict[str, Any]]:
-        """Every rank, once every part is written: hash and fsync its share of the files (every
-        rank-th, by name), gathered on rank 0, which gets {name: {"bytes", "sha256"}} for all
+        """Every rank, once every part is written: hash and fsync its share of the files
+        (`share_out`: about as many bytes each), gathered on rank 0, which gets {name: {"bytes", "sha256"}} for all
         of them (the other ranks get {})."""
-        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in tmp.rglob("*") if p.is_file()}  # fmt: skip
         mine = {
-            name: {"sha256": file_sha256(tmp / name, sync=True), "bytes": (tmp / name).stat().st_size}
-            for name in names[self.rank :: self.world]
-        }  # fmt: skip
+            name: {"sha256": file_sha256(tmp / name, sync=True), "bytes": sizes[name]}
+            for name in share_out(sizes, self.world)[self.rank]
+        }
         if self.world == 1 or not dist.is_initialized():
             return mine
         parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
@@ -380,7 +381,7 @@ class CheckpointManager:
 
     def _verify(self, path: Path) -> None:
         """CheckpointError on every rank unless each file the checkpoint at `path` recorded is
-        as it was written; the ranks hash a share each (every rank-th file, by name)."""
+        as it was written; the ranks hash a share each (`share_out`: about as many bytes each)."""
         try:
             files = recorded_files(path)
         except CheckpointError as error:
@@ -388,10 +389,9 @@ class CheckpointManager:
         if files is None:  # written before checkpoints recorded their files
             return
         # a missing RNG file is said by `load`, and the run goes on without it
-        names = [
-            n for n in sorted(files) if not (n.startswith("rng_rank") and not (path / n).exists())
-        ]
-        problems = file_problems(path, names[self.rank :: self.world], files)
+        sizes = {name: entry["bytes"] for name, entry in files.items()
+                 if not (name.startswith("rng_rank") and not (path / name).exists())}  # fmt: skip
+        problems = file_problems(path, share_out(sizes, self.world)[self.rank], files)
         if self.world > 1 and dist.is_initialized():
             shares: list[Any] = [None] * self.world
             dist.all_gather_object(shares, problems)
@@ -467,6 +467,18 @@ def _write_errors() -> tuple[type[BaseException], ...]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return (OSError, RuntimeError, CheckpointException)
+
+
+def share_out(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Files ({name: bytes}) split among `world` ranks to read about as many bytes each: the
+    largest first, each to the rank with the fewest bytes so far (the lower rank on a tie).
+    Every rank computes the same split from the same sizes."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for name in sorted(sizes, key=lambda name: (-sizes[name], name)):
+        rank = min(range(world), key=lambda rank: (loads[rank], rank))
+        shares[rank].append(name)
+        loads[rank] += sizes[name]
+    return shares
 
 
 def tree_bytes(path: Path) -> int:

@@ -78,6 +78,10 @@ def recorded_files(path: Path) -> dict[str, dict[str, Any]] | None:
         files = json.loads(record.read_text())["files"]
         if not isinstance(files, dict):
             raise TypeError(f"files is a JSON {type(files).__name__}")
+        for name, entry in files.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                    and isinstance(entry.get("sha256"), str)):  # fmt: skip
+                raise TypeError(f"{name}'s entry is not {{bytes, sha256}}")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{record}: unreadable ({error}): a damaged checkpoint") from error
     return files

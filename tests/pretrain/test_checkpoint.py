@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointManager, host_copy, write_files
+from pretrain.checkpoint import CheckpointManager, host_copy, share_out, write_files
 from pretrain.checkpoint_io import CheckpointError
 
 
@@ -239,3 +239,17 @@ def test_a_checkpoint_records_its_files_and_one_changed_since_is_refused(
     (path / "checksums.json").unlink()  # a checkpoint from before they were written
     checkpoints.load(restored, path)
     assert torch.equal(restored.weight, torch.arange(4.0))
+
+
+def test_the_ranks_share_out_the_files_by_size() -> None:
+    """Largest first to the rank with the fewest bytes: DeepSpeed's model-states file and the
+    ranks' optimizer partitions spread over the ranks (every rank-th by name put both big
+    ones on rank 0 here)."""
+    sizes = {"a_model.pt": 900, "b_optim_0.pt": 500, "c_optim_1.pt": 500, "rng_0.pt": 10,
+             "rng_1.pt": 10, "tokenizer.model": 40}  # fmt: skip
+    shares = share_out(sizes, 2)
+    assert shares == [["a_model.pt", "tokenizer.model", "rng_0.pt", "rng_1.pt"],
+                      ["b_optim_0.pt", "c_optim_1.pt"]]  # 960 and 1,000 bytes  # fmt: skip
+    assert sorted(sum(shares, [])) == sorted(sizes)  # each file once
+    assert share_out(sizes, 1) == [sorted(sizes, key=lambda n: (-sizes[n], n))]
+    assert share_out({"x": 1}, 3) == [["x"], [], []]
