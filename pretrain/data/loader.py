@@ -489,7 +489,12 @@ def build_loader(
         cursor=state.samples,
         num_steps=num_steps,
         start_step=state.steps,
-        warmup=(data.seq_len_warmup_steps if causal else 0, data.seq_len_warmup_start),
+        # evaluation reads whole sequences at every step: its loss stays comparable across
+        # the warmup (it started at step 0's short rows every time)
+        warmup=(
+            data.seq_len_warmup_steps if causal and split == "train" else 0,
+            data.seq_len_warmup_start,
+        ),  # fmt: skip
         window=data.shuffle_buffer,
         seed=seed,
         eos=eos,

@@ -410,6 +410,20 @@ def test_sequence_length_warmup_keeps_every_token(corpus: Path) -> None:
         assert torch.equal(ours["labels"].reshape(2, -1), theirs["labels"])
 
 
+def test_evaluation_reads_whole_sequences_during_the_warmup(tmp_path: Path) -> None:
+    """The held-out loader is built anew at each evaluation, at step 0: under sequence-length
+    warmup it read step 0's short rows every time, so eval losses before and after the warmup
+    measured other contexts."""
+    write_corpus_with_val(tmp_path, {"web": (10, 200)})
+    cfg = config(tmp_path, seq_len_warmup_steps=4, seq_len_warmup_start=8)
+    train = build_loader(cfg, CausalWindows(), num_steps=1)
+    assert train.dataset.seq_len_at(0) == 8
+    val = build_loader(cfg, CausalWindows(), num_steps=2, split="val")
+    assert [val.dataset.seq_len_at(step) for step in range(5)] == [SEQ] * 5
+    batches = list(val.loader)
+    assert len(batches) == 2 * 6 and {b["input_ids"].shape for b in batches} == {(2, SEQ)}
+
+
 FAMILY_OF = {
     "clm": (CausalLMConfig(), DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2,
                                             d_ff=64, max_seq_len=64)),
