@@ -394,6 +394,8 @@ def mirror(path: str, cache_dir: str | None = None, on_bad_shard: str = "error")
     asked = time.time()  # a failure met by another rank of this node since then stands
     started = time.monotonic()
     with _cache_errors(f"data.path={path}", directory), _locked(directory):
+        for stale in directory.rglob(".*.part"):  # a fetch killed part way (none is in flight
+            stale.unlink(missing_ok=True)  # now: each holds the lock)
         unreachable = _refresh_manifest(path, directory, asked)
         manifest = read_manifest(directory)  # read once before it replaced the cached copy
         tokenizer = manifest.tokenizer

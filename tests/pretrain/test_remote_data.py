@@ -121,8 +121,8 @@ def test_http_path_gives_the_local_batches_and_fetches_once(
     local = batches(str(root), tmp_path / "unused-cache")
     assert len(local) == 6 * 6
     capsys.readouterr()
-    remote = batches(url, tmp_path / "cache")
-    assert same(remote, local)
+    fetched = batches(url, tmp_path / "cache")
+    assert same(fetched, local)
     shards = [r.path for r in read_manifest(root).shards]
     assert sorted(requests) == sorted(
         ["/manifest.json", "/tokenizer.model"] + [f"/{p}" for p in shards]
@@ -134,9 +134,13 @@ def test_http_path_gives_the_local_batches_and_fetches_once(
     assert re.fullmatch(rf"kiln: data.path={re.escape(url)}: {len(shards) + 1} file\(s\) "
                         r"fetched in [\d.]+ s", said[1])  # fmt: skip
     requests.clear()
+    cache = remote.cache_directory(url, str(tmp_path / "cache"))
+    killed = cache / "shards" / f".{Path(shards[0]).name}.99999.part"  # a fetch killed part way
+    killed.write_bytes(b"half a shard")
     assert same(batches(url, tmp_path / "cache"), local)
     assert requests == ["/manifest.json"]  # the rest comes from the cache
     assert capsys.readouterr().err == ""  # nothing fetched, nothing said
+    assert not killed.exists()  # its space freed
 
 
 def test_a_server_gone_after_the_first_fetch_leaves_the_cached_copy(
