@@ -196,7 +196,12 @@ def _cache_errors(url: str, directory: Path) -> Iterator[None]:
 
 @contextmanager
 def _download(url: str, retries: int | None) -> Iterator[_Readable]:
-    """`url`'s bytes as a stream (a command's stdout); FetchError when it fails."""
+    """`url`'s bytes as a stream (a command's stdout); FetchError when it fails.
+
+    curl (and a `pipe:` command) is started here rather than through webdataset's `gopen`,
+    which starts the same command but reports a failure as its argument list and exit status,
+    without the command's stderr: what a user needs to know (404, refused, stalled) is there.
+    """
     if url.startswith("pipe:"):
         command: str | list[str] = url[len("pipe:") :]
     elif urlparse(url).scheme.lower() in _CURL_SCHEMES:
