@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import copy
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -270,8 +271,13 @@ class CheckpointManager:
         """Every rank, once every part is written: hash and fsync its share of the files
         (`share_out`: about as many bytes each), gathered on rank 0, which gets {name: {"bytes", "sha256"}} for all
         of them (the other ranks get {})."""
-        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
-                 for p in tmp.rglob("*") if p.is_file()}  # fmt: skip
+        # rank 0's listing, for all: on a shared filesystem another node's may be stale, and
+        # a file no rank's share held would go unrecorded
+        listing = [{p.relative_to(tmp).as_posix(): p.stat().st_size
+                    for p in tmp.rglob("*") if p.is_file()} if self.rank == 0 else None]  # fmt: skip
+        if self.world > 1 and dist.is_initialized():
+            dist.broadcast_object_list(listing, src=0, group=group)
+        sizes: dict[str, int] = listing[0]  # type: ignore[assignment]
         mine = {
             name: {"sha256": file_sha256(tmp / name, sync=True), "bytes": sizes[name]}
             for name in share_out(sizes, self.world)[self.rank]
@@ -299,8 +305,12 @@ class CheckpointManager:
                     "bytes": (tmp / "tokenizer.model").stat().st_size,
                 }
             record = {"algorithm": "sha256", "files": dict(sorted(checksums.items()))}
-            atomic_write_bytes(tmp / CHECKSUMS, json.dumps(record, indent=1).encode())
-            atomic_write_bytes(tmp / TRAINER_STATE, payload.encode())
+            recorded = json.dumps(record, indent=1).encode()
+            atomic_write_bytes(tmp / CHECKSUMS, recorded)
+            # trainer.json names its checksums.json: one deleted or emptied is damage too
+            state = json.loads(payload) | {"checksums": {
+                "files": len(checksums), "sha256": hashlib.sha256(recorded).hexdigest()}}  # fmt: skip
+            atomic_write_bytes(tmp / TRAINER_STATE, json.dumps(state, indent=1).encode())
         except _write_errors() as error:
             raise self._write_failed(tmp, final, error) from None
         for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
@@ -322,6 +332,7 @@ class CheckpointManager:
         if isinstance(error, CheckpointException) and error.failures:
             error = next(iter(error.failures.values()))[0]  # a rank's own error
         written = tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # the space a resume needs
         try:
             previous = self.latest()
         except CheckpointError:
@@ -333,25 +344,28 @@ class CheckpointManager:
             if took else ""
         )  # fmt: skip
         note = disk_full_note(self.root, error, max(written, took), detail)
-        shutil.rmtree(tmp, ignore_errors=True)
         if previous is not None:
             then = f"`latest` still names {previous.name}, where trainer.resume=auto continues"
         else:
             then = "no checkpoint of this run was written before"
         return CheckpointError(
-            f"cannot write checkpoint {final} on rank {self.rank}: {type(error).__name__}: "
+            f"cannot write checkpoint {final}: {type(error).__name__}: "
             f"{_first_line(error) or 'a write failed'}{note}; {then}"
         )
 
     def other_checkpoint(self, path: Path) -> str:
-        """What to resume from instead of the checkpoint at `path`, in words."""
+        """What to resume from instead of the checkpoint at `path`, in words: the newest other
+        complete one beside it (of its own run: it may be another run's, or a copy)."""
+        path = Path(path)
         others = sorted(
-            p for p in self.root.glob("step_*")
-            if (p / TRAINER_STATE).is_file() and p.resolve() != Path(path).resolve()
+            p for p in path.parent.glob("step_*")
+            if (p / TRAINER_STATE).is_file() and p.resolve() != path.resolve()
         )  # fmt: skip
-        if not others:
-            return "no other checkpoint of this run is kept; start over in a new trainer.run_dir"
-        return f"resume from another with trainer.resume={others[-1]}"
+        if others:
+            return f"resume from another with trainer.resume={others[-1]}"
+        if path.parent.resolve() != self.root.resolve():
+            return f"no other checkpoint is kept beside it; copy {path.name} again if it is a copy"
+        return "no other checkpoint of this run is kept; start over in a new trainer.run_dir"
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any; raise if it failed."""
@@ -379,18 +393,24 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _verify(self, path: Path) -> None:
-        """CheckpointError on every rank unless each file the checkpoint at `path` recorded is
-        as it was written; the ranks hash a share each (`share_out`: about as many bytes each)."""
+    def _verify(self, path: Path, state: dict[str, Any]) -> None:
+        """CheckpointError on every rank unless each file the checkpoint at `path` (its
+        trainer.json: `state`) recorded is as it was written; the ranks hash a share each
+        (`share_out`: about as many bytes each)."""
         try:
-            files = recorded_files(path)
+            files = recorded_files(path, state)
         except CheckpointError as error:
-            raise CheckpointError(f"{error}; {self.other_checkpoint(path)}") from None
+            raise CheckpointError(
+                f"{error}; {self.other_checkpoint(path)} (or trainer.verify_checkpoints=false "
+                "to read it as it is)"
+            ) from None
         if files is None:  # written before checkpoints recorded their files
             return
-        # a missing RNG file is said by `load`, and the run goes on without it
+        # RNG files are read at the world size that wrote them only; a missing one is said by
+        # `load`, and the run goes on without it
+        same_world = state.get("world_size") == self.world
         sizes = {name: entry["bytes"] for name, entry in files.items()
-                 if not (name.startswith("rng_rank") and not (path / name).exists())}  # fmt: skip
+                 if not name.startswith("rng_rank") or (same_world and (path / name).exists())}  # fmt: skip
         problems = file_problems(path, share_out(sizes, self.world)[self.rank], files)
         if self.world > 1 and dist.is_initialized():
             shares: list[Any] = [None] * self.world
@@ -428,7 +448,7 @@ class CheckpointManager:
         if self.model is not None:
             self.model.check(state, path)
         if self.verify:
-            self._verify(path)
+            self._verify(path, state)
         from torch.distributed.checkpoint.api import CheckpointException
 
         # DCP logs a missing .metadata (to the root logger) with its traceback before it

@@ -9,7 +9,9 @@ process can load it on one CPU. Layout:
     DIR/config.json         {"format": "kiln-consolidated", "version": 1,
                              "family": "decoder" | "encoder" | "encoder_decoder",
                              "model": dataclasses.asdict(model_cfg),
-                             "step": N}  (the training step; absent when not known)
+                             "step": N,  (the training step; absent when not known)
+                             "weights": {"bytes": N, "sha256": HEX}}  (model.safetensors as
+                             written: checked before it is read)
     DIR/tokenizer.model     optional: the SentencePiece model the weights were trained with
 
 The directory is written under a temporary name and renamed when complete. Weights keep the
@@ -22,6 +24,7 @@ CPU with no process group: `kiln export` of an intermediate checkpoint for evalu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,8 +60,6 @@ def file_sha256(path: Path, sync: bool = False) -> str:
     """The sha256 of the file at `path`, hex; with `sync`, its data also flushed to the disk
     (fsync: the page cache is the machine's, so any process there may flush what another
     wrote)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as handle:
         while chunk := handle.read(1 << 22):
@@ -68,14 +69,26 @@ def file_sha256(path: Path, sync: bool = False) -> str:
     return digest.hexdigest()
 
 
-def recorded_files(path: Path) -> dict[str, dict[str, Any]] | None:
+def recorded_files(path: Path, state: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     """The files the training checkpoint at `path` recorded when it was written (its
-    checksums.json), or None for one written before checkpoints recorded them."""
+    checksums.json, itself recorded in its trainer.json, `state`: a deleted or emptied one is
+    damage too), or None for one written before checkpoints recorded them."""
     record = Path(path) / CHECKSUMS
+    expected = state.get("checksums")
     if not record.is_file():
+        if isinstance(expected, dict):
+            raise CheckpointError(
+                f"{path}: {CHECKSUMS} is missing (its trainer.json records one of "
+                f"{expected.get('files')} files): a damaged checkpoint or an incomplete copy"
+            )
         return None
     try:
-        files = json.loads(record.read_text())["files"]
+        text = record.read_bytes()
+        if isinstance(expected, dict) and hashlib.sha256(text).hexdigest() != expected.get(
+            "sha256"
+        ):
+            raise ValueError("it differs from the one its trainer.json records")
+        files = json.loads(text)["files"]
         if not isinstance(files, dict):
             raise TypeError(f"files is a JSON {type(files).__name__}")
         for name, entry in files.items():
@@ -114,13 +127,23 @@ def damage(path: Path, problems: list[str]) -> str:
 
 def verify_files(path: Path) -> None:
     """CheckpointError unless every file the training checkpoint at `path` recorded is as it
-    was written (one process reads them all: `kiln export`; resuming ranks share the work)."""
-    files = recorded_files(path)
+    was written, its RNG files aside (unread here): one process reads them all (`kiln export`,
+    `trainer.init_from`; resuming ranks share the work)."""
+    hint = "; take another checkpoint, or trainer.verify_checkpoints=false to read it as it is"
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{Path(path) / TRAINER_STATE}: unreadable ({error})") from error
+    try:
+        files = recorded_files(path, state if isinstance(state, dict) else {})
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}{hint}") from None
     if files is None:
         return
-    problems = file_problems(path, sorted(files), files)
+    names = [name for name in sorted(files) if not name.startswith("rng_rank")]
+    problems = file_problems(path, names, files)
     if problems:
-        raise CheckpointError(damage(path, problems))
+        raise CheckpointError(damage(path, problems) + hint)
 
 
 def consolidated_step(path: Path) -> int | None:
@@ -154,6 +177,10 @@ def save_consolidated(
             "version": FORMAT_VERSION,
             "family": cfg.family,
             "model": asdict(cfg),
+            "weights": {
+                "bytes": (staging / WEIGHTS).stat().st_size,
+                "sha256": file_sha256(staging / WEIGHTS, sync=True),
+            },
         }
         if step is not None:
             config["step"] = step
@@ -213,22 +240,49 @@ def read_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{config_file}: {error}") from error
 
 
+def _verify_weights(path: Path) -> None:
+    """CheckpointError unless the consolidated checkpoint's weights are as written (one
+    written before config.json recorded them passes)."""
+    try:
+        written = json.loads((path / CONFIG).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return  # read_config has read it: nothing to add
+    if not isinstance(written, dict):
+        return
+    weights = path / WEIGHTS
+    size = weights.stat().st_size
+    if size != written.get("bytes"):
+        problem = f"{WEIGHTS} has {size:,} bytes, {written.get('bytes')} were written"
+    elif file_sha256(weights) != written.get("sha256"):
+        problem = f"{WEIGHTS} does not match the checksum written with it"
+    else:
+        return
+    raise CheckpointError(
+        f"{damage(path, [problem])}; take another checkpoint, or "
+        "trainer.verify_checkpoints=false to read it as it is"
+    )
+
+
 def tokenizer_of(path: Path) -> Path | None:
     """The checkpoint's `tokenizer.model`, or None when it has none."""
     tokenizer = Path(path) / TOKENIZER
     return tokenizer if tokenizer.is_file() else None
 
 
-def load_consolidated(path: Path) -> tuple[ModelConfig, nn.Module]:
+def load_consolidated(path: Path, verify: bool = True) -> tuple[ModelConfig, nn.Module]:
     """The config and module of the checkpoint at `path`, in fp32 on the CPU, in eval mode.
 
-    Weights load strictly: a missing or unexpected tensor raises CheckpointError."""
+    Weights load strictly: a missing or unexpected tensor raises CheckpointError, as do
+    weights whose bytes are not those written (`verify`; safetensors has no checksum of its
+    own, and a flipped bit loads as another weight)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from pretrain.models import empty_model
 
     cfg = read_config(path)
+    if verify:
+        _verify_weights(Path(path))
     model = empty_model(cfg, "cpu")  # every weight is loaded: nothing to initialise
     try:
         load_model(model, str(Path(path) / WEIGHTS), strict=True)
@@ -249,12 +303,15 @@ class CheckpointSource:
     tokenizer: Path | None  # the SentencePiece model it was trained with, when known
     step: int | None = None  # a training checkpoint's step
     module: nn.Module | None = None  # a transformers directory's weights, as our module
+    # check a training checkpoint's files against its checksums.json before reading them
+    # (`trainer.verify_checkpoints`)
+    verify: bool = True
 
     def load_model(self) -> nn.Module:
         """The module, in fp32 on the CPU, in eval mode; weights load strictly (a missing or
         unexpected tensor, or another shape, raises CheckpointError)."""
         if self.kind == "consolidated":
-            return load_consolidated(self.path)[1]
+            return load_consolidated(self.path, self.verify)[1]
         if self.module is not None:
             return self.module
         from pretrain.models import empty_model
@@ -274,7 +331,8 @@ class CheckpointSource:
             return self.load_model().state_dict()
         import torch
 
-        verify_files(self.path)  # flipped bytes would load as other weights, silently
+        if self.verify:
+            verify_files(self.path)  # flipped bytes would load as other weights, silently
         try:
             if self.kind == "ddp":
                 from pretrain.engine.ddp import read_model_state
@@ -382,7 +440,8 @@ def _is_transformers_config(config_file: Path) -> bool:
     return isinstance(config, dict) and "format" not in config and "model_type" in config
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> CheckpointSource:
+def init_weights(model: nn.Module, cfg: ModelConfig, path: Path,
+                 verify: bool = True) -> CheckpointSource:  # fmt: skip
     """`trainer.init_from`: copy the weights of the checkpoint at `path` (anything
     `open_checkpoint` takes) into `model`, the run's unwrapped module built from `cfg`;
     CheckpointError when their names or shapes are not the model's."""
@@ -390,6 +449,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> CheckpointSo
     from pretrain.preflight import config_differences
 
     source = open_checkpoint(path)
+    source.verify = verify
     ours = model.state_dict()
     state = source.read_state({name: tensor.cpu() for name, tensor in ours.items()})
     parts = shape_differences({name: list(t.shape) for name, t in state.items()},

@@ -115,6 +115,7 @@ def run(cfg: KilnConfig) -> int:
     hf_logging.disable_progress_bar()
     try:
         source = open_checkpoint(checkpoint)
+        source.verify = cfg.trainer.verify_checkpoints
         model_cfg = source.config
         module = hf_module_for(model_cfg)
         module.hf_config(model_cfg)  # no transformers equivalent: say so before loading weights

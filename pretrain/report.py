@@ -265,6 +265,8 @@ def run_status(run_dir: Path, records: Sequence[dict[str, Any]]) -> list[tuple[s
         elif code == NONFINITE_EXIT_CODE:
             why = stops[-1].get("reason") if stops else "non-finite losses"
             status = f"diverged at step {step:,}: {why} (exit {code})"
+        elif ended.get("error"):
+            status = f"stopped after step {step:,} (exit {code}): {ended['error']}"
         else:
             status = f"ended at step {step:,} with exit {code}"
     rows.append(("status", status))

@@ -112,6 +112,12 @@ def _not_ctrl_c(record: logging.LogRecord) -> bool:
     )
 
 
+def _not_a_termination(record: logging.LogRecord) -> bool:
+    """Drop "Terminating process N via signal SIGTERM" (torch's spawn of forked ranks, as
+    torchrun stops the others after one failed): the failed rank's own line says why."""
+    return not str(record.msg).startswith("Terminating process %s via signal SIGTERM")
+
+
 def main() -> int:
     parent = os.environ.pop(PARENT_ENV, "")
     if parent.isdigit():  # started by `kiln train`: stop (SIGTERM, as torchrun stops) with it
@@ -141,6 +147,7 @@ def main() -> int:
             train.rank_main()
         sys.argv = [sys.argv[0], *request["argv"]]
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_a_stop)
+    logging.getLogger("torch.multiprocessing.spawn").addFilter(_not_a_termination)
     for name in ("torch.distributed.elastic.multiprocessing.api",
                  "torch.distributed.elastic.agent.server.api"):  # fmt: skip
         logging.getLogger(name).addFilter(_not_ctrl_c)

@@ -29,7 +29,13 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointManager, ModelRecord, rank_and_world
-from pretrain.exit_codes import INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
+from pretrain.checkpoint_io import CheckpointError
+from pretrain.exit_codes import (
+    INTERRUPTED_EXIT_CODE,
+    NONFINITE_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+)
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -50,13 +56,22 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # e.g. Ray Train's training thread: only a main thread may set handlers
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
+
+    def restore(self) -> None:
+        """The handlers from before, once the loop is over: a rank that finished while another
+        failed is then stopped by torchrun's SIGTERM at once (this handler kept it alive until
+        torchrun's SIGKILL, 30 s later)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def step_all_reduce(means: list[float], flags: list[bool]) -> tuple[list[float], list[bool]]:
@@ -172,12 +187,14 @@ def train(cfg: Any, context: Any) -> int:
     # weights only, into the unwrapped model (or into rank 0's weights, which the engine shards)
     target = weights if sharded else model
     if weights_from == "init_from":
-        from pretrain.checkpoint_io import CheckpointError, init_weights
+        from pretrain.checkpoint_io import init_weights
 
         refused = None
         if target is not None:
             try:
-                initialised = init_weights(target, cfg.model, Path(trainer.init_from))
+                initialised = init_weights(
+                    target, cfg.model, Path(trainer.init_from), trainer.verify_checkpoints
+                )
             except CheckpointError as error:
                 refused = str(error)
         if sharded:  # only rank 0 read them: the others, waiting to be sent shards, learn why
@@ -394,14 +411,24 @@ def train(cfg: Any, context: Any) -> int:
         if rank == 0:
             _write_exit(run_dir, INTERRUPTED_EXIT_CODE, state)
         raise
+    except CheckpointError as error:  # a save that failed (a full disk): said, and recorded
+        if rank == 0:
+            _write_exit(run_dir, USER_ERROR_EXIT_CODE, state, str(error))
+        raise
     finally:
         profiler.close()
         collector.stop()
+        stop.restore()
     checkpoints.wait()  # a background save still in flight (a run stopped early)
     _log_written(checkpoints, logger, state.step)
     faulthandler.cancel_dump_traceback_later()
     if exit_code == 0 and state.step >= trainer.max_steps:
-        _finish_run(cfg, engine, loader, run_dir, logger, state)
+        try:
+            _finish_run(cfg, engine, loader, run_dir, logger, state)
+        except CheckpointError as error:  # final/ not written (a full disk)
+            if rank == 0:
+                _write_exit(run_dir, USER_ERROR_EXIT_CODE, state, str(error))
+            raise
         if logger is not None:
             print(f"kiln train: done at step {state.step:,}; next: kiln report "
                   f"report.run_dir={run_dir}, kiln export export.checkpoint={run_dir} "
@@ -430,7 +457,7 @@ def _log_written(checkpoints: CheckpointManager, logger: Any, step: int) -> None
 
 
 # settings whose change since a checkpoint is expected of a resume, or says nothing about it
-SAME_RUN_ANYWAY = ("trainer.resume", "trainer.run_dir", "launch.")
+SAME_RUN_ANYWAY = ("trainer.resume", "trainer.run_dir", "trainer.verify_checkpoints", "launch.")
 
 
 def _say_changes(cfg: Any, path: Path, saved: dict[str, Any], state: TrainState, was: float,
@@ -484,7 +511,6 @@ def _finish_run(cfg: Any, engine: Any, loader: Any, run_dir: Path, logger: Any,
                                  tokenizer if tokenizer.is_file() else None, step=state.step)  # fmt: skip
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, mostly
         from pretrain.checkpoint import disk_full_note
-        from pretrain.checkpoint_io import CheckpointError
 
         note = disk_full_note(run_dir, error, 1 << 20)
         raise CheckpointError(
@@ -614,12 +640,20 @@ def _eta(timed_from: tuple[float, int], step: int, max_steps: int) -> dict[str, 
     return {"eta": f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"}
 
 
-def _write_exit(run_dir: Path, exit_code: int, state: TrainState) -> None:
-    """RUN_DIR/exit.json: how the run ended (`kiln train`'s status, `kiln report`'s status)."""
+def _write_exit(run_dir: Path, exit_code: int, state: TrainState, error: str = "") -> None:
+    """RUN_DIR/exit.json: how the run ended (`kiln train`'s status, `kiln report`'s status),
+    with the error that ended it, if one did."""
     from pretrain.checkpoint import atomic_write_bytes
 
     record = {"exit_code": exit_code, "step": state.step, "nonfinite_steps": state.nonfinite_steps}
-    atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
+    if error:
+        record["error"] = error
+    try:
+        atomic_write_bytes(run_dir / "exit.json", json.dumps(record).encode())
+    except OSError:
+        if not error:
+            raise
+        # the error being recorded may be this very disk's: it is said on stderr regardless
 
 
 def _flops_per_token(cfg: Any) -> float:
@@ -648,7 +682,6 @@ def _resume_path(resume: str, checkpoints: CheckpointManager) -> Path | None:
         return None
     if resume == "auto":
         return checkpoints.latest()
-    from pretrain.checkpoint_io import CheckpointError
     from pretrain.preflight import resume_problem
 
     problem = resume_problem(resume)

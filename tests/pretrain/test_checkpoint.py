@@ -75,7 +75,9 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path: Path) -> None:
     ((written, seconds),) = checkpoints.written()  # said once: the trainer logs it
     assert written == path and seconds > 0 and checkpoints.written() == []
     assert torch.equal(saved_weight(path), torch.zeros(4))
-    assert json.loads((path / "trainer.json").read_text()) == {"tokens": 10, "step": 1,
+    state = json.loads((path / "trainer.json").read_text())
+    assert state.pop("checksums")["files"] == 2  # engine.pt, rng_rank0.pt
+    assert state == {"tokens": 10, "step": 1,
                                                                "world_size": 1}  # fmt: skip
     # the next save waits for the one in flight; keep=2 prunes the oldest
     for step in (2, 3):
@@ -94,8 +96,8 @@ def test_a_failed_background_save_is_raised_and_latest_stays(tmp_path: Path) -> 
     checkpoints.save(engine, {}, step=1)
     engine.fail = True
     checkpoints.save(engine, {}, step=2, background=True)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_00000002 on "
-                       r"rank 0: OSError: .*No space left on device \(the disk is full: .* free "
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_00000002: "
+                       r"OSError: .*No space left on device \(the disk is full: .* free "
                        r"in .*; `latest` still names step_00000001"):  # fmt: skip
         checkpoints.save(engine, {}, step=3, background=True)
     assert checkpoints.latest() == tmp_path / "checkpoints" / "step_00000001"
@@ -233,10 +235,23 @@ def test_a_checkpoint_records_its_files_and_one_changed_since_is_refused(
     assert "rng_rank0.pt is missing: this rank's random generators start afresh" in (
         capsys.readouterr().err
     )
-    (path / "checksums.json").write_text("{")
-    with pytest.raises(CheckpointError, match=r"checksums.json: unreadable .*a damaged checkpoint"):
+    state = json.loads((path / "trainer.json").read_text())
+    assert state["checksums"] == {
+        "files": 2, "sha256": hashlib.sha256((path / "checksums.json").read_bytes()).hexdigest()}  # fmt: skip
+    written = (path / "checksums.json").read_bytes()
+    (path / "checksums.json").write_text('{"algorithm": "sha256", "files": {}}')  # emptied
+    with pytest.raises(CheckpointError, match=r"checksums.json: unreadable \(it differs from "
+                       r"the one its trainer.json records\): a damaged checkpoint"):  # fmt: skip
         checkpoints.load(TensorEngine(), path)
-    (path / "checksums.json").unlink()  # a checkpoint from before they were written
+    (path / "checksums.json").unlink()  # deleted, or left out of a copy: not a pass
+    with pytest.raises(CheckpointError, match=r"checksums.json is missing \(its trainer.json "
+                       r"records one of 2 files\)"):  # fmt: skip
+        checkpoints.load(TensorEngine(), path)
+    (path / "checksums.json").write_bytes(written)
+    checkpoints.load(restored, path)
+    del state["checksums"]  # a checkpoint from before checksums were written
+    (path / "trainer.json").write_text(json.dumps(state))
+    (path / "checksums.json").unlink()
     checkpoints.load(restored, path)
     assert torch.equal(restored.weight, torch.arange(4.0))
 

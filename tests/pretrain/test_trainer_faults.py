@@ -150,10 +150,10 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     said = re.findall(r"kiln train: rank (\d): (.*)\n", result.stderr)
     assert said, result.stderr[-3000:]
-    for rank, text in said:  # rank 1 may also fail writing its RNG file, or lose rank 0
+    for _, text in said:  # rank 1 may also fail writing its RNG file, or lose rank 0
         assert text == PEER_GONE or re.fullmatch(
-            rf"cannot write checkpoint {re.escape(str(checkpoints))}/step_00000008 on rank "
-            rf"{rank}: \w+: .+ \(the disk is full: [\d.]+ [KM]iB free in "
+            rf"cannot write checkpoint {re.escape(str(checkpoints))}/step_00000008: \w+: .+ "
+            r"\(the disk is full: [\d.]+ [KM]iB free in "
             rf"{re.escape(str(checkpoints))}; a save needs room for one checkpoint \(4\.\d MiB "
             r"the last\) beyond the trainer.keep_checkpoints=3 kept, until the oldest is "
             r"pruned\); `latest` still names step_00000004, where trainer.resume=auto continues",
@@ -162,6 +162,14 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(
     assert "0" in dict(said)  # rank 0 writes the engine file, the bulk
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000004"]
     assert (checkpoints / "latest").read_text() == "step_00000004"
+    ended = json.loads((run_dir / "exit.json").read_text())  # `kiln report` says why it stopped
+    assert (ended["exit_code"], ended["step"]) == (1, 8)
+    assert ended["error"] == dict(said)["0"]
+    report = subprocess.run([str(KILN), "report", f"report.run_dir={run_dir}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "stopped after step 8 (exit 1): cannot write checkpoint" in " ".join(
+        report.stdout.split()
+    ), report.stdout
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     result = kiln_train(train_args(corpus, run_dir), tmp_path)
@@ -368,9 +376,31 @@ def test_a_damaged_checkpoint_is_named_and_never_silently_replaced(
     assert export.returncode == 1
     assert export.stderr.strip() == (
         f"kiln export: export.checkpoint: {step_8}: engine.pt does not match the checksum "
-        "written with it: the checkpoint changed after it was written (a damaged disk or copy)"
+        "written with it: the checkpoint changed after it was written (a damaged disk or copy); "
+        "take another checkpoint, or trainer.verify_checkpoints=false to read it as it is"
     )
     assert not (tmp_path / "x").exists()
+    # final/ records its weights' sha256 too (safetensors has none); the switch reads it anyway
+    weights = run_dir / "final" / "model.safetensors"
+    flipped = bytearray(weights.read_bytes())
+    flipped[-100] ^= 0x10
+    weights.write_bytes(bytes(flipped))
+    exports = [
+        subprocess.run(
+            [str(KILN), "export", f"export.checkpoint={run_dir / 'final'}",
+             f"export.output_dir={tmp_path / 'y'}", f"trainer.verify_checkpoints={switch}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )
+        for switch in ("true", "false")
+    ]  # fmt: skip
+    assert exports[0].returncode == 1
+    assert exports[0].stderr.strip() == (
+        f"kiln export: export.checkpoint: {run_dir / 'final'}: model.safetensors does not match "
+        "the checksum written with it: the checkpoint changed after it was written (a damaged "
+        "disk or copy); take another checkpoint, or trainer.verify_checkpoints=false to read it "
+        "as it is"
+    )
+    assert exports[1].returncode == 0, exports[1].stderr[-2000:]
 
     engine_file.write_bytes(written[:4096])  # truncated, and the engine's own load reads it
     resume_8.append("trainer.verify_checkpoints=false")
