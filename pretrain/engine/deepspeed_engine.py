@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -228,6 +229,36 @@ def strip_wrappers(key: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         key = key.replace(prefix, "")
     return key
+
+
+def _record_cache(root: Path) -> None:
+    """A converted checkpoint's checksums.json (as a training checkpoint's): its reuse by a
+    later resume checks it first (`_cache_changes`)."""
+    from data_pipeline.shards import atomic_write_bytes
+    from pretrain.checkpoint_io import CHECKSUMS, file_sha256
+
+    files = {
+        p.relative_to(root).as_posix(): {"sha256": file_sha256(p, sync=True), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }  # fmt: skip
+    record = {"algorithm": "sha256", "files": files}
+    atomic_write_bytes(root / CHECKSUMS, json.dumps(record, indent=1).encode())
+
+
+def _cache_changes(root: Path) -> str:
+    """How the converted checkpoint at `root` differs from what its conversion wrote, in words
+    ("" when it does not, or when it predates recorded checksums)."""
+    from pretrain.checkpoint_io import CheckpointError, file_problems, recorded_files
+
+    try:
+        files = recorded_files(root, {})
+    except CheckpointError as error:
+        return str(error)
+    problems = file_problems(root, sorted(files), files) if files else []
+    if not problems:
+        return ""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more} since the conversion"
 
 
 def convert_to_universal(source: Path, target: Path, *, log: Path | None = None) -> None:
@@ -456,12 +487,18 @@ class DeepSpeedEngine(Engine):
         if not os.access(directory, os.W_OK):
             digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
             root = self.run_dir / UNIVERSAL / f"{directory.name}-{digest}"
-        if (root / TAG).is_dir():
-            return root  # converted by an earlier resume (only complete ones are renamed)
+        if (root / TAG).is_dir():  # converted by an earlier resume (only complete ones are renamed)
+            changed = _cache_changes(root)
+            if not changed:
+                return root
+            # a derived copy: made again from the checkpoint (checked before this), not refused
+            print(f"kiln train: {root}: {changed}; converting the checkpoint again",
+                  file=sys.stderr, flush=True)  # fmt: skip
         tmp = root.parent / f".{root.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             convert_to_universal(directory / TAG, tmp / TAG, log=tmp / "conversion.log")
+            _record_cache(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
