@@ -108,6 +108,9 @@ class ModelConfig:
     # with attention_window: the first global_tokens tokens of every document stay visible to
     # every query (attention sinks; in encoders they also see the whole row, as Longformer's)
     global_tokens: int = 0
+    # RMSNorm (LayerNorm under norm=layernorm) over each head's queries and keys, before RoPE
+    # (Qwen3, Gemma 3, OLMo 2's QK-norm): keeps attention logits from growing without bound
+    qk_norm: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

@@ -429,10 +429,14 @@ def block_activation_bytes(
     if kv_tokens > tokens:  # the other ranks' keys and values, gathered (context parallelism)
         attention += (kv_tokens - tokens) * 2 * kv_inner * element
     norms = 2 * tokens * d * element
+    if model.qk_norm:  # QK-norm keeps q and k twice: its input and, for the gain's gradient,
+        norms += 2 * tokens * (inner + kv_inner) * element  # the normalised value (measured)
     if context_tokens:
         # Cross-attention: norm input, q, k and v over encoder tokens, output.
         attention += (tokens * (2 * d + 2 * inner) + context_tokens * 2 * kv_inner) * element // 2
         norms += tokens * d * element
+        if model.qk_norm:
+            norms += 2 * (tokens * inner + context_tokens * kv_inner) * element
     per_ff = (4 if model.gated else 2) * element  # gate/up/act/product, or fc1 out and act out
     if is_moe_block(model, index):
         moe = model.moe

@@ -67,9 +67,10 @@ def linear_params(fan_in: int, fan_out: int, bias: bool) -> int:
     return fan_in * fan_out + (fan_out if bias else 0)
 
 
-def norm_params(model: ModelConfig) -> int:
-    """RMSNorm has a weight; LayerNorm a weight and, when `model.bias`, a bias."""
-    return model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
+def norm_params(model: ModelConfig, width: int | None = None) -> int:
+    """RMSNorm has a weight; LayerNorm a weight and, when `model.bias`, a bias (over `width`
+    features, default `d_model`; a head's for QK-norm)."""
+    return (width or model.d_model) * (2 if model.norm == "layernorm" and model.bias else 1)
 
 
 def attention_params(model: ModelConfig) -> int:
@@ -79,6 +80,7 @@ def attention_params(model: ModelConfig) -> int:
         linear_params(d, inner, model.bias)  # q
         + 2 * linear_params(d, kv_inner, model.bias)  # k, v
         + linear_params(inner, d, model.bias)  # o
+        + (2 * norm_params(model, model.resolved_head_dim) if model.qk_norm else 0)
     )
 
 

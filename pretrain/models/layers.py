@@ -21,11 +21,13 @@ from pretrain.config import ModelConfig, RopeScalingConfig
 # norms and feed-forward
 
 
-def build_norm(cfg: ModelConfig) -> nn.Module:
-    """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias when `cfg.bias`)."""
+def build_norm(cfg: ModelConfig, width: int | None = None) -> nn.Module:
+    """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias when `cfg.bias`) over the
+    last `width` features (default `d_model`; a head's `head_dim` for QK-norm)."""
+    width = width or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.RMSNorm(width, eps=cfg.norm_eps)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
@@ -304,6 +306,10 @@ class Attention(nn.Module):
         causal: a self-attention that hides later keys (uses SDPA's causal kernel when no
             other mask is given).
         scale: the score scale; None is 1/sqrt(D). T5 uses 1.0 (its init absorbs the scale).
+
+    With `model.qk_norm`, each head's queries and keys are normalised over their D features
+    (one gain of D shared by the heads, as Qwen3's and Gemma 3's) before RoPE; cached keys are
+    stored normalised.
     """
 
     def __init__(self, cfg: ModelConfig, *, causal: bool, scale: float | None = None) -> None:
@@ -319,6 +325,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.v = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.o = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.q_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.sequence_shard: SequenceShard | None = None  # context parallelism (self-attention)
 
     def forward(
@@ -337,12 +345,18 @@ class Attention(nn.Module):
         causal attention for a causal layer without a cache.
         """
         batch, length, _ = x.shape
-        q = self.q(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
+        q = self.q(x).view(batch, length, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, T, D)
         if context is not None and cache is not None and cache.keys is not None:
             k, v = cache.keys, cache.values  # cross-attention: encoder keys, computed once
         else:
             source = x if context is None else context
-            k = self.k(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = self.k(source).view(batch, -1, self.n_kv_heads, self.head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = k.transpose(1, 2)  # (B, K, S, D)
             v = self.v(source).view(batch, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if rope is not None:
                 k = apply_rotary(k, *rope)

@@ -351,14 +351,21 @@ def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_kiln_export_end_to_end(tokenizer: Path, tmp_path: Path) -> None:
-    cfg = decoder(name="tiny_llama")
+@pytest.mark.parametrize(
+    ("hf_class", "changes"),
+    [("LlamaForCausalLM", {}),
+     # QK-norm with sliding windows and a full-attention layer every second one
+     ("Qwen3ForCausalLM", {"qk_norm": True, "attention_window": 4, "global_every": 2})],
+)  # fmt: skip
+def test_kiln_export_end_to_end(tokenizer: Path, tmp_path: Path, hf_class: str,
+                                changes: dict) -> None:  # fmt: skip
+    cfg = decoder(name="tiny_llama", **changes)
     model = tiny_model(cfg)
     save_consolidated(model, cfg, tmp_path / "ckpt", tokenizer_path=tokenizer)
     result = kiln("export.checkpoint=ckpt", "export.output_dir=hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     params = sum(p.numel() for p in model.parameters())
-    assert f"LlamaForCausalLM (tiny_llama, {params:,} parameters, float32) to hf" in result.stdout
+    assert f"{hf_class} (tiny_llama, {params:,} parameters, float32) to hf" in result.stdout
     assert "tokenizer from ckpt/tokenizer.model" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no run directory
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -880,3 +880,28 @@ def test_the_table_says_whether_this_configs_engine_fits_and_what_would() -> Non
     fsdp = fit_verdict(build_plan(config("model=llama_8b", "cluster=h200", "engine=fsdp")))
     assert fsdp is not None and fsdp.endswith(": fits.")
     assert fsdp in render_table(build_plan(config("model=llama_8b", "cluster=h200", "engine=fsdp")))
+
+
+def test_qk_norm_activations_match_the_measured_growth() -> None:
+    """`model.qk_norm` keeps each block's q and k twice more (the norm's input and its
+    normalised value): the measured growth of one eager forward and backward's peak on the CPU
+    against the plan's, within 10%; its gains are counted as parameters."""
+    from pretrain.models import build_model
+
+    peaks, estimates = {}, {}
+    for qk_norm in (False, True):
+        cfg = config("model=tiny_decoder", "model.vocab_size=32000", "data.seq_len=256",
+                     "data.micro_batch_size=2", "cluster=local_cpu", "engine=ddp",
+                     f"model.qk_norm={qk_norm}")  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        ids = torch.randint(0, 32000, (2, 256))
+        batch = {"input_ids": ids, "labels": ids}
+        loss_fn = loss_function("eager")
+        loss_fn(model, batch).backward()
+        peaks[qk_norm] = peak_tensor_bytes(lambda: loss_fn(model, batch).backward())  # noqa: B023
+        estimates[qk_norm] = activation_memory(cfg, 4)[0]
+        assert count_parameters(cfg.model).total == sum(p.numel() for p in model.parameters())
+    growth = estimates[True] - estimates[False]
+    assert growth > 0
+    assert peaks[True] - peaks[False] == pytest.approx(growth, rel=0.10)

@@ -13,6 +13,8 @@ One module per transformers architecture, each with the same four names:
 `architectures` on import); `hf_module_for(cfg)` picks the module for one of our configs:
 
     decoder, position=rope      LLaMA  (RMSNorm, RoPE, gated MLP)    -> LlamaForCausalLM
+    decoder, rope, qk_norm      Qwen3  (LLaMA with QK-norm, windows) -> Qwen3ForCausalLM
+    decoder, rope, window       Qwen2  (LLaMA with sliding windows)  -> Qwen2ForCausalLM
     decoder, rope, MoE          Mixtral (LLaMA with sparse experts)  -> MixtralForCausalLM
     decoder, position=learned   GPT-2  (LayerNorm, learned, GELU)    -> GPT2LMHeadModel
     encoder                     BERT                                 -> BertForMaskedLM
@@ -53,6 +55,8 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "pretrain.models.hf.llama",
+    "Qwen3ForCausalLM": "pretrain.models.hf.qwen3",
+    "Qwen2ForCausalLM": "pretrain.models.hf.qwen2",
     "MixtralForCausalLM": "pretrain.models.hf.mixtral",
     "GPT2LMHeadModel": "pretrain.models.hf.gpt2",
     "BertForMaskedLM": "pretrain.models.hf.bert",
@@ -85,7 +89,13 @@ def hf_module_for(cfg: ModelConfig) -> ModuleType:
     """The interop module for `cfg`'s family and layout (raises NoEquivalentError)."""
     if isinstance(cfg, DecoderConfig):
         if cfg.position == "rope":
-            return _load("MixtralForCausalLM" if cfg.moe.n_experts else "LlamaForCausalLM")
+            if cfg.moe.n_experts:
+                return _load("MixtralForCausalLM")
+            if cfg.qk_norm:
+                return _load("Qwen3ForCausalLM")
+            if cfg.attention_window is not None:
+                return _load("Qwen2ForCausalLM")
+            return _load("LlamaForCausalLM")
         if cfg.position == "learned":
             return _load("GPT2LMHeadModel")
         raise NoEquivalentError(

@@ -67,6 +67,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         )
     if cfg.attention_window is not None:
         problems.append(f"model.attention_window={cfg.attention_window} (no sliding window)")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm=true (no QK-norm)")
     if cfg.moe.n_experts:
         problems.append(f"model.moe.n_experts={cfg.moe.n_experts} (dense feed-forward only)")
     return problems

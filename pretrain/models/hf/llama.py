@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -61,9 +61,14 @@ def _problems(cfg: ModelConfig) -> list[str]:
     if cfg.activation not in ACTIVATIONS:
         problems.append(f"model.activation={cfg.activation!r} (needs a gated 'swiglu' or 'geglu')")
     if cfg.attention_window is not None:
-        problems.append(f"model.attention_window={cfg.attention_window} (no sliding window)")
+        problems.append(
+            f"model.attention_window={cfg.attention_window} (no sliding window; "
+            "Qwen2ForCausalLM has one)"
+        )
     if cfg.moe.n_experts:
         problems.append(f"model.moe.n_experts={cfg.moe.n_experts} (dense feed-forward only)")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm=true (no QK-norm; Qwen3ForCausalLM has it)")
     if cfg.d_model % cfg.n_heads:
         problems.append(
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads} "
@@ -72,13 +77,9 @@ def _problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
-def hf_config(cfg: ModelConfig) -> LlamaConfig:
-    """The `LlamaConfig` of `cfg`; ValueError naming every key it cannot express."""
-    from transformers import LlamaConfig
-
-    problems = _problems(cfg)
-    if problems:
-        raise mismatch_error(HF_CLASS, problems)
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers' `rope_parameters` for `cfg`'s RoPE and its scaling (shared by the LLaMA-
+    layout classes: LLaMA, Qwen2, Qwen3)."""
     head_dim = cfg.resolved_head_dim
     scaling = cfg.rope_scaling
     rope: dict = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
@@ -101,6 +102,18 @@ def hf_config(cfg: ModelConfig) -> LlamaConfig:
         }
         if scaling.attention_factor is not None:  # else theirs is ours: 0.1 ln(factor) + 1
             rope["attention_factor"] = float(scaling.attention_factor)
+    return rope
+
+
+def hf_config(cfg: ModelConfig) -> LlamaConfig:
+    """The `LlamaConfig` of `cfg`; ValueError naming every key it cannot express."""
+    from transformers import LlamaConfig
+
+    problems = _problems(cfg)
+    if problems:
+        raise mismatch_error(HF_CLASS, problems)
+    head_dim = cfg.resolved_head_dim
+    rope = rope_parameters(cfg)
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -147,6 +160,50 @@ def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScalingConfig
     )
 
 
+def llama_layout(hf_config: Any, default_name: str) -> dict[str, Any]:
+    """The `DecoderConfig` fields every LLaMA-layout transformers config (LLaMA, Qwen2/3,
+    Mixtral) gives the same way: widths, heads, norm, positions' table size, tying, init."""
+    heads = hf_config.num_attention_heads
+    kv_heads = hf_config.num_key_value_heads or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    name = Path(getattr(hf_config, "_name_or_path", "") or default_name).name or default_name
+    return dict(
+        name=name,
+        vocab_size=hf_config.vocab_size,
+        d_model=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=heads,
+        n_kv_heads=None if kv_heads == heads else kv_heads,
+        head_dim=None if head_dim == hf_config.hidden_size // heads else head_dim,
+        d_ff=hf_config.intermediate_size,
+        norm="rmsnorm",
+        norm_eps=hf_config.rms_norm_eps,
+        position="rope",
+        max_seq_len=hf_config.max_position_embeddings,
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        init_std=hf_config.initializer_range,
+    )
+
+
+def rope_from_hf(hf_config, problems: list[str]) -> tuple[RopeScalingConfig, float]:
+    """(our rope scaling, rope_theta) from a LLaMA-layout config's `rope_parameters`; what we
+    cannot express is appended to `problems`."""
+    rope = dict(hf_config.rope_parameters or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "yarn"):
+        problems.append(
+            f"rope_parameters.rope_type={rope_type!r} (needs 'default', 'linear' or 'yarn')"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (needs 1.0)")
+    scaling = RopeScalingConfig()
+    if rope_type == "linear":
+        scaling = RopeScalingConfig(kind="linear", factor=float(rope["factor"]))
+    elif rope_type == "yarn":
+        scaling = _yarn_from_hf(rope, hf_config.max_position_embeddings)
+    return scaling, float(rope.get("rope_theta", 10000.0))
+
+
 def _rename(name: str, flat: dict[str, str], block: dict[str, str],
             pattern: re.Pattern[str], prefix: str) -> str | None:  # fmt: skip
     if name in flat:
@@ -180,45 +237,12 @@ def from_hf(hf_config: LlamaConfig, state_dict: dict[str, Tensor]) -> tuple[Deco
             f"attention_bias={hf_config.attention_bias} with mlp_bias={hf_config.mlp_bias} "
             "(we have one bias switch)"
         )
-    rope = dict(hf_config.rope_parameters or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "yarn"):
-        problems.append(
-            f"rope_parameters.rope_type={rope_type!r} (needs 'default', 'linear' or 'yarn')"
-        )
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (needs 1.0)")
+    scaling, theta = rope_from_hf(hf_config, problems)
     if problems:
         raise ValueError(f"cannot import {HF_CLASS}: " + "; ".join(problems))
-    heads = hf_config.num_attention_heads
-    kv_heads = hf_config.num_key_value_heads or heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    scaling = RopeScalingConfig()
-    if rope_type == "linear":
-        scaling = RopeScalingConfig(kind="linear", factor=float(rope["factor"]))
-    elif rope_type == "yarn":
-        scaling = _yarn_from_hf(rope, hf_config.max_position_embeddings)
-    name = Path(getattr(hf_config, "_name_or_path", "") or "llama").name or "llama"
-    cfg = DecoderConfig(
-        name=name,
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=heads,
-        n_kv_heads=None if kv_heads == heads else kv_heads,
-        head_dim=None if head_dim == hf_config.hidden_size // heads else head_dim,
-        d_ff=hf_config.intermediate_size,
-        activation=act or "swiglu",
-        norm="rmsnorm",
-        norm_eps=hf_config.rms_norm_eps,
-        bias=bool(hf_config.attention_bias),
-        position="rope",
-        max_seq_len=hf_config.max_position_embeddings,
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_scaling=scaling,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        init_std=hf_config.initializer_range,
-    )
+    cfg = DecoderConfig(**llama_layout(hf_config, "llama"), activation=act or "swiglu",
+                        bias=bool(hf_config.attention_bias), rope_theta=theta,
+                        rope_scaling=scaling)  # fmt: skip
     state = {}
     for key, tensor in state_dict.items():
         if key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved

@@ -23,7 +23,6 @@ reads both.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from pretrain.config import DecoderConfig, ModelConfig, MoEConfig, RopeScalingConfig
 from pretrain.models.hf import BOS_ID, EOS_ID, PAD_ID, mismatch_error, plain_state_dict
+from pretrain.models.hf.llama import llama_layout
 
 if TYPE_CHECKING:
     from transformers import MixtralConfig
@@ -81,6 +81,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         problems.append("model.bias=true (Mixtral has no biases)")
     if cfg.attention_window is not None:
         problems.append(f"model.attention_window={cfg.attention_window} (no sliding window)")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm=true (no QK-norm)")
     if cfg.d_model % cfg.n_heads:
         problems.append(
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads}"
@@ -212,34 +214,17 @@ def from_hf(hf_config: MixtralConfig, state_dict: dict[str, Tensor]) -> tuple[De
         problems.append(f"rope_parameters.rope_type={rope_type!r} (needs 'default' or 'linear')")
     if problems:
         raise ValueError(f"cannot import {HF_CLASS}: " + "; ".join(problems))
-    heads = hf_config.num_attention_heads
-    kv_heads = hf_config.num_key_value_heads or heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     scaling = RopeScalingConfig()
     if rope_type == "linear":
         scaling = RopeScalingConfig(kind="linear", factor=float(rope["factor"]))
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 1e6))
-    name = Path(getattr(hf_config, "_name_or_path", "") or "mixtral").name or "mixtral"
     n_experts = hf_config.num_local_experts
     cfg = DecoderConfig(
-        name=name,
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=heads,
-        n_kv_heads=None if kv_heads == heads else kv_heads,
-        head_dim=None if head_dim == hf_config.hidden_size // heads else head_dim,
-        d_ff=hf_config.intermediate_size,
+        **llama_layout(hf_config, "mixtral"),
         activation=act or "swiglu",
-        norm="rmsnorm",
-        norm_eps=hf_config.rms_norm_eps,
         bias=False,
-        position="rope",
-        max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(theta),
         rope_scaling=scaling,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        init_std=hf_config.initializer_range,
         moe=MoEConfig(
             n_experts=n_experts,
             top_k=hf_config.num_experts_per_tok,

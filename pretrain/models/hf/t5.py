@@ -84,6 +84,8 @@ def _problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"model.n_kv_heads={cfg.n_kv_heads} (no grouped-query attention)")
     if cfg.attention_window is not None:
         problems.append(f"model.attention_window={cfg.attention_window} (no sliding window)")
+    if cfg.qk_norm:
+        problems.append("model.qk_norm=true (no QK-norm)")
     if cfg.moe.n_experts:
         problems.append(f"model.moe.n_experts={cfg.moe.n_experts} (dense feed-forward only)")
     if cfg.tie_embeddings and not cfg.scale_logits_when_tied and not _unscaled_tie_supported():

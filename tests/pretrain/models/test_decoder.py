@@ -190,3 +190,33 @@ def test_block_forward_compiles_without_graph_breaks(name: str) -> None:
     documents = torch.tensor([[0] * 6 + [1] * 10] * 2)
     explanation = torch._dynamo.explain(model)(ids, document_ids=documents)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys() -> None:
+    """`model.qk_norm`: each head's queries and keys are RMS-normalised before RoPE, so scaling
+    the q and k projections (the logit growth QK-norm exists to stop) changes nothing, where it
+    does without the norm; the norms' gains are counted, and the KV cache stores normalised
+    keys (cached decoding reproduces the full forward)."""
+    ids = torch.randint(0, 512, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny(qk_norm=qk_norm, n_kv_heads=2)
+        before = model(ids)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.q.weight.mul_(30.0)
+                block.attn.k.weight.mul_(5.0)
+        after = model(ids)
+        if qk_norm:
+            torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+        else:
+            assert (after - before).abs().max().item() > 0.1
+    cfg = model.cfg
+    assert model.blocks[0].attn.q_norm is None
+    normed = tiny(qk_norm=True, n_kv_heads=2)
+    added = sum(p.numel() for p in normed.parameters()) - sum(p.numel() for p in model.parameters())
+    assert added == cfg.n_layers * 2 * cfg.resolved_head_dim
+    assert count_parameters(normed.cfg).total - count_parameters(cfg).total == added
+    cache = DecoderCache(normed, 2, 16)
+    steps = [normed(ids[:, :9], cache=cache)]
+    steps += [normed(ids[:, t : t + 1], cache=cache) for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), normed(ids), atol=1e-5, rtol=1e-5)

@@ -91,8 +91,9 @@ def test_parameter_count_matches_accounting(name: str) -> None:
         {"pooler": True, "type_vocab_size": 0, "tie_embeddings": False},
         {"norm_position": "pre", "position": "rope", "norm": "rmsnorm", "bias": False,
          "activation": "swiglu", "mlm_head_transform": False, "embedding_norm": False},
+        {"qk_norm": True},  # LayerNorm with biases over each head's queries and keys
     ],
-    ids=["bert", "pooler-untied", "prenorm-rope"],
+    ids=["bert", "pooler-untied", "prenorm-rope", "qk-norm"],
 )  # fmt: skip
 def test_variant_counts_and_finite_gradients(changes: dict[str, object]) -> None:
     cfg = preset("tiny_encoder", **changes)

@@ -102,8 +102,13 @@ def test_parameter_count_matches_accounting(name: str) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"activation": "geglu", "tie_embeddings": False}, {"position": "rope", "n_kv_heads": 2}],
-    ids=["t5", "v1.1", "rope-gqa"],
+    [
+        {},
+        {"activation": "geglu", "tie_embeddings": False},
+        {"position": "rope", "n_kv_heads": 2},
+        {"qk_norm": True, "n_kv_heads": 2},
+    ],
+    ids=["t5", "v1.1", "rope-gqa", "qk-norm"],
 )
 def test_variant_counts_and_finite_gradients(changes: dict[str, object]) -> None:
     cfg = preset("tiny_encoder_decoder", **changes)

@@ -61,8 +61,32 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "gpt2": ("tiny_gpt2", {}),
     "gpt2_untied": ("tiny_gpt2", {"tie_embeddings": False}),
+    # QK-norm: Qwen3; with sliding windows and a global layer every second one, 3 layers
+    "qwen3": ("tiny_decoder", {"qk_norm": True}),
+    "qwen3_window": (
+        "tiny_decoder",
+        {
+            "qk_norm": True,
+            "attention_window": 5,
+            "global_every": 2,
+            "n_layers": 3,
+            "head_dim": 32,
+            "n_kv_heads": 1,
+            "tie_embeddings": False,
+        },
+    ),  # fmt: skip
+    # a window without QK-norm: Qwen2 (its q/k/v biases exported as zeros)
+    "qwen2_window": ("tiny_decoder", {"attention_window": 6}),
+    "qwen2_layers": ("tiny_decoder", {"attention_window": 4, "global_every": 3, "n_layers": 3}),
 }
 HF_CLASS = {"tiny_decoder": "LlamaForCausalLM", "tiny_gpt2": "GPT2LMHeadModel"}
+
+
+def hf_class(variant: str) -> str:
+    """The transformers class a variant exports as."""
+    if variant.startswith("qwen"):
+        return variant[:5].capitalize() + "ForCausalLM"
+    return HF_CLASS[VARIANTS[variant][0]]
 
 
 def randomized(cfg: DecoderConfig, seed: int = 0) -> nn.Module:
@@ -110,7 +134,7 @@ def left_padded_batch(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
 def test_transformers_logits_match_ours(exported: dict[str, Exported], variant: str) -> None:
     case = exported[variant]
     hf = AutoModelForCausalLM.from_pretrained(case.out).eval()
-    assert type(hf).__name__ == HF_CLASS[VARIANTS[variant][0]]
+    assert type(hf).__name__ == hf_class(variant)
     assert hf.config.tie_word_embeddings == case.cfg.tie_embeddings
     with safe_open(case.out / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
@@ -132,7 +156,8 @@ def test_import_reproduces_the_model(exported: dict[str, Exported], variant: str
     assert isinstance(cfg, DecoderConfig)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "resolved_kv_heads",
                 "resolved_head_dim", "d_ff", "activation", "norm", "norm_eps", "position",
-                "max_seq_len", "rope_theta", "rope_scaling", "tie_embeddings"):  # fmt: skip
+                "max_seq_len", "rope_theta", "rope_scaling", "tie_embeddings", "qk_norm",
+                "attention_window", "global_every"):  # fmt: skip
         assert getattr(cfg, key) == getattr(case.cfg, key), key
     ids, _, _ = left_padded_batch()
     with torch.no_grad():
@@ -150,7 +175,9 @@ def greedy(model: nn.Module, ids: Tensor, mask: Tensor, steps: int) -> Tensor:
     return ids[:, -steps:]
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama_options", "gpt2_untied"])
+@pytest.mark.parametrize(
+    "variant", ["llama", "llama_options", "gpt2_untied", "qwen3_window", "qwen2_layers"]
+)
 def test_generate_reproduces_our_greedy_tokens(exported: dict[str, Exported], variant: str) -> None:
     case = exported[variant]
     hf = AutoModelForCausalLM.from_pretrained(case.out).eval()
@@ -194,9 +221,11 @@ def test_registry_and_dispatch() -> None:
     [
         ("tiny_decoder", {"norm": "layernorm", "activation": "gelu"},
          ["model.norm='layernorm'", "model.activation='gelu'"]),
-        ("tiny_decoder", {"attention_window": 16}, ["model.attention_window=16"]),
-        ("tiny_decoder", {"attention_window": 8, "global_every": 2},
-         ["model.attention_window=8"]),
+        ("tiny_decoder", {"attention_window": 16, "global_tokens": 2},
+         ["model.global_tokens=2 (attention sinks"]),
+        ("tiny_decoder", {"attention_window": 8, "bias": True}, ["model.bias=true"]),
+        ("tiny_decoder", {"qk_norm": True, "norm": "layernorm", "bias": True},
+         ["model.norm='layernorm'", "model.bias=true"]),
         ("tiny_decoder", {"d_model": 66, "head_dim": 16}, ["model.d_model=66"]),
         ("tiny_gpt2", {"n_kv_heads": 2, "activation": "swiglu", "norm": "rmsnorm"},
          ["model.n_kv_heads=2", "model.activation='swiglu'", "model.norm='rmsnorm'"]),
@@ -240,3 +269,31 @@ def test_wrapped_model_exports_the_same_weights() -> None:
     wrapped = module.to_hf_state_dict(apply_activation_checkpointing(randomized(cfg)))
     assert plain.keys() == wrapped.keys()
     assert all(torch.equal(plain[k], wrapped[k]) for k in plain)
+
+
+def test_qwen_imports_name_what_we_cannot_express(tmp_path: Path) -> None:
+    """A Qwen2 with real (non-zero) q/k/v biases, and a Qwen3 whose full-attention layers are
+    not every n-th layer, are refused naming the weight and the layer types."""
+    import transformers as tf
+
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 tie_word_embeddings=True)  # fmt: skip
+    qwen2 = tf.Qwen2ForCausalLM(tf.Qwen2Config(**small))
+    with torch.no_grad():
+        qwen2.model.layers[1].self_attn.k_proj.bias.fill_(0.5)
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias is not zero"):
+        import_model(tmp_path / "qwen2")
+    with torch.no_grad():
+        qwen2.model.layers[1].self_attn.k_proj.bias.zero_()
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    cfg, _ = import_model(tmp_path / "qwen2")  # zero biases: our bias-free attention
+    assert cfg.attention_window is None and not cfg.qk_norm and not cfg.bias
+
+    types = ["full_attention", "sliding_attention", "sliding_attention"]
+    qwen3 = tf.Qwen3ForCausalLM(tf.Qwen3Config(**small, use_sliding_window=True,
+                                               sliding_window=8, layer_types=types))  # fmt: skip
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ValueError, match="layer_types=.*every model.global_every-th layer"):
+        import_model(tmp_path / "qwen3")
