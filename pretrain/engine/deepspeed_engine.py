@@ -329,6 +329,7 @@ class DeepSpeedEngine(Engine):
             )
         self._poisoned = False  # a non-finite loss in the step being accumulated
         self._dropped = False  # this engine dropped the step's gradients (fp32 stage 0)
+        self._step_lr: float | None = None  # the step's lr, read before ds.step() moves it
         self._norm: float | None = None  # fp32 stage 0: the step's gradient norm
 
     def _finite_everywhere(self, loss: Tensor) -> bool:
@@ -360,6 +361,8 @@ class DeepSpeedEngine(Engine):
             self.ds.backward(loss * float("nan"))
         if last and self.engine_clips:
             self._check_plain_gradients()
+        if last:  # ds.step() moves the schedule on: `lr()` is asked after it, for this step
+            self._step_lr = float(self.ds.get_lr()[0])
         self.ds.step()  # applies (or skips) the update on the last micro-batch
         return loss.detach()
 
@@ -390,9 +393,13 @@ class DeepSpeedEngine(Engine):
             norm = float("nan") if value is None else float(value)
         self._poisoned = self._dropped = False
         self._norm = None
+        self._step_lr = None
         return norm, skipped
 
     def lr(self) -> float:
+        """This step's learning rate (the one its update used), as the other engines give."""
+        if self._step_lr is not None:
+            return self._step_lr
         return float(self.ds.get_lr()[0])
 
     def save(self, directory: Path) -> None:

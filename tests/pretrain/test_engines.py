@@ -168,6 +168,22 @@ def test_sigkill_and_resume_gives_bitwise_identical_losses(
 
 
 @slow
+def test_every_engine_logs_the_learning_rate_its_step_used(reference) -> None:
+    """The logged `lr` of step s is the schedule's value the step's update used (warmup over 2
+    steps: step 1 trains at lr / 2). DeepSpeed's optimizer steps inside the last micro-batch's
+    `ds.step()`, and its runs logged the next step's value (3e-3 at step 1)."""
+    from pretrain.config import OptimConfig
+    from pretrain.optim import lr_lambda
+
+    schedule = lr_lambda(OptimConfig(lr=3e-3, warmup_steps=2), 12)
+    expected = {step: 3e-3 * schedule(step - 1) for step in range(1, 13)}
+    assert expected[1] == pytest.approx(1.5e-3)
+    for engine in ("zero2", "fsdp"):
+        logged = {step: r["lr"] for step, r in records(reference(engine), "train").items()}
+        assert logged == pytest.approx(expected, rel=1e-6), engine
+
+
+@slow
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp"])
 def test_an_intermediate_checkpoint_of_each_engine_exports(
     engine: str, tmp_path: Path, reference
