@@ -16,6 +16,7 @@ One module per transformers architecture, each with the same four names:
     decoder, rope, qk_norm      Qwen3  (LLaMA with QK-norm, windows) -> Qwen3ForCausalLM
     decoder, rope, window       Qwen2  (LLaMA with sliding windows)  -> Qwen2ForCausalLM
     decoder, rope, MoE          Mixtral (LLaMA with sparse experts)  -> MixtralForCausalLM
+    decoder, rope, MoE, qk_norm Qwen3-MoE (Qwen3 with sparse experts)-> Qwen3MoeForCausalLM
     decoder, position=learned   GPT-2  (LayerNorm, learned, GELU)    -> GPT2LMHeadModel
     encoder                     BERT                                 -> BertForMaskedLM
     encoder_decoder             T5                                   -> T5ForConditionalGeneration
@@ -58,6 +59,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "pretrain.models.hf.qwen3",
     "Qwen2ForCausalLM": "pretrain.models.hf.qwen2",
     "MixtralForCausalLM": "pretrain.models.hf.mixtral",
+    "Qwen3MoeForCausalLM": "pretrain.models.hf.qwen3_moe",
     "GPT2LMHeadModel": "pretrain.models.hf.gpt2",
     "BertForMaskedLM": "pretrain.models.hf.bert",
     "T5ForConditionalGeneration": "pretrain.models.hf.t5",
@@ -90,7 +92,7 @@ def hf_module_for(cfg: ModelConfig) -> ModuleType:
     if isinstance(cfg, DecoderConfig):
         if cfg.position == "rope":
             if cfg.moe.n_experts:
-                return _load("MixtralForCausalLM")
+                return _load("Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM")
             if cfg.qk_norm:
                 return _load("Qwen3ForCausalLM")
             if cfg.attention_window is not None:

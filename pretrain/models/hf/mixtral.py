@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pretrain.config import DecoderConfig, ModelConfig, MoEConfig, RopeScalingConfig
 from pretrain.models.hf import BOS_ID, EOS_ID, PAD_ID, mismatch_error, plain_state_dict
-from pretrain.models.hf.llama import llama_layout
+from pretrain.models.hf.llama import llama_layout, rope_parameters
 
 if TYPE_CHECKING:
     from transformers import MixtralConfig
@@ -82,7 +82,7 @@ def _problems(cfg: ModelConfig) -> list[str]:
     if cfg.attention_window is not None:
         problems.append(f"model.attention_window={cfg.attention_window} (no sliding window)")
     if cfg.qk_norm:
-        problems.append("model.qk_norm=true (no QK-norm)")
+        problems.append("model.qk_norm=true (no QK-norm; Qwen3MoeForCausalLM has it)")
     if cfg.d_model % cfg.n_heads:
         problems.append(
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads}"
@@ -122,13 +122,7 @@ def hf_config(cfg: ModelConfig) -> MixtralConfig:
     if problems:
         raise mismatch_error(HF_CLASS, problems)
     head_dim = cfg.resolved_head_dim
-    scaling = cfg.rope_scaling
-    rope: dict = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    if scaling.kind == "linear":
-        rope = {"rope_type": "linear", "rope_theta": float(cfg.rope_theta),
-                "factor": float(scaling.factor)}  # fmt: skip
-    elif scaling.kind == "ntk":  # our NTK-aware scaling is a fixed, larger base
-        rope["rope_theta"] = float(cfg.rope_theta * scaling.factor ** (head_dim / (head_dim - 2)))
+    rope = rope_parameters(cfg)  # YaRN refused above
     return MixtralConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,

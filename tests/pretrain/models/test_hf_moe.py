@@ -1,6 +1,7 @@
-"""MoE decoders to transformers' MixtralForCausalLM and back: logits within 1e-4 (fp32), the same
-greedy tokens from `generate()`, import of both expert layouts (fused 5.x tensors and the
-per-expert w1/w2/w3 files), refusal of the settings Mixtral lacks, and `kiln export`."""
+"""MoE decoders to transformers' MixtralForCausalLM (and, with QK-norm, Qwen3MoeForCausalLM)
+and back: logits within 1e-4 (fp32), the same greedy tokens from `generate()`, import of both
+expert layouts (fused 5.x tensors and the per-expert files), refusal of the settings each
+lacks, and `kiln export`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ from pretrain.config import (
     register_configs,
 )
 from pretrain.models import build_model
-from pretrain.models.hf import ARCHITECTURES, export_model, hf_module_for, import_model, mixtral
+from pretrain.models.hf import (
+    ARCHITECTURES,
+    export_model,
+    hf_module_for,
+    import_model,
+    mixtral,
+    qwen3_moe,
+)
 
 VOCAB = 640
 TOLERANCE = 1e-4
@@ -54,7 +62,18 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"tie_embeddings": False, "activation": "geglu", "head_dim": 32, "rope_theta": 500.0,
          "rope_scaling": RopeScalingConfig(kind="linear", factor=2.0)},
     ),
+    # QK-norm: Qwen3-MoE. A dense block then an MoE one with a top-1 Switch gate (the router
+    # probability, not renormalised); then 8 unrenormalised top-3 experts under a window
+    "qwen3_moe": ({"every_k_layers": 2, "top_k": 1}, {"qk_norm": True, "n_layers": 4}),
+    "qwen3_moe_options": (
+        {"n_experts": 8, "top_k": 3, "d_expert": 40, "normalize_top_k": False},
+        {"qk_norm": True, "attention_window": 6, "tie_embeddings": False, "head_dim": 32},
+    ),
 }  # fmt: skip
+
+
+def hf_class(variant: str) -> str:
+    return "Qwen3MoeForCausalLM" if variant.startswith("qwen3") else "MixtralForCausalLM"
 
 
 def randomized(cfg: DecoderConfig, seed: int = 0) -> nn.Module:
@@ -91,11 +110,12 @@ def left_padded_batch(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_mixtral_logits_match_ours(exported: dict, variant: str) -> None:
+def test_transformers_logits_match_ours(exported: dict, variant: str) -> None:
     cfg, model, out = exported[variant]
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
-    assert hf.config.num_local_experts == cfg.moe.n_experts
+    assert type(hf).__name__ == hf_class(variant)
+    experts = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
+    assert experts == cfg.moe.n_experts
     assert hf.config.num_experts_per_tok == cfg.moe.top_k
     ids, mask, positions = left_padded_batch()
     with torch.no_grad():
@@ -132,8 +152,12 @@ def test_import_reproduces_the_model(exported: dict, variant: str) -> None:
     assert imported_cfg.moe.top_k == cfg.moe.top_k
     assert (imported_cfg.moe.d_expert or imported_cfg.d_ff) == (cfg.moe.d_expert or cfg.d_ff)
     for key in ("d_model", "n_layers", "resolved_kv_heads", "resolved_head_dim", "activation",
-                "rope_theta", "rope_scaling", "tie_embeddings"):  # fmt: skip
+                "rope_theta", "rope_scaling", "tie_embeddings", "qk_norm",
+                "attention_window"):  # fmt: skip
         assert getattr(imported_cfg, key) == getattr(cfg, key), key
+    assert imported_cfg.moe.every_k_layers == cfg.moe.every_k_layers
+    if cfg.moe.top_k > 1:
+        assert imported_cfg.moe.normalize_top_k == cfg.moe.normalize_top_k
     ids, _, _ = left_padded_batch()
     with torch.no_grad():
         assert torch.allclose(imported(ids), model(ids), atol=1e-6, rtol=0)
@@ -155,6 +179,18 @@ def test_both_expert_layouts_round_trip(exported: dict) -> None:
         back_cfg, back = mixtral.from_hf(hf_cfg, state)
         assert back.keys() == ours.keys()
         assert all(torch.equal(back[k], ours[k]) for k in ours)
+    # Qwen3-MoE: the files hold one module per expert (test_import_reproduces_the_model reads
+    # them), the installed transformers the fused tensors, read back here
+    cfg, model, out = exported["qwen3_moe_options"]
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+    state = qwen3_moe.to_hf_state_dict(model)
+    assert state["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 80, cfg.d_model)
+    back_cfg, back = qwen3_moe.from_hf(qwen3_moe.hf_config(cfg), state)
+    ours = model.state_dict()
+    assert back.keys() == ours.keys()
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 @pytest.mark.parametrize(
@@ -167,13 +203,18 @@ def test_both_expert_layouts_round_trip(exported: dict) -> None:
         ({"top_k": 1}, {}, ["model.moe.top_k=1"]),
         ({"normalize_top_k": False}, {"bias": True}, ["model.moe.normalize_top_k=false",
                                                        "model.bias=true"]),
+        ({"capacity_factor": 1.0, "n_shared_experts": 1},
+         {"qk_norm": True, "attention_window": 8, "global_every": 2},
+         ["model.moe.capacity_factor=1.0", "model.moe.n_shared_experts=1",
+          "model.global_every=2"]),
     ],
 )  # fmt: skip
 def test_settings_mixtral_lacks_are_named(
     moe: dict, changes: dict, keys: list[str], tmp_path: Path
 ) -> None:
     cfg = preset(moe=moe, **changes)
-    assert hf_module_for(cfg).HF_CLASS == "MixtralForCausalLM"
+    expected = "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
+    assert expected == hf_module_for(cfg).HF_CLASS
     with pytest.raises(ValueError) as error:
         export_model(nn.Linear(1, 1), cfg, tmp_path / "out", tokenizer_path=None)
     for key in keys:
