@@ -173,6 +173,10 @@ class ObjectiveConfig:
     kind: ClassVar[str] = "abstract"
     families: ClassVar[tuple[str, ...]] = ()
 
+    # weight of the output z-loss, mean(logsumexp(logits)**2) over the labelled positions,
+    # added to the training loss (logged apart as z_loss); PaLM's 1e-4; 0 = off
+    z_loss: float = 0.0
+
 
 @dataclass
 class CausalLMConfig(ObjectiveConfig):
@@ -243,6 +247,9 @@ class EngineConfig:
 
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    # with activation_checkpointing: recompute every k-th block only (blocks 0, k, 2k, ...),
+    # the others keep their activations: 1/k of the recompute for part of the memory saving
+    activation_checkpointing_every: int = 1
     compile: bool = False  # torch.compile (what: compile_scope)
     # auto | loss (forward + cross-entropy as one compiled function; engine=ddp without context
     # parallelism) | blocks (each transformer block's forward, and the cross-entropy apart;
@@ -1164,15 +1171,21 @@ def _validate_context_parallel(cfg: KilnConfig, cp: int, ranks: int) -> None:
 
 
 def _validate_objective(cfg: KilnConfig) -> None:
-    """The objective's settings (mask rates, noise density, span length, UL2's weights) and
-    the sequence length it needs, checked as its transform checks them when the data is read,
-    so `kiln plan` and every launcher refuse them at once. The tokenizer here has as many
-    sentinels as spans could need: their number is the data's, checked when it is read."""
+    """The objective's settings (the z-loss weight, mask rates, noise density, span length,
+    UL2's weights) and the sequence length it needs, checked as its transform checks them
+    when the data is read, so `kiln plan` and every launcher refuse them at once. The
+    tokenizer here has as many sentinels as spans could need: their number is the data's,
+    checked when it is read."""
     import numpy as np
 
     from pretrain.objectives import SpecialIds, build_objective
 
     objective, seq_len = cfg.objective, cfg.data.seq_len
+    if not (math.isfinite(objective.z_loss) and objective.z_loss >= 0):
+        raise ConfigError(
+            f"objective.z_loss={objective.z_loss} must be a finite weight >= 0 (PaLM's 1e-4; "
+            "0 = no z-loss)"
+        )
     if seq_len < 1:
         return  # said with the other data settings
     if objective.kind != "clm" and cfg.data.seq_len_warmup_steps > 0:
@@ -1214,6 +1227,13 @@ def validate_config(cfg: KilnConfig) -> None:
         _check_choice("engine.reduce_dtype", engine.reduce_dtype, ("fp32", "bf16"))
     _check_choice("engine.compile_scope", engine.compile_scope, ("auto", "loss", "blocks"))
     _check_choice("engine.compile_mode", engine.compile_mode, COMPILE_MODES)
+    _check_positive("engine.activation_checkpointing_every", engine.activation_checkpointing_every)
+    if engine.activation_checkpointing_every > 1 and not engine.activation_checkpointing:
+        raise ConfigError(
+            f"engine.activation_checkpointing_every={engine.activation_checkpointing_every} "
+            "picks the blocks activation checkpointing recomputes: set "
+            "engine.activation_checkpointing=true too"
+        )
     for backend in engine.attention_backends:
         _check_choice("engine.attention_backends", backend, ATTENTION_BACKENDS)
     if len(set(engine.attention_backends)) != len(engine.attention_backends):

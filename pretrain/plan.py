@@ -25,10 +25,13 @@ live tensor bytes of real runs (bench/memory.py):
   in the compute dtype for the running and the prefetched unit, and holds its unsharded
   gradient. A non-fused AdamW (CPU) makes two temporaries of each tensor it steps: DeepSpeed's
   flat partition. DDP in bf16 (autocast over fp32 weights) keeps a bf16 copy of every weight.
-* Activations (Korthikanti et al. 2022, re-derived per tensor so GQA, gated MLPs, MoE and
-  cross-attention are counted): SDPA's fused kernels keep no attention-score matrix. With full
-  activation checkpointing only each block's input is kept, plus one block's activations during
-  its recompute. The loss holds 12 bytes per logit at its peak (fp32 log-probabilities and, in
+* Activations (Korthikanti et al. 2022, re-derived per tensor so GQA, gated MLPs, MoE,
+  cross-attention, QK-norm and attention masks are counted; within 3% of the measured blocks
+  of every family on the CPU, test_plan.py): SDPA's fused kernels keep no attention-score
+  matrix (T5's learned bias takes the math kernel, which does). The peak is the largest moment
+  of the backward pass (`backward_peak`): at the loss, or at a block with the blocks before it.
+  Activation checkpointing (of every block, or every k-th) keeps a recomputed block's input
+  until its backward pass. The loss holds 12 bytes per logit at its peak (fp32 log-probabilities and, in
   the backward pass, two fp32 gradients of the same size). Under context parallelism
   (`engine.context_parallel` C) a rank holds seq_len / C tokens of each row, plus the whole
   row's keys and values, gathered for attention; the batch is split over N / C ranks.
@@ -58,6 +61,7 @@ from pretrain.config import (
     plan_strategy,
     use_fused,
 )
+from pretrain.models import checkpointed_block
 from pretrain.models.accounting import (
     ParamCounts,
     count_parameters,
@@ -408,6 +412,7 @@ def block_activation_bytes(
     element: int,
     context_tokens: int = 0,
     kv_tokens: int = 0,
+    scores: int = 0,
 ) -> int:
     """Bytes kept for the backward pass by one transformer block over `tokens` tokens.
 
@@ -420,34 +425,70 @@ def block_activation_bytes(
         kv_tokens: tokens of the self-attention's keys and values when more than `tokens`:
             context parallelism gathers every rank's slice of the row for SDPA, which keeps
             them for its backward pass (0: `tokens`).
+        scores: bytes the self-attention keeps beyond q, k, v and its output
+            (`attention_extra_bytes`: a mask SDPA converts, or T5's probabilities).
     """
     d, inner = model.d_model, model.n_heads * model.resolved_head_dim
     kv_inner = model.resolved_kv_heads * model.resolved_head_dim
     mask = 1 if model.dropout > 0 else 0  # dropout masks are one byte per element
-    # Self-attention: norm input, q, k, v, attention output (input of the out projection).
-    attention = tokens * (2 * d + 2 * inner + 2 * kv_inner) * element // 2 + tokens * d * mask
+    # Self-attention: the q/k/v projections' input, q, k, v and the attention output (which
+    # the out projection reads as a view), and SDPA's fp32 log-sum-exp per head.
+    lse = tokens * model.n_heads * 4
+    attention = tokens * (d + 2 * inner + 2 * kv_inner) * element + lse + tokens * d * mask
+    attention += scores
     if kv_tokens > tokens:  # the other ranks' keys and values, gathered (context parallelism)
         attention += (kv_tokens - tokens) * 2 * kv_inner * element
-    norms = 2 * tokens * d * element
-    if model.qk_norm:  # QK-norm keeps q and k twice: its input and, for the gain's gradient,
-        norms += 2 * tokens * (inner + kv_inner) * element  # the normalised value (measured)
+    # A norm keeps its input; RMSNorm (composed of elementwise ops) its normalised value too,
+    # for its gain's gradient (measured on the CPU: test_plan.py)
+    per_norm = 2 if model.norm == "rmsnorm" else 1
+    norms = 2 * per_norm * tokens * d * element
+    if model.qk_norm:  # QK-norm, likewise over q and k
+        norms += per_norm * tokens * (inner + kv_inner) * element
     if context_tokens:
-        # Cross-attention: norm input, q, k and v over encoder tokens, output.
-        attention += (tokens * (2 * d + 2 * inner) + context_tokens * 2 * kv_inner) * element // 2
-        norms += tokens * d * element
+        # Cross-attention: the q projection's input, q, k and v over encoder tokens, output.
+        attention += (tokens * (d + 2 * inner) + context_tokens * 2 * kv_inner) * element + lse
+        norms += per_norm * tokens * d * element
         if model.qk_norm:
-            norms += 2 * (tokens * inner + context_tokens * kv_inner) * element
-    per_ff = (4 if model.gated else 2) * element  # gate/up/act/product, or fc1 out and act out
+            norms += per_norm * (tokens * inner + context_tokens * kv_inner) * element
+    # gate, up, activation and product; or fc1's output and the activation's (ReLU's is its
+    # own input's saved copy: the out projection and ReLU's backward share it)
+    per_ff = (4 if model.gated else 1 if model.activation == "relu" else 2) * element
     if is_moe_block(model, index):
         moe = model.moe
         d_ff = moe.d_expert or model.d_ff
         routed = moe.top_k * tokens
-        mlp = routed * (d * element + per_ff * d_ff)  # permuted inputs and expert hiddens
+        # three (routed tokens, d_model) tensors (the permuted inputs, the experts' outputs and
+        # their weighted copies, measured on the CPU: test_plan.py) and the experts' hiddens
+        mlp = routed * (3 * d * element + per_ff * d_ff)
         mlp += moe.n_shared_experts * tokens * per_ff * d_ff + tokens * moe.n_experts * 4  # router
     else:
         mlp = tokens * per_ff * model.d_ff
     mlp += tokens * d * element + tokens * d * mask  # feed-forward input, dropout mask
     return attention + norms + mlp
+
+
+def attention_extra_bytes(cfg: KilnConfig, batch: int, queries: int, keys: int,
+                          element: int) -> tuple[int, int]:  # fmt: skip
+    """(bytes each self-attention layer keeps beyond q, k, v and its output; bytes kept once
+    for all of them), for `queries` x `keys` attention over `batch` rows.
+
+    * A boolean mask (document masking, which the loader's rows use by default; a window) is
+      turned by SDPA into a (B or 1, 1, T, S) mask in the compute dtype, which each layer keeps
+      (measured on the CPU, test_plan.py, and on an H200: 0.375 GiB for gpt2_124m's 12 layers
+      at 16 x 1024 with document masks, bench/results/gpu_h200_2026-11-28.json).
+    * ALiBi's float (B or 1, H, T, S) bias is built once per forward and shared by the layers.
+    * T5's learned relative bias needs its gradient, which only SDPA's math kernel gives: it
+      keeps each layer's (B, H, T, S) probabilities.
+    """
+    model = cfg.model
+    rows = batch if cfg.data.document_masking else 1
+    if model.position == "relative":
+        return batch * model.n_heads * queries * keys * element, 0
+    if model.position == "alibi":
+        return 0, rows * model.n_heads * queries * keys * element
+    if cfg.data.document_masking or model.attention_window is not None:
+        return rows * queries * keys * element, 0
+    return 0, 0
 
 
 def compiled_loss(cfg: KilnConfig, strategy: str) -> bool:
@@ -490,30 +531,40 @@ def loss_convention(cfg: KilnConfig) -> str:
 
 
 def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> tuple[int, int]:
-    """(without, with) full activation checkpointing: bytes for one micro-batch on one rank
-    (its slice of each sequence under context parallelism).
+    """(without, with) activation checkpointing (of every block, or of every
+    `engine.activation_checkpointing_every`-th): bytes for one micro-batch on one rank (its
+    slice of each sequence under context parallelism).
     `loss`: how the cross-entropy is computed (`loss_compilation`)."""
     model, batch = cfg.model, cfg.data.micro_batch_size
     d = model.d_model
+    held = 0  # bytes activation checkpointing keeps beyond the blocks' inputs
     if isinstance(model, EncoderDecoderConfig):
         enc_len, dec_len = encoder_decoder_lengths(cfg)
+        enc_scores = attention_extra_bytes(cfg, batch, enc_len, enc_len, element)[0]
+        dec_scores = attention_extra_bytes(cfg, batch, dec_len, dec_len, element)[0]
         enc = [
-            block_activation_bytes(model, i, batch * enc_len, element)
+            block_activation_bytes(model, i, batch * enc_len, element, scores=enc_scores)
             for i in range(model.n_encoder_layers)
         ]
         dec = [
             block_activation_bytes(
-                model, i, batch * dec_len, element, context_tokens=batch * enc_len
-            )
+                model,
+                i,
+                batch * dec_len,
+                element,
+                context_tokens=batch * enc_len,
+                scores=dec_scores,
+            )  # fmt: skip
             for i in range(model.n_decoder_layers)
         ]
-        blocks = enc + dec
-        block_inputs = (
-            (model.n_encoder_layers * enc_len + model.n_decoder_layers * dec_len)
-            * batch
-            * d
-            * element
-        )
+        # T5's probabilities (`scores`) have a gradient of their size in the backward pass;
+        # its bias, built once per stack, is an input activation checkpointing keeps
+        enc_backward = backward_bytes(model, batch * enc_len, element) + enc_scores
+        dec_backward = backward_bytes(model, batch * dec_len, element) + dec_scores
+        stacks = [Stack(enc, batch * enc_len * d * element, enc_backward),
+                  Stack(dec, batch * dec_len * d * element, dec_backward)]  # fmt: skip
+        if model.position == "relative":
+            held = model.n_heads * (enc_len**2 + dec_len**2) * element
         logit_tokens = batch * dec_len
         outside = batch * (enc_len + dec_len) * d * element  # final norms' inputs
     else:
@@ -521,13 +572,17 @@ def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> 
         # and the loss over seq_len / context_parallel tokens, keys and values over the row
         cp = context_parallel(cfg)
         seq = cfg.data.seq_len // cp
+        scores, shared = attention_extra_bytes(cfg, batch, seq, seq * cp, element)
         blocks = [
-            block_activation_bytes(model, i, batch * seq, element, kv_tokens=batch * seq * cp)
+            block_activation_bytes(
+                model, i, batch * seq, element, kv_tokens=batch * seq * cp, scores=scores
+            )  # fmt: skip
             for i in range(model.n_layers)
         ]
-        block_inputs = model.n_layers * batch * seq * d * element
+        stacks = [Stack(blocks, batch * seq * d * element,
+                        backward_bytes(model, batch * seq, element))]  # fmt: skip
         logit_tokens = batch * seq
-        outside = batch * seq * d * element
+        outside = batch * seq * d * element + shared
     # The loss's peak, at the start of its backward pass: the fp32 log-probabilities that
     # log_softmax keeps, nll_loss's gradient and log_softmax's input gradient, each B x T x V
     # fp32 (in bf16 the head's bf16 logits are gone by then and their gradient comes later).
@@ -552,9 +607,56 @@ def activation_memory(cfg: KilnConfig, element: int, *, loss: str = "eager") -> 
         per_logit = {"eager": LOSS_BYTES_PER_LOGIT, "forward": element,
                      "cross_entropy": 2 * element}[loss]  # fmt: skip
         loss_bytes = logit_tokens * model.vocab_size * per_logit + logit_tokens * d * element
-    full = sum(blocks) + outside + loss_bytes
-    checkpointed = block_inputs + max(blocks) + outside + loss_bytes
+    full = outside + backward_peak(stacks, None, loss_bytes)
+    checkpointed = outside + held + backward_peak(stacks, _checkpoint_every(cfg), loss_bytes)
     return full, checkpointed
+
+
+def _checkpoint_every(cfg: KilnConfig) -> int:
+    return max(1, getattr(cfg.engine, "activation_checkpointing_every", 1))
+
+
+@dataclass
+class Stack:
+    """One stack of blocks for `backward_peak`: each block's activations, the bytes of one
+    block's input, and the gradients one block's backward pass holds at once."""
+
+    blocks: list[int]
+    input_bytes: int
+    backward: int
+
+
+def backward_bytes(model: ModelConfig, tokens: int, element: int) -> int:
+    """The gradients a block's backward pass holds at once beyond its saved tensors: two of
+    the feed-forward's widest (its hidden width, over the tokens a dense block or MoE routing
+    gives it) and two of the residual stream's (measured on the CPU: test_plan.py)."""
+    width = model.d_ff
+    if model.moe.n_experts:
+        width = max(width, model.moe.top_k * (model.moe.d_expert or model.d_ff))
+    return tokens * (2 * width + 2 * model.d_model) * element
+
+
+def backward_peak(stacks: list[Stack], every: int | None, loss_bytes: int) -> int:
+    """The blocks' and the loss's peak in the backward pass, with activation checkpointing of
+    every `every`-th block of each stack (`pretrain.models.checkpointed_block`; None: none).
+
+    A recomputed block keeps only its input until its backward pass, the others everything.
+    The backward pass starts at the loss, with every block's kept bytes live, then runs the
+    blocks last to first: at block i the blocks before it still hold theirs, block i holds its
+    activations whole (recomputed or kept) and the gradients of its backward pass. The peak is
+    the largest of these moments (within 3% of the measured peaks, every family, test_plan.py).
+    """
+    sequence = [(block, stack.input_bytes, stack.backward) for stack in stacks
+                for block in stack.blocks]  # fmt: skip
+    flags = [every is not None and checkpointed_block(index, every)
+             for stack in stacks for index in range(len(stack.blocks))]  # fmt: skip
+    kept = [inputs if recomputed else block
+            for (block, inputs, _), recomputed in zip(sequence, flags, strict=True)]  # fmt: skip
+    peak, before = sum(kept) + loss_bytes, 0
+    for (block, _, backward), own in zip(sequence, kept, strict=True):
+        peak = max(peak, before + block + backward)
+        before += own
+    return peak
 
 
 def estimate_memory(cfg: KilnConfig, counts: ParamCounts) -> list[MemoryEstimate]:
@@ -621,6 +723,30 @@ def largest_micro_batches(cfg: KilnConfig, counts: ParamCounts) -> dict[str, Any
             if estimate.fits_checkpointed:
                 largest[estimate.strategy]["checkpointed"] = micro
     return {"per_rank": per_rank, "largest": largest}
+
+
+def lightest_checkpointing(cfg: KilnConfig, counts: ParamCounts) -> dict[str, int] | None:
+    """For a config whose engine's row fits only with activation checkpointing: the largest
+    `engine.activation_checkpointing_every` (the least recompute) that fits, with its total
+    bytes, when it is more than 1; else None."""
+    strategy = plan_strategy(cfg.engine)
+    mine = {e.strategy: e for e in estimate_memory(cfg, counts)}[strategy]
+    layers = max(len(blocks) for blocks in _stack_lengths(cfg.model))
+    if mine.fits or layers < 2:
+        return None
+    for every in range(layers, 1, -1):
+        engine = replace(cfg.engine, activation_checkpointing=True,
+                         activation_checkpointing_every=every)  # fmt: skip
+        row = {e.strategy: e for e in estimate_memory(replace(cfg, engine=engine), counts)}
+        if row[strategy].fits_checkpointed:
+            return {"every": every, "total": row[strategy].total_checkpointed}
+    return None
+
+
+def _stack_lengths(model: ModelConfig) -> list[range]:
+    if isinstance(model, EncoderDecoderConfig):
+        return [range(model.n_encoder_layers), range(model.n_decoder_layers)]
+    return [range(model.n_layers)]  # type: ignore[attr-defined]
 
 
 def chinchilla_tokens(params: int, tokens_per_param: float) -> float:
@@ -739,6 +865,8 @@ def build_plan(cfg: KilnConfig) -> Plan:
             "context_parallel": context_parallel(cfg),
             "grad_accumulation": data.global_batch_size // (data.micro_batch_size * data_parallel),
             "activation_checkpointing": bool(cfg.engine.activation_checkpointing),
+            "activation_checkpointing_every": _checkpoint_every(cfg),
+            "lightest_checkpointing": lightest_checkpointing(cfg, counts),
             "tokens_per_step": tokens_per_step,
         },
         flops={
@@ -964,6 +1092,13 @@ def fit_verdict(plan: Plan) -> str | None:
         return (f"This config ({label}, {how} activation checkpointing): {total / GIB:.2f} GiB "
                 f"per GPU of {device:g}: fits.")  # fmt: skip
     fixes = []
+    lightest = plan.batch.get("lightest_checkpointing")
+    if not checkpointed and lightest:
+        every = lightest["every"]
+        fixes.append(
+            f"engine.activation_checkpointing=true engine.activation_checkpointing_every={every} "
+            f"({lightest['total'] / GIB:.2f} GiB, recomputing 1 block in {every})"
+        )
     if not checkpointed and mine.fits_checkpointed:
         fixes.append(
             f"engine.activation_checkpointing=true ({mine.total_checkpointed / GIB:.2f} GiB)"

@@ -239,18 +239,39 @@ def resume_problem(resume: str) -> str | None:
 
 
 def config_differences(
-    there: dict[str, Any], here: dict[str, Any], prefix: str = "model"
+    there: dict[str, Any], here: dict[str, Any], prefix: str = "model", current: Any = None
 ) -> list[str]:
     """`KEY=THERE (now HERE)` for each leaf that differs between two nested config dicts
-    (but the model's name)."""
+    (but the model's name). With `current`, the dataclass `here` was made from, a key `there`
+    lacks (a setting added to kiln since it was written) at its default is no difference."""
+    import dataclasses
+
     found = []
     for key in sorted(set(there) | set(here), key=str):
         a, b = there.get(key), here.get(key)
         name = f"{prefix}.{key}"
         if name == "model.name":
             continue  # a preset's (or export directory's) label: no weight depends on it
+        sub = getattr(current, key, None) if dataclasses.is_dataclass(current) else None
         if isinstance(a, dict) and isinstance(b, dict):
-            found += config_differences(a, b, name)
+            found += config_differences(a, b, name, sub)
+        elif key not in there and _at_default(current, key):
+            continue
         elif a != b:
             found.append(f"{name}={a} (now {b})")
     return found
+
+
+def _at_default(obj: Any, key: str) -> bool:
+    """Whether dataclass `obj`'s field `key` holds its default."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj):
+        return False
+    for field in dataclasses.fields(obj):
+        if field.name == key:
+            if field.default is not dataclasses.MISSING:
+                return getattr(obj, key) == field.default
+            if field.default_factory is not dataclasses.MISSING:
+                return getattr(obj, key) == field.default_factory()
+    return False

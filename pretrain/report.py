@@ -72,6 +72,21 @@ PLOTS = (
 SOURCE_LOSS = "eval_loss/"  # the eval loss of one source of the held-out split: + its name
 
 
+def steady_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The train records a speed median should read: not a profiled step, not a skipped one
+    (no update ran), and not the first step after each start or resume (which compiles and
+    warms up: the trainer's own ETA leaves it out too)."""
+    steady, warming = [], True
+    for record in records:
+        if record.get("kind") == "event" and record.get("event") == "start":
+            warming = True
+        elif record.get("kind") == "train":
+            if not (warming or record.get("profiled") or record.get("skipped")):
+                steady.append(record)
+            warming = False
+    return steady
+
+
 def eval_sources(records: Sequence[dict[str, Any]]) -> list[str]:
     """The sources whose eval losses the run logged (`eval_loss/SOURCE`), in logged order."""
     names = {key[len(SOURCE_LOSS) :]: None for r in records if r["kind"] == "eval"
@@ -188,6 +203,10 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
         rows.append(("resumed", f"{len(resumed)} time(s), at step {at}"))
     if losses:
         rows.append(("train loss", f"{losses[-1]:.4f} at step {train_steps[-1]:,}"))
+    z_steps, z_losses = points(records, "train", "z_loss")  # objective.z_loss: added to it
+    if z_losses:
+        rows.append(("z-loss", f"{z_losses[-1]:.4g} at step {z_steps[-1]:,} (trained on; not "
+                               "in the train loss)"))  # fmt: skip
     eval_steps, eval_losses = points(records, "eval", "eval_loss")
     finite = [(v, s) for s, v in zip(eval_steps, eval_losses, strict=True) if math.isfinite(v)]
     if finite:
@@ -197,7 +216,7 @@ def summarize_run(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
         at_steps, values = points(records, "eval", f"{SOURCE_LOSS}{name}")
         if values:
             rows.append((f"eval loss ({name})", f"{values[-1]:.4f} at step {at_steps[-1]:,}"))
-    unprofiled = [r for r in records if not r.get("profiled")]
+    unprofiled = steady_steps(records)
     for field, label, fmt in (
         ("tokens_per_s", "tokens/s (median, all ranks)", lambda v: human(v)),
         ("mfu", "MFU (median)", lambda v: f"{v:.1%}"),

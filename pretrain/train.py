@@ -221,7 +221,7 @@ def config_header(cfg: Any) -> str:
     """Comment lines naming what the YAML below leaves implicit: the option picked in each
     config group and the overrides as typed (as Hydra composed them; absent outside a Hydra
     app), and the schema class of each group node (which engine, objective and model family:
-    `objective: {}` is CLM)."""
+    CLM's `objective:` holds only the settings every objective has, `z_loss`)."""
     lines = ["# The resolved config of this run."]
     try:
         from hydra.core.hydra_config import HydraConfig

@@ -153,6 +153,7 @@ def train(cfg: Any, context: Any) -> int:
     from pretrain.engine import build_engine, build_model_for_engine, sharded_build
     from pretrain.hardware import resolve_peak_tflops
     from pretrain.metrics import MetricsLogger
+    from pretrain.models.loss import take_z_loss
     from pretrain.models.moe import moe_layers, moe_metrics, take_step_loss
     from pretrain.profiling import StepProfiler
 
@@ -183,6 +184,7 @@ def train(cfg: Any, context: Any) -> int:
         groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp_world)]
         apply_context_parallel(model, groups[dp_rank])
     has_moe = bool(moe_layers(model))  # the engines keep these modules: their stats stay here
+    has_z_loss = cfg.objective.z_loss > 0  # its term of each step, summed on the model, too
     initialised = None
     # weights only, into the unwrapped model (or into rank 0's weights, which the engine shards)
     target = weights if sharded else model
@@ -314,6 +316,8 @@ def train(cfg: Any, context: Any) -> int:
             lr = engine.lr()  # this step's: optimizer_step moves the schedule to the next
             with profiler.region("optimizer_step"):
                 grad_norm, skipped = engine.optimizer_step()
+            if skipped:  # DeepSpeed says inf on overflow, the others NaN: one meaning
+                grad_norm = float("nan")
             losses = torch.stack(losses).float().tolist()
             state.step += 1
             collector.step(state.step)
@@ -334,13 +338,20 @@ def train(cfg: Any, context: Any) -> int:
             timed = trainer.checkpoint_minutes > 0 and rank == 0
             due = timed and time.monotonic() - last_save >= 60 * trainer.checkpoint_minutes
             flags = [stop.received is not None, due]
-            # the logged loss is the LM loss; the MoE losses added to it are logged apart
+            # the logged loss is the LM loss; the MoE losses and the z-loss added to it are
+            # logged apart (means over the micro-batches, then over the ranks)
+            added: dict[str, float] = {}
             if has_moe:
-                aux = take_step_loss(model) / accumulation
-                (loss, aux), (signalled, due) = step_all_reduce(
-                    [sum(losses) / len(losses) - aux, aux], flags
+                added["moe_aux_loss"] = take_step_loss(model) / accumulation
+            if has_z_loss:
+                added["z_loss"] = take_z_loss(model) / accumulation
+            if added:
+                (loss, *parts), (signalled, due) = step_all_reduce(
+                    [sum(losses) / len(losses) - sum(added.values()), *added.values()], flags
                 )
-                moe = {"moe_aux_loss": aux} | (moe_metrics(model) if log_now else {})  # collective
+                added = dict(zip(added, parts, strict=True))
+                if has_moe:
+                    moe = moe_metrics(model) if log_now else {}  # collective
             else:
                 (loss,), (signalled, due) = step_all_reduce([sum(losses) / len(losses)], flags)
             if state.step == start_step + 1:  # the first step compiles and warms up: not timed
@@ -353,7 +364,7 @@ def train(cfg: Any, context: Any) -> int:
                     "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
                     "step_time": step_time, "data_wait": wait, "memory_gib": _memory_gib(context),
                     "skipped": skipped, "nonfinite_steps": state.nonfinite_steps,
-                } | moe | ({"profiled": True} if profiled else {})
+                } | added | moe | ({"profiled": True} if profiled else {})
                   | _eta(timed_from, state.step, trainer.max_steps))  # fmt: skip
             if profile is not None and logger is not None:
                 # the lists go to metrics.jsonl only (keys with "/" stay off the console line)
@@ -470,7 +481,7 @@ def _say_changes(cfg: Any, path: Path, saved: dict[str, Any], state: TrainState,
 
     if isinstance(saved.get("config"), dict):
         here = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as recorded
-        changed = [c for c in config_differences(saved["config"], here, prefix="")
+        changed = [c for c in config_differences(saved["config"], here, prefix="", current=cfg)
                    if not c[1:].startswith(SAME_RUN_ANYWAY)]  # fmt: skip
         if changed:
             more = f", and {len(changed) - 8} more" if len(changed) > 8 else ""

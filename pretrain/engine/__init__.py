@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.models.loss import IGNORE_INDEX, cross_entropy
+from pretrain.models.loss import IGNORE_INDEX, collect_z_loss, cross_entropy, cross_entropy_terms
 
 # engine.attention_backends: the names of torch's scaled_dot_product_attention backends
 ATTENTION_BACKENDS = {
@@ -43,12 +43,26 @@ ATTENTION_BACKENDS = {
 }
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The model an engine wraps (DDP and DeepSpeed keep it as `.module`; FSDP2 wraps none)."""
+    return getattr(model, "module", model)
+
+
 def lm_loss(model: nn.Module, batch: dict[str, Tensor],
-            loss: Callable[..., Tensor] = cross_entropy) -> Tensor:  # fmt: skip
+            loss: Callable[..., Tensor] = cross_entropy,
+            z_terms: Callable[..., tuple[Tensor, Tensor]] = cross_entropy_terms) -> Tensor:  # fmt: skip
     """`loss` (the fp32 cross-entropy; compiled under compile_scope=blocks) of the model's
-    logits against `labels`."""
+    logits against `labels`; in training with the model's `z_loss` set (`objective.z_loss`),
+    `z_terms`'s cross-entropy plus z-loss instead, whose z-loss term it leaves in the model's
+    `last_z_loss` (as the model's own loss does, `labelled_loss`)."""
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
-    return loss(model(**inputs), batch["labels"])
+    logits = model(**inputs)
+    inner = language_model(model)
+    z_loss = getattr(inner, "z_loss", 0.0)
+    if z_loss > 0 and inner.training:
+        total, inner.last_z_loss = z_terms(logits, batch["labels"], z_loss)
+        return total
+    return loss(logits, batch["labels"])
 
 
 def labelled_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -75,13 +89,16 @@ LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 
 def compute_loss(model: nn.Module, batch: dict[str, Tensor], lm: LossFn = lm_loss) -> Tensor:
-    """`lm(model, batch)` (the cross-entropy; a compiled `lm_loss` under `compile_scope=loss`)
-    plus, in training, the weighted load-balancing and router z-losses of MoE layers (if any).
-    The MoE losses are gathered here, outside any compiled region: the forward leaves them on
-    the layers and `collect_moe_losses` moves them into Python-side accumulators."""
+    """`lm(model, batch)` (the cross-entropy, plus the z-loss with `objective.z_loss`; a
+    compiled `lm_loss` under `compile_scope=loss`) plus, in training, the weighted
+    load-balancing and router z-losses of MoE layers (if any). The MoE losses and the z-loss
+    term are gathered here, outside any compiled region: the forward leaves them on the
+    layers (the model) and `collect_moe_losses` (`collect_z_loss`) moves them into
+    Python-side accumulators, which the trainer reads once per step to log them apart."""
     from pretrain.models.moe import collect_moe_losses
 
     loss = lm(model, batch)
+    collect_z_loss(language_model(model))
     aux = collect_moe_losses(model)
     return loss if aux is None else loss + aux
 
@@ -125,7 +142,8 @@ class Engine(abc.ABC):
         into kernels that keep only the logits and their gradient (2 elements per logit, not
         the eager loss's 12 bytes), as torchtitan compiles its loss."""
         compiled = torch.compile(cross_entropy, mode=mode)
-        self.lm_loss = functools.partial(lm_loss, loss=compiled)
+        terms = torch.compile(cross_entropy_terms, mode=mode)  # objective.z_loss: compiled if used
+        self.lm_loss = functools.partial(lm_loss, loss=compiled, z_terms=terms)
         self.token_losses = functools.partial(lm_token_losses, loss=compiled)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
@@ -318,7 +336,7 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
     if cfg.engine.float8:
         _convert_to_float8(cfg, model, device)
     if cfg.engine.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.engine.activation_checkpointing_every)
     scope = compile_scope(cfg.engine)
     if cfg.engine.compile and scope == "blocks" and getattr(cfg.engine, "zero_stage", 0) == 3:
         # ZeRO-3 hooks every submodule (to gather its parameters): a compiled block would be
@@ -338,6 +356,8 @@ def build_engine(cfg: Any, model: nn.Module, *, accumulation: int, max_steps: in
                 # and not its `__call__`, so an engine's hooks on the block (FSDP2's
                 # all-gathers) stay outside the compiled code
                 block.forward = torch.compile(block.forward, mode=cfg.engine.compile_mode)
+    if cfg.objective.z_loss > 0:  # the training loss's z-loss (before sharding, as below)
+        model.z_loss = cfg.objective.z_loss
     chunked = cfg.engine.loss_chunk_tokens > 0
     if chunked:  # before sharding: FSDP2 and DeepSpeed keep the module's attributes
         model.loss_chunk_tokens = cfg.engine.loss_chunk_tokens

@@ -77,15 +77,23 @@ def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
             and isinstance(module, nn.ModuleList)]  # fmt: skip
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's activations in the backward pass instead of storing them.
+def checkpointed_block(index: int, every: int) -> bool:
+    """Whether block `index` of a stack recomputes its activations under
+    `engine.activation_checkpointing_every=every`: blocks 0, every, 2 * every, ..."""
+    return index % every == 0
 
-    Wraps every block in place with PyTorch's non-reentrant `checkpoint_wrapper` (the engines
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+    """Recompute blocks' activations in the backward pass instead of storing them: every
+    block, or with `every` > 1 every `every`-th block of each stack (`checkpointed_block`).
+
+    Wraps those blocks in place with PyTorch's non-reentrant `checkpoint_wrapper` (the engines
     call this before compiling and sharding, in that order).
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for blocks in transformer_blocks(model):
         for index, block in enumerate(blocks):
-            blocks[index] = checkpoint_wrapper(block)
+            if checkpointed_block(index, every):
+                blocks[index] = checkpoint_wrapper(block)
     return model

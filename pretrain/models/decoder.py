@@ -26,7 +26,7 @@ from pretrain.models.layers import (
     init_normal,
     residual_std,
 )
-from pretrain.models.loss import OutputHead, linear_cross_entropy
+from pretrain.models.loss import OutputHead, linear_cross_entropy_terms
 from pretrain.models.moe import init_feed_forward
 
 
@@ -72,6 +72,11 @@ class Decoder(nn.Module):
         # gradient run compiled (engine.compile outside a compiled forward)
         self.loss_chunk_tokens = 0
         self.loss_chunk_compiled = False
+        # objective.z_loss: the weight of the z-loss its training loss adds (0: none), and the
+        # weighted term of the last training forward, detached, for the log (`collect_z_loss`)
+        self.z_loss = 0.0
+        self.last_z_loss: Tensor | None = None
+        self.step_z_loss: Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -112,7 +117,8 @@ class Decoder(nn.Module):
                 and MoE layers route only the real tokens.
             cache: a `DecoderCache` to read and extend (incremental decoding).
             labels: (B, T) next-token targets (-100: none): return the loss, computed in
-                chunks of `loss_chunk_tokens` tokens when that is set (`linear_cross_entropy`).
+                chunks of `loss_chunk_tokens` tokens when that is set (`linear_cross_entropy`);
+                in training its mean has the z-loss added when `z_loss` is set.
             reduction: with `labels`, "mean", or "none" for each position's loss (B, T).
         """
         batch, length = input_ids.shape
@@ -138,10 +144,16 @@ class Decoder(nn.Module):
         if labels is None:
             return self.head(x) if self.head is not None else x @ self.embed.weight.T  # (B,T,V)
         chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
+        z_loss = self.z_loss if self.training else 0.0  # evaluation: the cross-entropy alone
         if self.head is not None:
-            return self.head(x, labels, chunk, compiled=compiled, reduction=reduction)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled,
-                                    reduction)  # fmt: skip
+            loss, term = self.head(x, labels, chunk, compiled=compiled, reduction=reduction,
+                                   z_loss=z_loss)  # fmt: skip
+        else:
+            loss, term = linear_cross_entropy_terms(x, self.embed.weight, None, labels, chunk,
+                                                    compiled, reduction, z_loss)  # fmt: skip
+        if term is not None:
+            self.last_z_loss = term
+        return loss
 
     def _masks(
         self,

@@ -29,7 +29,7 @@ from pretrain.models.layers import (
     build_norm,
     init_normal,
 )
-from pretrain.models.loss import IGNORE_INDEX, OutputHead, linear_cross_entropy
+from pretrain.models.loss import IGNORE_INDEX, OutputHead, linear_cross_entropy_terms
 from pretrain.models.moe import init_feed_forward
 
 
@@ -47,20 +47,22 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
 
     def forward(self, x: Tensor, embedding: Tensor, labels: Tensor | None = None,
-                chunk: int = 0, compiled: bool = False,
-                reduction: str = "mean") -> Tensor:  # fmt: skip
+                chunk: int = 0, compiled: bool = False, reduction: str = "mean",
+                z_loss: float = 0.0) -> Tensor | tuple[Tensor, Tensor | None]:  # fmt: skip
         """(..., C) hidden states -> (..., V) logits; `embedding` is the (V, C) word table.
-        With (...) `labels`, their mean fp32 cross-entropy (`linear_cross_entropy`, in chunks
-        of `chunk` tokens when > 0), or with `reduction="none"` each position's."""
+        With (...) `labels`, (their mean fp32 cross-entropy, plus the z-loss when `z_loss` > 0,
+        and that z-loss term or None) (`linear_cross_entropy_terms`, in chunks of `chunk`
+        tokens when > 0), or with `reduction="none"` each position's loss and None."""
         if self.dense is not None and self.norm is not None:
             x = self.norm(self.act(self.dense(x)))
         if labels is None:
             logits = self.proj(x) if self.proj is not None else x @ embedding.T
             return logits + self.bias if self.bias is not None else logits
         if self.proj is None:
-            return linear_cross_entropy(x, embedding, self.bias, labels, chunk, compiled,
-                                        reduction)  # fmt: skip
-        return self.proj(x, labels, chunk, bias=self.bias, compiled=compiled, reduction=reduction)
+            return linear_cross_entropy_terms(x, embedding, self.bias, labels, chunk, compiled,
+                                              reduction, z_loss)  # fmt: skip
+        return self.proj(x, labels, chunk, bias=self.bias, compiled=compiled, reduction=reduction,
+                         z_loss=z_loss)  # fmt: skip
 
 
 class Encoder(nn.Module):
@@ -92,6 +94,9 @@ class Encoder(nn.Module):
         self.head = MLMHead(cfg)
         self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
         self.loss_chunk_compiled = False
+        self.z_loss = 0.0  # as `Decoder.z_loss`
+        self.last_z_loss: Tensor | None = None
+        self.step_z_loss: Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -200,7 +205,7 @@ class Encoder(nn.Module):
                 mean fp32 cross-entropy there. Outside a compiled forward, the head runs on the
                 masked positions only (about 15%: what the loss reads; a compiled forward keeps
                 every position, for static shapes), in chunks of `loss_chunk_tokens` tokens
-                when set.
+                when set; in training plus the z-loss when `z_loss` is set.
             reduction: with `labels`, "mean", or "none" for each position's loss (B, T; 0
                 where unmasked).
 
@@ -216,12 +221,17 @@ class Encoder(nn.Module):
         )
         if labels is None:
             return self.mlm_logits(hidden)
+        z_loss = self.z_loss if self.training else 0.0  # evaluation: the cross-entropy alone
+        chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
         if torch.compiler.is_compiling():
-            return self.head(hidden, self.embed.weight, labels, self.loss_chunk_tokens,
-                             self.loss_chunk_compiled, reduction)  # fmt: skip
-        masked = labels != IGNORE_INDEX
-        loss = self.head(hidden[masked], self.embed.weight, labels[masked],
-                         self.loss_chunk_tokens, self.loss_chunk_compiled, reduction)  # fmt: skip
-        if reduction == "none":  # the masked positions' losses back in place
-            return loss.new_zeros(labels.shape).masked_scatter(masked, loss)
+            loss, term = self.head(hidden, self.embed.weight, labels, chunk, compiled, reduction,
+                                   z_loss)  # fmt: skip
+        else:
+            masked = labels != IGNORE_INDEX
+            loss, term = self.head(hidden[masked], self.embed.weight, labels[masked], chunk,
+                                   compiled, reduction, z_loss)  # fmt: skip
+            if reduction == "none":  # the masked positions' losses back in place
+                return loss.new_zeros(labels.shape).masked_scatter(masked, loss)
+        if term is not None:
+            self.last_z_loss = term
         return loss

@@ -30,7 +30,7 @@ from pretrain.models.layers import (
     build_attention_mask,
     build_norm,
 )
-from pretrain.models.loss import OutputHead, linear_cross_entropy
+from pretrain.models.loss import OutputHead, linear_cross_entropy_terms
 from pretrain.models.moe import init_feed_forward
 
 
@@ -205,6 +205,9 @@ class EncoderDecoder(nn.Module):
         self.head = None if cfg.tie_embeddings else OutputHead(cfg.d_model, cfg.vocab_size, False)
         self.loss_chunk_tokens = 0  # as `Decoder.loss_chunk_tokens`
         self.loss_chunk_compiled = False
+        self.z_loss = 0.0  # as `Decoder.z_loss`
+        self.last_z_loss: Tensor | None = None
+        self.step_z_loss: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -284,7 +287,8 @@ class EncoderDecoder(nn.Module):
             cache: an `EncoderDecoderCache` to read and extend; its positions continue from
                 `cache.length`, so the position bias uses absolute query positions.
             labels: (B, T) targets (-100: none): return their mean fp32 cross-entropy instead
-                (in chunks of `loss_chunk_tokens` tokens when set, `linear_cross_entropy`).
+                (in chunks of `loss_chunk_tokens` tokens when set, `linear_cross_entropy`;
+                in training plus the z-loss when `z_loss` is set).
             reduction: with `labels`, "mean", or "none" for each position's loss (B, T).
 
         Returns:
@@ -317,16 +321,22 @@ class EncoderDecoder(nn.Module):
         cross_caches = cache.cross_layers if cache is not None else None
         x = self.decoder(self.drop(self.embed(decoder_input_ids)), inputs, caches, cross_caches)
         chunk, compiled = self.loss_chunk_tokens, self.loss_chunk_compiled
+        z_loss = self.z_loss if self.training else 0.0  # evaluation: the cross-entropy alone
         if self.head is not None:
             if labels is None:
                 return self.head(x)
-            return self.head(x, labels, chunk, compiled=compiled, reduction=reduction)
-        if self.cfg.scale_logits_when_tied:
-            x = x * self.cfg.d_model**-0.5
-        if labels is None:
-            return x @ self.embed.weight.T  # (B, T, V)
-        return linear_cross_entropy(x, self.embed.weight, None, labels, chunk, compiled,
-                                    reduction)  # fmt: skip
+            loss, term = self.head(x, labels, chunk, compiled=compiled, reduction=reduction,
+                                   z_loss=z_loss)  # fmt: skip
+        else:
+            if self.cfg.scale_logits_when_tied:
+                x = x * self.cfg.d_model**-0.5
+            if labels is None:
+                return x @ self.embed.weight.T  # (B, T, V)
+            loss, term = linear_cross_entropy_terms(x, self.embed.weight, None, labels, chunk,
+                                                    compiled, reduction, z_loss)  # fmt: skip
+        if term is not None:
+            self.last_z_loss = term
+        return loss
 
     def forward(
         self,

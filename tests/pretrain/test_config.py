@@ -273,6 +273,15 @@ def test_wrong_type_names_the_key() -> None:
         (["engine.attention_backends=[fa3]"], "engine.attention_backends='fa3' is not one of"),
         (["engine.attention_backends=[math,math]"], "names a backend twice"),
         (
+            ["engine.activation_checkpointing_every=2"],
+            "engine.activation_checkpointing_every=2 picks the blocks activation checkpointing "
+            "recomputes: set engine.activation_checkpointing=true too",
+        ),
+        (
+            ["engine.activation_checkpointing=true", "engine.activation_checkpointing_every=0"],
+            "engine.activation_checkpointing_every=0 must be > 0",
+        ),
+        (
             ["cluster.gpus_per_node=2", "trainer.profile.ranks=[0,2]"],
             r"trainer.profile.ranks=\[0, 2\]: rank.s. \[2\] not among the 2 ranks of the cluster",
         ),

@@ -401,3 +401,23 @@ def test_the_summary_says_where_the_weights_came_from_and_each_resume() -> None:
     assert rows["resumed"] == "2 time(s), at step 4 (1 rank), 8 (2 ranks)"
     assert "weights from" not in dict(summarize_run(records[1:9]))
     assert "resumed" not in dict(summarize_run(records[:9]))
+
+
+def test_the_speed_medians_leave_out_warm_up_and_skipped_steps() -> None:
+    """The first step after each start or resume compiles and warms up, and a skipped step
+    runs no update: neither is in the tokens/s, MFU and step-time medians (a 3-step resumed
+    run's median was its warm-up step's)."""
+    from pretrain.report import summarize_run
+
+    def train(step: int, speed: float, **extra: object) -> dict:
+        return {"step": step, "kind": "train", "loss": 3.0, "tokens_per_s": speed,
+                "step_time": 1.0 / speed, "mfu": speed / 1000, **extra}  # fmt: skip
+
+    start = {"kind": "event", "event": "start"}
+    records = [start, train(1, 1.0), train(2, 100.0), train(3, 100.0),
+               start | {"step": 3}, train(4, 2.0), train(5, 1.0, skipped=True),
+               train(6, 1.0, skipped=True), train(7, 100.0)]  # fmt: skip
+    rows = dict(summarize_run(records))
+    assert rows["tokens/s (median, all ranks)"] == "100"
+    assert rows["step time (median)"] == "0.01 s"
+    assert rows["MFU (median)"] == "10.0%"

@@ -85,7 +85,7 @@ def test_a_sweep_trains_each_point_in_its_own_run_directory(corpus: Path, tmp_pa
     assert points[0][5] != points[1][5]
     configs = [(run_dir / f"sweep-{n}" / "config.yaml").read_text() for n in (0, 1)]
     assert "lr: 0.001\n" in configs[0] and "lr: 0.003\n" in configs[1]
-    header = configs[0].splitlines()[:4]  # what the YAML leaves implicit (objective: {})
+    header = configs[0].splitlines()[:4]  # what the YAML leaves implicit (which objective)
     assert header[1].startswith("# groups: cluster=local_cpu ") and " engine=ddp " in header[1]
     assert " model=tiny_decoder objective=clm " in header[1]
     typed = [line.split(": ", 1)[1].split() for c in configs for line in c.splitlines()[2:3]]

@@ -120,3 +120,35 @@ def test_a_rank_without_a_gpu_is_told_which_setting_to_change() -> None:
         "local rank 2 has no GPU: this node has 2 CUDA device(s) for cluster.gpus_per_node=8 "
         "ranks; set cluster.gpus_per_node=2 (or make the devices visible: CUDA_VISIBLE_DEVICES)"
     )
+
+
+def test_a_setting_added_since_a_checkpoint_is_no_change_at_its_default() -> None:
+    """A resume compares the checkpoint's recorded config with this run's: a key the older
+    kiln did not have (`objective.z_loss`, `engine.activation_checkpointing_every`) is not a
+    change while it holds its default ("z_loss=None (now 0.0)" was said on every resume), and
+    is one when this run sets it."""
+    import dataclasses
+    import json
+
+    from pretrain.config import CausalLMConfig, DDPEngineConfig
+    from pretrain.preflight import config_differences
+
+    @dataclasses.dataclass
+    class Run:
+        engine: DDPEngineConfig
+        objective: CausalLMConfig
+
+    def recorded(run: Run) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(run), default=str))
+
+    old = recorded(Run(DDPEngineConfig(), CausalLMConfig()))
+    del old["engine"]["activation_checkpointing_every"], old["objective"]["z_loss"]
+    run = Run(DDPEngineConfig(), CausalLMConfig())
+    assert config_differences(old, recorded(run), prefix="", current=run) == []
+    assert config_differences(old, recorded(run), prefix="") == [
+        ".engine.activation_checkpointing_every=None (now 1)", ".objective.z_loss=None (now 0.0)"
+    ]  # fmt: skip
+    run.objective.z_loss = 1e-4
+    assert config_differences(old, recorded(run), prefix="", current=run) == [
+        ".objective.z_loss=None (now 0.0001)"
+    ]

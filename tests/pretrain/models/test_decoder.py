@@ -156,7 +156,10 @@ def test_sampling_rules() -> None:
         assert stopped[1] == greedy[1]
 
 
-def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_activation_checkpointing_keeps_loss_and_gradients(every: int) -> None:
+    """Every block, or every `every`-th (`engine.activation_checkpointing_every`: blocks 0,
+    every, 2 * every, ...), recomputed: the same loss and gradients, the same names."""
     ids = torch.randint(0, 512, (2, 32))
 
     def loss_and_grads(model: Decoder) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -168,12 +171,14 @@ def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
                  for n, p in model.named_parameters()}  # fmt: skip
         return loss, grads
 
-    plain_loss, plain = loss_and_grads(tiny())
-    wrapped = apply_activation_checkpointing(tiny())
+    plain_loss, plain = loss_and_grads(tiny(n_layers=4))
+    wrapped = apply_activation_checkpointing(tiny(n_layers=4), every)
+    kinds = [type(block).__name__ for block in wrapped.blocks]
+    assert kinds == ["CheckpointWrapper" if i % every == 0 else "Block" for i in range(4)]
     ckpt_loss, ckpt = loss_and_grads(wrapped)
     torch.testing.assert_close(ckpt_loss, plain_loss)
     assert ckpt.keys() == plain.keys()
-    assert wrapped.state_dict().keys() == tiny().state_dict().keys()  # checkpoints unchanged
+    assert wrapped.state_dict().keys() == tiny(n_layers=4).state_dict().keys()  # unchanged
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5)
 
